@@ -1,0 +1,339 @@
+"""RemoteAdam: a torch.optim.Optimizer whose Adam state and update live on optserve shards.
+
+`step()` pushes the gradients of the parameters that have one to every shard at once (one PushPull
+round trip per shard) and copies the fresh parameters back into the model in place. The optimizer
+holds no Adam state locally (`self.state` stays empty): `state_dict()` fetches it from the shards in
+torch's format and `load_state_dict()` writes it back. This module does no tensor math.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from optserve.hyper import AdamConfig
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, WIRE_DTYPES, Outgoing, dtype_to_proto
+from optserve.client.partition import DEFAULT_SLICE_ELEMENTS, Placement, partition
+from optserve.client.transport import ShardClient
+
+log = logging.getLogger("optserve.client")
+
+_STATE_PARTS = {"exp_avg": pb.EXP_AVG, "exp_avg_sq": pb.EXP_AVG_SQ, "max_exp_avg_sq": pb.MAX_EXP_AVG_SQ}
+
+
+def _named_groups(params) -> tuple[list[dict[str, Any]], list[str]]:
+    """Normalize params (tensors, (name, tensor) pairs, or groups of either) into plain groups + names.
+
+    Names key the shard map, so every worker must derive the same ones: given names are used as they
+    are; unnamed parameters are called `param.<i>` in the order they are given.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("RemoteAdam got an empty parameter list")
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
+    out, names = [], []
+    named = None
+    for gi, group in enumerate(groups):
+        group = dict(group)
+        ps = group["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        tensors = []
+        for item in ps:
+            is_named = isinstance(item, tuple)
+            if named is None:
+                named = is_named
+            if named != is_named:
+                raise ValueError("give all parameters with names (named_parameters()) or none")
+            name, p = item if is_named else (f"param.{len(names)}", item)
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a torch.Tensor")
+            tensors.append(p)
+            names.append(name)
+        group["params"] = tensors
+        out.append(group)
+    return out, names
+
+
+class RemoteAdam(torch.optim.Optimizer):
+    """Adam (labml_nn's, DESIGN.md "Semantics") applied by optserve shards.
+
+    params: `model.named_parameters()` (keys are the names), plain parameters, or param groups of
+    either with their own options. servers: the shard addresses in shard-index order. Options are
+    the seed's; changing a group's option (an lr scheduler) takes effect on the next step.
+    Transport options: slice_elements (tensors larger than this are cut across shards),
+    chunk_bytes (payload per streamed message), timeout (seconds per call), connect_timeout (seconds
+    to wait for each shard at construction), wire_dtype (float32, bfloat16 or float16 gradients),
+    client_id (defaults to a random id).
+    """
+
+    def __init__(self, params, servers: Sequence[str], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-16, weight_decay: float = 0.0,
+                 weight_decouple: bool = True, absolute: bool = False, optimized_update: bool = True,
+                 amsgrad: bool = False, *, slice_elements: int = DEFAULT_SLICE_ELEMENTS,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 timeout: float = 300.0, connect_timeout: float = 30.0,
+                 wire_dtype: torch.dtype = torch.float32, client_id: str | None = None):
+        servers = [servers] if isinstance(servers, str) else list(servers)
+        if not servers:
+            raise ValueError("RemoteAdam needs at least one server address")
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire_dtype}")
+        if not 4096 <= chunk_bytes <= max_message_bytes - (64 << 10):
+            raise ValueError(f"chunk_bytes must be in 4096..{max_message_bytes - (64 << 10)}, got {chunk_bytes}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        weight_decouple=weight_decouple, absolute=absolute,
+                        optimized_update=optimized_update, amsgrad=amsgrad)
+        groups, names = _named_groups(params)
+        for g in groups:
+            _config(dict(defaults, **g))  # validate every group's options once, here
+        super().__init__(groups, defaults)
+        self._ready = True
+        self.wire_dtype = wire_dtype
+        self.client_id = client_id or uuid.uuid4().hex
+        self._seq = 0
+        self._names = {p: n for p, n in zip((p for g in self.param_groups for p in g["params"]), names)}
+        for p, name in self._names.items():
+            if p.dtype != torch.float32:
+                raise ValueError(f"parameter {name!r} is {p.dtype}; RemoteAdam serves float32 parameters")
+            if not p.is_contiguous():
+                raise ValueError(f"parameter {name!r} is not contiguous; call .contiguous() on it first")
+        self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+
+        self._shards = [ShardClient(a, timeout=timeout, chunk_bytes=chunk_bytes,
+                                    max_message_bytes=max_message_bytes) for a in servers]
+        self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="remote-adam")
+        try:
+            for i, (shard, hello) in enumerate(zip(self._shards, self._fan_out(
+                    lambda s: s.hello(wait=connect_timeout)))):
+                if (hello.shard_index, hello.num_shards) != (i, len(servers)):
+                    raise ValueError(f"servers[{i}] ({shard.address}) is shard {hello.shard_index} of "
+                                     f"{hello.num_shards}, but RemoteAdam was given {len(servers)} "
+                                     f"servers: list every shard, in shard-index order")
+            params_by_name = {n: p for p, n in self._names.items()}
+            self._params_by_name = params_by_name
+            self.placements = partition([(n, tuple(params_by_name[n].shape)) for n in names], len(servers),
+                                        slice_elements)
+            self._by_shard: list[list[Placement]] = [[] for _ in servers]
+            for pl in self.placements:
+                self._by_shard[pl.shard].append(pl)
+            self.versions: dict[str, int] = {}
+            self.last_staleness: dict[str, int] = {}
+            self._fan_out(self._register_shard, range(len(servers)))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _fan_out(self, fn: Callable, items: Iterable | None = None) -> list:
+        """Run fn on every shard (or item) at once; re-raise the first failure after all finished."""
+        items = list(self._shards if items is None else items)
+        if len(items) == 1:
+            return [fn(items[0])]
+        futures = [self._pool.submit(fn, it) for it in items]
+        results, error = [], None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except BaseException as exc:  # noqa: BLE001 - wait for all, then raise the first
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def _flat(self, pl: Placement, t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1)[pl.start:pl.stop]
+
+    def _param_sink(self, placements: Sequence[Placement]):
+        """Pull destinations: each key's range of the model's own parameter (copied into in place)."""
+        by_key = {pl.key: pl for pl in placements}
+
+        def sink(head: pb.PullHead) -> dict[tuple[int, int], torch.Tensor]:
+            out = {}
+            for i, info in enumerate(head.entries):
+                pl = by_key[info.key]
+                out[(i, pb.PARAM)] = self._flat(pl, self._params_by_name[pl.param].data)
+            return out
+        return sink
+
+    def _note_versions(self, head: pb.PullHead) -> None:
+        for info in head.entries:
+            self.versions[info.key] = info.version
+
+    def _register_shard(self, index: int) -> None:
+        shard, placements = self._shards[index], self._by_shard[index]
+        if not placements:
+            return
+        specs = [pb.KeySpec(name=pl.key, shape=pl.shape, dtype=pb.FLOAT32) for pl in placements]
+        base = dict(keys=specs, shard_index=index, num_shards=len(self._shards))
+        reply = shard.register(pb.RegisterHead(**base, with_values=False))
+        missing = [pl for pl, st in zip(placements, reply.keys) if not st.exists]
+        if missing:
+            # Only this worker's values for keys no one has registered; existing keys keep theirs.
+            head = pb.RegisterHead(**base | {"keys": [s for s, st in zip(specs, reply.keys) if not st.exists]},
+                                   with_values=True)
+            shard.register(head, [Outgoing(i, pb.PARAM, self._flat(pl, self._params_by_name[pl.param].detach()))
+                                  for i, pl in enumerate(missing)])
+        with torch.no_grad():  # adopt the shard's values (another worker's, if it registered first)
+            head = shard.pull(pb.PullRequest(keys=[pl.key for pl in placements]), self._param_sink(placements))
+        self._note_versions(head)
+
+    def _hyper(self) -> list[pb.HyperParams]:
+        out = []
+        for g in self.param_groups:
+            c = _config(g)
+            out.append(pb.HyperParams(lr=c.lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
+                                      weight_decay=c.weight_decay, weight_decouple=c.weight_decouple,
+                                      absolute=c.absolute, optimized_update=c.optimized_update,
+                                      amsgrad=c.amsgrad))
+        return out
+
+    # -- torch.optim.Optimizer API ---------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # The shard map is a function of all parameter names, fixed when the optimizer is built.
+        if getattr(self, "_ready", False):
+            raise RuntimeError("RemoteAdam's parameters are fixed at construction: the shard map depends "
+                               "on all of them; build a new RemoteAdam to add parameters")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Push every parameter's gradient, apply Adam on the shards, pull fresh values in place."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        hyper = self._hyper()
+        self._seq += 1
+        seq = self._seq
+        for p, name in self._names.items():
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"parameter {name!r} has a sparse gradient; RemoteAdam needs dense ones")
+
+        def shard_step(index: int) -> pb.PullHead:
+            placements = self._by_shard[index]
+            if not placements:
+                return pb.PullHead()
+            pushed = [pl for pl in placements if self._params_by_name[pl.param].grad is not None]
+            entries = [pb.PushEntry(key=pl.key, version_read=self.versions[pl.key],
+                                    hyper=self._group_of[self._params_by_name[pl.param]]) for pl in pushed]
+            pushed_keys = {pl.key for pl in pushed}
+            head = pb.PushHead(client_id=self.client_id, seq=seq, wire_dtype=dtype_to_proto(self.wire_dtype),
+                               entries=entries, hyper=hyper,
+                               pull_keys=[pl.key for pl in placements if pl.key not in pushed_keys])
+            grads = [Outgoing(i, pb.GRAD, self._flat(pl, self._params_by_name[pl.param].grad.reshape(-1)))
+                     for i, pl in enumerate(pushed)]
+            return self._shards[index].push_pull(head, grads, self.wire_dtype, self._param_sink(placements))
+
+        for head in self._fan_out(shard_step, range(len(self._shards))):
+            self._note_versions(head)
+            for key, s in zip((e.key for e in head.entries), head.push.staleness):
+                self.last_staleness[key] = s
+        return loss
+
+    def _fetch_state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """The shards' Adam state per parameter, as torch.optim.Adam keeps it."""
+        amsgrad = any(g["amsgrad"] for g in self.param_groups)
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        parts = [_STATE_PARTS[n] for n in names]
+        tensors = {p: {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n in names}
+                   for p in self._names}
+        steps: dict[torch.Tensor, set[int]] = {p: set() for p in self._names}
+
+        def fetch(index: int) -> None:
+            placements = self._by_shard[index]
+            if not placements:
+                return
+            by_key = {pl.key: pl for pl in placements}
+
+            def sink(head):
+                out = {}
+                for i, info in enumerate(head.entries):
+                    pl = by_key[info.key]
+                    p = self._params_by_name[pl.param]
+                    steps[p].add(int(info.step))
+                    for n, part in zip(names, parts):
+                        out[(i, part)] = self._flat(pl, tensors[p][n])
+                return out
+            self._shards[index].pull(pb.PullRequest(keys=list(by_key), parts=parts), sink)
+
+        self._fan_out(fetch, range(len(self._shards)))
+        state = {}
+        for p, ts in tensors.items():
+            if len(steps[p]) > 1:
+                log.warning("slices of %r are at different steps %s; reporting the smallest",
+                            self._names[p], sorted(steps[p]))
+            step = min(steps[p])
+            if step > 0:  # like torch: a parameter that never took a step has no state
+                state[p] = {"step": torch.tensor(float(step)), **ts}
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.Adam's format, with the state fetched from the shards."""
+        self.state.update(self._fetch_state())
+        try:
+            return super().state_dict()
+        finally:
+            self.state.clear()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Write a torch-format state (and the model's current parameter values) to the shards."""
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            _config(g)
+        state = dict(self.state)
+        self.state.clear()
+        hyper = self._hyper()
+        amsgrad = any(g["amsgrad"] for g in self.param_groups)
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+
+        def write(index: int) -> None:
+            placements = self._by_shard[index]
+            if not placements:
+                return
+            entries, items = [], []
+            for i, pl in enumerate(placements):
+                p = self._params_by_name[pl.param]
+                st = state.get(p, {})
+                step = int(st["step"]) if "step" in st else 0
+                entries.append(pb.StateEntry(key=pl.key, step=step, hyper=hyper[self._group_of[p]]))
+                items.append(Outgoing(i, pb.PARAM, self._flat(pl, p.detach())))
+                for n in names:
+                    value = st.get(n)
+                    value = torch.zeros_like(p) if value is None else value.detach().to("cpu", torch.float32)
+                    items.append(Outgoing(i, _STATE_PARTS[n], self._flat(pl, value.contiguous())))
+            head = pb.SetStateHead(entries=entries, parts=[pb.PARAM] + [_STATE_PARTS[n] for n in names])
+            reply = self._shards[index].set_state(head, items)
+            for pl, v in zip(placements, reply.versions):
+                self.versions[pl.key] = v
+
+        self._fan_out(write, range(len(self._shards)))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the channels and threads. The shards keep the state."""
+        for shard in getattr(self, "_shards", ()):
+            shard.close()
+        if hasattr(self, "_pool"):
+            self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> "RemoteAdam":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _config(group: dict[str, Any]) -> AdamConfig:
+    """A group's options as the shard will apply them (validated: ValueError names the bad one)."""
+    beta1, beta2 = group["betas"]
+    return AdamConfig(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                      weight_decay=float(group["weight_decay"]), weight_decouple=bool(group["weight_decouple"]),
+                      absolute=bool(group["absolute"]), optimized_update=bool(group["optimized_update"]),
+                      amsgrad=bool(group["amsgrad"]))

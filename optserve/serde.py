@@ -1,0 +1,265 @@
+"""Tensor <-> wire conversion, shared by server and client (the one place that touches tensor bytes).
+
+Every optserve message that carries tensors is laid out as `<head fields> segments data=15` (see
+proto/optserve/v1/optserve.proto). Protobuf would copy the payload three times (construct, serialize,
+parse) into fresh, page-faulting buffers; this module writes the same bytes without that:
+
+- encode: the small fields go through protobuf, then the payload is appended as field 15 with one
+  copy, tensor memory -> the message's `bytes` (grpc accepts only `bytes`, so that copy is the floor).
+- decode: field 15 is located by walking the top-level fields, and the payload is handed out as
+  zero-copy tensor views of the received `bytes`; only the small fields are parsed by protobuf.
+
+The output is valid protobuf, so any stub speaks to optserve and optserve to any stub. Field 14 pads
+the prefix so the payload starts 16-byte aligned within the message.
+
+This module does no I/O and keeps no state; validation errors raise RequestError with a gRPC code.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+import torch
+
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+
+if sys.byteorder != "little":  # the wire is little-endian and tensors are copied as they lie in memory
+    raise ImportError("optserve needs a little-endian host")
+
+# torch.frombuffer warns that a `bytes` is not writable; the views are only ever read.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+
+_DATA_FIELD = 15
+_PAD_FIELD = 14
+_DATA_TAG = bytes([(_DATA_FIELD << 3) | 2])
+_PAD_TAG = bytes([(_PAD_FIELD << 3) | 2])
+_ALIGN = 16
+
+_TO_PROTO = {torch.float32: pb.FLOAT32, torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16}
+_FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
+WIRE_DTYPES = tuple(_TO_PROTO)
+
+
+class RequestError(Exception):
+    """A request that must be refused with `code`; raised before any state changes."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def dtype_to_proto(dtype: torch.dtype) -> int:
+    try:
+        return _TO_PROTO[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot travel; use one of {list(_TO_PROTO)}") from None
+
+
+def dtype_from_proto(value: int, default: torch.dtype | None = None) -> torch.dtype:
+    if value == pb.DTYPE_UNSPECIFIED and default is not None:
+        return default
+    try:
+        return _FROM_PROTO[value]
+    except KeyError:
+        raise invalid(f"dtype {pb.DType.Name(value) if value in pb.DType.values() else value} "
+                      f"is not one of {[pb.DType.Name(v) for v in _FROM_PROTO]}") from None
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    end = len(buf)
+    while True:
+        if pos >= end or shift > 63:
+            raise invalid("malformed message: truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode(meta: bytes, payload: Sequence[memoryview | bytes]) -> bytes:
+    """One message: the serialized small fields, then field 15 holding the payload parts, concatenated.
+
+    meta must be a serialization of the message without fields 14 and 15.
+    """
+    size = sum(len(p) for p in payload)
+    length = _varint(size)
+    prefix = len(meta) + len(_DATA_TAG) + len(length)
+    # Field 14 takes 2 + n bytes (tag, one-byte length, n pad bytes); choose n so the payload starts
+    # at a multiple of _ALIGN, which lets the receiver view it as a tensor without copying.
+    n = (-(prefix + 2)) % _ALIGN
+    return b"".join((meta, _PAD_TAG, bytes([n]), bytes(n), _DATA_TAG, length, *payload))
+
+
+def decode(raw: bytes, message_type):
+    """Split a received message into (parsed small fields, payload memoryview)."""
+    view = memoryview(raw)
+    pos, data_span, end = 0, None, len(view)
+    while pos < end:
+        tag_start = pos
+        tag, pos = _read_varint(view, pos)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            _, pos = _read_varint(view, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _read_varint(view, pos)
+            if field == _DATA_FIELD:
+                if data_span is not None:
+                    raise invalid("malformed message: field 'data' appears twice")
+                data_span = (tag_start, pos, pos + length)
+            pos += length
+        else:
+            raise invalid(f"malformed message: wire type {wire_type} at byte {tag_start}")
+        if pos > end:
+            raise invalid(f"malformed message: a field runs past the end ({pos} > {end} bytes)")
+    try:
+        if data_span is None:
+            return message_type.FromString(raw), view[0:0]
+        tag_start, start, stop = data_span
+        meta = message_type.FromString(bytes(view[:tag_start]) + bytes(view[stop:]))
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise invalid(f"malformed {message_type.DESCRIPTOR.name}: {exc}") from None
+    return meta, view[start:stop]
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunking: tensors -> a stream of messages
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One tensor to send: entry index in the head, part, and a flat tensor (any device, any dtype)."""
+    entry: int
+    part: int
+    tensor: torch.Tensor
+
+
+def chunk_stream(items: Iterable[Outgoing], wire_dtype: torch.dtype, chunk_bytes: int,
+                 make_meta, first_meta: bytes | None = None) -> Iterator[bytes]:
+    """Encode `items` as messages of at most `chunk_bytes` payload each.
+
+    make_meta(segments, first) returns the serialized small fields of one message (first is True for
+    the first message, which carries the head). Always yields at least one message.
+    """
+    itemsize = torch.empty((), dtype=wire_dtype).element_size()
+    per_chunk = max(1, chunk_bytes // itemsize)
+    segments: list[pb.Segment] = []
+    parts: list[memoryview] = []
+    room = per_chunk
+    first = True
+    for item in items:
+        flat = item.tensor.reshape(-1)
+        n = flat.numel()
+        offset = 0
+        while offset < n:  # an empty tensor sends no segment: it is complete with 0 elements
+            take = min(room, n - offset)
+            piece = flat[offset:offset + take]
+            if piece.dtype != wire_dtype or piece.device.type != "cpu":
+                piece = piece.to(device="cpu", dtype=wire_dtype)
+            segments.append(pb.Segment(entry=item.entry, part=item.part, offset=offset, count=take))
+            parts.append(tensor_bytes(piece.contiguous()))
+            offset += take
+            room -= take
+            if room == 0:
+                yield encode(make_meta(segments, first), parts)
+                first = False
+                segments, parts, room = [], [], per_chunk
+    if segments or first:
+        yield encode(make_meta(segments, first), parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reassembly: a stream of messages -> tensor pieces, validated
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the receiver accepts for one (entry, part): its element count and the dtype of its bytes."""
+    numel: int
+    dtype: torch.dtype
+    name: str
+
+
+class Assembler:
+    """Checks incoming segments against what the head declared and hands out zero-copy pieces.
+
+    Each (entry, part) must arrive in order, without gaps or overlap, and be complete at `finish()`.
+    """
+
+    def __init__(self, expected: dict[tuple[int, int], Expected]):
+        self._expected = expected
+        self._next = {k: 0 for k in expected}
+
+    def pieces(self, segments: Sequence[pb.Segment], data: memoryview
+               ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        """Yield (entry, part, offset, tensor view) for each segment of one message."""
+        spans = []
+        pos = 0
+        for seg in segments:
+            want = self._expected.get((seg.entry, seg.part))
+            if want is None:
+                raise invalid(f"segment names entry {seg.entry} part {pb.Part.Name(seg.part) if seg.part in pb.Part.values() else seg.part}, "
+                              f"which this stream did not declare")
+            at = self._next[(seg.entry, seg.part)]
+            if seg.offset != at:
+                raise invalid(f"key {want.name!r}: segment offset {seg.offset}, expected {at} "
+                              f"(segments must be in order, without gaps or overlap)")
+            if seg.count > want.numel - at:
+                raise invalid(f"key {want.name!r}: segment [{seg.offset}, {seg.offset + seg.count}) "
+                              f"runs past the tensor's {want.numel} elements")
+            nbytes = seg.count * want.dtype.itemsize
+            spans.append((seg, want, pos, nbytes))
+            pos += nbytes
+            self._next[(seg.entry, seg.part)] = at + seg.count
+        if pos != len(data):
+            raise invalid(f"data holds {len(data)} bytes but the segments describe {pos}")
+        for seg, want, start, nbytes in spans:
+            yield seg.entry, seg.part, seg.offset, view_tensor(data[start:start + nbytes], want.dtype)
+
+    def finish(self) -> None:
+        for key, want in self._expected.items():
+            got = self._next[key]
+            if got != want.numel:
+                raise invalid(f"key {want.name!r}: stream ended after {got} of {want.numel} elements "
+                              f"of {pb.Part.Name(key[1])}")
+
+
+def view_tensor(data: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor over `data` without copying (copied once only if its address is misaligned)."""
+    if len(data) == 0:
+        return torch.empty(0, dtype=dtype)
+    t = torch.frombuffer(data, dtype=dtype)
+    if t.data_ptr() % dtype.itemsize:  # a foreign encoder without padding; kernels want alignment
+        t = t.clone()
+    return t

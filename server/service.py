@@ -1,0 +1,353 @@
+"""The gRPC servicer of optserve.v1.OptServe: translation and validation only.
+
+Each handler decodes its request (optserve/serde.py), validates all of it against the store, and only
+then hands it on (policy -> store); the shard is left exactly as it was when anything is wrong. No
+math happens here and no tensor is kept. Tensor-carrying methods take and return raw `bytes` (the
+codec of serde.py, wire-identical to protobuf); the others use the generated protobuf classes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import grpc
+import torch
+
+from optserve import __version__
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Expected,
+                            Outgoing, RequestError, chunk_stream, decode, dtype_from_proto,
+                            dtype_to_proto, invalid)
+from optserve.hyper import AdamConfig
+from optserve.server.store import GradEntry, Key, Store
+
+log = logging.getLogger("optserve.server")
+
+SERVICE_NAME = "optserve.v1.OptServe"
+PROTOCOL = "optserve.v1"
+MAX_NAME_LENGTH = 1024
+_STATE_PARTS = (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ, pb.MAX_EXP_AVG_SQ)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shard_index: int = 0
+    num_shards: int = 1
+    policy: str = "async"
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+def hyper_from_proto(h: pb.HyperParams, where: str) -> AdamConfig:
+    try:
+        return AdamConfig(lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay,
+                          weight_decouple=h.weight_decouple, absolute=h.absolute,
+                          optimized_update=h.optimized_update, amsgrad=h.amsgrad)
+    except ValueError as exc:
+        raise invalid(f"{where}: {exc}") from None
+
+
+def hyper_to_proto(cfg: AdamConfig) -> pb.HyperParams:
+    return pb.HyperParams(lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                          weight_decay=cfg.weight_decay, weight_decouple=cfg.weight_decouple,
+                          absolute=cfg.absolute, optimized_update=cfg.optimized_update, amsgrad=cfg.amsgrad)
+
+
+def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
+    # A sum is one read pass with no allocation; NaN/Inf always make it non-finite. Only then (or on a
+    # rare overflow of finite values) is the exact elementwise check run.
+    if t.numel() and not math.isfinite(t.sum(dtype=torch.float64).item()):
+        bad = (~torch.isfinite(t)).nonzero()
+        if bad.numel():
+            raise invalid(f"key {name!r}: {what} holds NaN or Inf (first at element {int(bad[0])}); "
+                          f"non-finite values are rejected")
+
+
+class _Counters:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.bytes_in = self.bytes_out = self.rejected = 0
+
+    def add(self, bytes_in: int = 0, bytes_out: int = 0, rejected: int = 0) -> None:
+        with self._lock:
+            self.bytes_in += bytes_in
+            self.bytes_out += bytes_out
+            self.rejected += rejected
+
+
+class Servicer:
+    """Handlers of optserve.v1.OptServe over one shard's store and policy."""
+
+    def __init__(self, store: Store, policy, info: ShardInfo):
+        self.store = store
+        self.policy = policy
+        self.info = info
+        self.counters = _Counters()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _messages(self, request_iterator: Iterable[bytes], message_type):
+        """Decode a request stream; the head must be in the first message and only there."""
+        first = True
+        for raw in request_iterator:
+            self.counters.add(bytes_in=len(raw))
+            meta, data = decode(raw, message_type)
+            if first != meta.HasField("head"):
+                raise invalid("the head must be in the first message of the stream" if first
+                              else "only the first message of the stream may carry a head")
+            first = False
+            yield meta, data
+        if first:
+            raise invalid("empty stream: the first message must carry the head")
+
+    def _assemble(self, messages, expected: dict[tuple[int, int], Expected]
+                  ) -> tuple[object, dict[tuple[int, int], list[tuple[int, torch.Tensor]]]]:
+        """Read the whole stream; return the head and the zero-copy pieces of each (entry, part)."""
+        pieces: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {k: [] for k in expected}
+        assembler = Assembler(expected)
+        head = None
+        for meta, data in messages:
+            head = head or meta.head
+            for entry, part, offset, view in assembler.pieces(meta.segments, data):
+                pieces[(entry, part)].append((offset, view))
+        assembler.finish()
+        return head, pieces
+
+    def _keys(self, names: Sequence[str]) -> list[Key]:
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise invalid(f"key {dup!r} is named twice in one request")
+        return [self.store.get(n) for n in names]
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        t = t if t.dtype == torch.float32 else t.float()
+        return t if t.device == self.store.device else t.to(self.store.device)
+
+    def _whole(self, numel: int, pieces: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """A fresh float32 tensor on the device from one part's pieces (registration, set-state)."""
+        out = torch.empty(numel, dtype=torch.float32)
+        for offset, view in pieces:
+            out[offset:offset + view.numel()].copy_(view)
+        return out.to(self.store.device)
+
+    def _pull_messages(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
+                       chunk_bytes: int, push: pb.PushReply | None = None) -> list[bytes]:
+        """Snapshot keys into reply messages: versions and bytes are copied under the store's lock."""
+        chunk = chunk_bytes or self.info.chunk_bytes
+        chunk = max(4096, min(chunk, self.info.max_message_bytes - (64 << 10)))
+
+        def encode() -> list[bytes]:
+            infos = [pb.KeyInfo(key=k.name, shape=k.shape, version=k.version, step=k.step,
+                                hyper=hyper_to_proto(k.hyper) if k.hyper else None) for k in keys]
+            head = pb.PullHead(entries=infos, dtype=dtype_to_proto(dtype), push=push)
+            items = [Outgoing(i, part, k.part(part)) for i, k in enumerate(keys) for part in parts]
+
+            def meta(segments, first):
+                msg = pb.PullReply(head=head) if first else pb.PullReply()
+                msg.segments.extend(segments)
+                return msg.SerializeToString()
+
+            return list(chunk_stream(items, dtype, chunk, meta))
+
+        out = self.store.snapshot(keys, encode)
+        self.counters.add(bytes_out=sum(len(m) for m in out))
+        return out
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def Hello(self, request: bytes, context) -> pb.HelloReply:
+        _parse(request, pb.HelloRequest)
+        return self.hello()
+
+    def hello(self) -> pb.HelloReply:
+        i = self.info
+        return pb.HelloReply(
+            server_version=__version__, protocol=PROTOCOL, shard_index=i.shard_index,
+            num_shards=i.num_shards, policy=i.policy, device=str(self.store.device),
+            num_keys=len(self.store),
+            limits=pb.Limits(max_message_bytes=i.max_message_bytes, chunk_bytes=i.chunk_bytes,
+                             max_keys=self.store.limits.max_keys,
+                             max_tensor_elements=self.store.limits.max_tensor_elements))
+
+    def Register(self, request_iterator, context) -> pb.RegisterReply:
+        messages = self._messages(request_iterator, pb.RegisterRequest)
+        first, data = next(messages)
+        head = first.head
+        if (head.shard_index, head.num_shards) != (self.info.shard_index, self.info.num_shards):
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"this is shard {self.info.shard_index} of {self.info.num_shards}; the "
+                               f"request is addressed to shard {head.shard_index} of {head.num_shards}")
+        specs = []
+        names = [k.name for k in head.keys]
+        if len(set(names)) != len(names):
+            raise invalid("a key is named twice in one Register request")
+        for k in head.keys:
+            if not k.name or len(k.name) > MAX_NAME_LENGTH:
+                raise invalid(f"key name must be 1..{MAX_NAME_LENGTH} characters, got {len(k.name)}")
+            if k.dtype != pb.FLOAT32:
+                raise invalid(f"key {k.name!r}: dtype {pb.DType.Name(k.dtype) if k.dtype in pb.DType.values() else k.dtype}"
+                              f" is not supported; keys are FLOAT32")
+            shape = tuple(int(d) for d in k.shape)
+            specs.append((k.name, shape, self.store.check_spec(k.name, shape)))
+        if not head.with_values:
+            if first.segments or len(data) or next(messages, None) is not None:
+                raise invalid("Register without values must not carry segments")
+            return pb.RegisterReply(keys=[pb.KeyStatus(name=n, exists=key is not None,
+                                                       version=key.version if key else 0)
+                                          for n, _, key in specs])
+        self.store.check_capacity([(n, s) for n, s, _ in specs])
+        expected = {(i, pb.PARAM): Expected(math.prod(s), torch.float32, n) for i, (n, s, _) in enumerate(specs)}
+        _, pieces = self._assemble(_chain_first((first, data), messages), expected)
+        values = []
+        for i, (name, shape, _) in enumerate(specs):
+            value = self._whole(math.prod(shape), pieces[(i, pb.PARAM)])
+            _check_finite(name, "initial value", value)
+            values.append((name, shape, value))
+        result = self.store.create(values)
+        created = [n for (key, c), (n, _, _) in zip(result, specs) if c]
+        if created:
+            log.info("registered %d keys (%s%s)", len(created), ", ".join(created[:3]),
+                     ", ..." if len(created) > 3 else "")
+        return pb.RegisterReply(keys=[pb.KeyStatus(name=key.name, exists=True, created=c, version=key.version)
+                                      for key, c in result])
+
+    def _decode_push(self, request_iterator) -> tuple[pb.PushHead, list[GradEntry]]:
+        messages = self._messages(request_iterator, pb.PushRequest)
+        first, data = next(messages)
+        head = first.head
+        wire = dtype_from_proto(head.wire_dtype, default=torch.float32)
+        keys = self._keys([e.key for e in head.entries])
+        configs = [hyper_from_proto(h, f"hyper[{i}]") for i, h in enumerate(head.hyper)]
+        for e in head.entries:
+            if e.hyper >= len(configs):
+                raise invalid(f"key {e.key!r}: hyper index {e.hyper} out of range ({len(configs)} sets sent)")
+        expected = {(i, pb.GRAD): Expected(k.numel, wire, k.name) for i, k in enumerate(keys)}
+        _, pieces = self._assemble(_chain_first((first, data), messages), expected)
+        entries = []
+        for i, (e, key) in enumerate(zip(head.entries, keys)):
+            grad = [(offset, self._to_device(view)) for offset, view in pieces[(i, pb.GRAD)]]
+            for _, g in grad:
+                _check_finite(key.name, "gradient", g)
+            entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper], pieces=grad))
+        return head, entries
+
+    def Push(self, request_iterator, context) -> pb.PushReply:
+        head, entries = self._decode_push(request_iterator)
+        if not entries:
+            raise invalid("a Push must carry at least one key")
+        result = self.policy.submit(self.store, entries)
+        return pb.PushReply(versions=result.versions, staleness=result.staleness)
+
+    def PushPull(self, request_iterator, context) -> Iterator[bytes]:
+        head, entries = self._decode_push(request_iterator)
+        pull_names = list(dict.fromkeys([e.key for e in head.entries] + list(head.pull_keys)))
+        pull_keys = [self.store.get(n) for n in pull_names]
+        dtype = dtype_from_proto(head.pull_dtype, default=torch.float32)
+        reply = None
+        if entries:
+            result = self.policy.submit(self.store, entries)
+            reply = pb.PushReply(versions=result.versions, staleness=result.staleness)
+        return iter(self._pull_messages(pull_keys, [pb.PARAM], dtype, 0, reply))
+
+    def Pull(self, request: bytes, context) -> Iterator[bytes]:
+        self.counters.add(bytes_in=len(request))
+        request = _parse(request, pb.PullRequest)
+        keys = self._keys(list(request.keys))
+        parts = list(request.parts) or [pb.PARAM]
+        if len(set(parts)) != len(parts) or any(p not in _STATE_PARTS for p in parts):
+            raise invalid(f"parts must be distinct values of {[pb.Part.Name(p) for p in _STATE_PARTS]}, "
+                          f"got {list(parts)}")
+        dtype = dtype_from_proto(request.dtype, default=torch.float32)
+        if dtype != torch.float32 and parts != [pb.PARAM]:
+            raise invalid("Adam state travels as FLOAT32; ask for another dtype with parts=[PARAM] only")
+        return iter(self._pull_messages(keys, parts, dtype, request.chunk_bytes))
+
+    def SetState(self, request_iterator, context) -> pb.SetStateReply:
+        messages = self._messages(request_iterator, pb.SetStateRequest)
+        first, data = next(messages)
+        head = first.head
+        keys = self._keys([e.key for e in head.entries])
+        parts = list(head.parts)
+        if len(set(parts)) != len(parts) or any(p not in _STATE_PARTS for p in parts):
+            raise invalid(f"parts must be distinct values of {[pb.Part.Name(p) for p in _STATE_PARTS]}")
+        configs = [hyper_from_proto(e.hyper, f"key {e.key!r}") if e.HasField("hyper") else None
+                   for e in head.entries]
+        expected = {(i, p): Expected(k.numel, torch.float32, k.name) for i, k in enumerate(keys) for p in parts}
+        _, pieces = self._assemble(_chain_first((first, data), messages), expected)
+        updates = []
+        for i, (e, key) in enumerate(zip(head.entries, keys)):
+            values = {}
+            for p in parts:
+                values[p] = self._whole(key.numel, pieces[(i, p)])
+                _check_finite(key.name, pb.Part.Name(p), values[p])
+            updates.append((key, e.step, configs[i], values))
+        return pb.SetStateReply(versions=self.store.set_state(updates))
+
+    def Stats(self, request: bytes, context) -> pb.StatsReply:
+        _parse(request, pb.StatsRequest)
+        store = self.store
+        with store.locked():
+            keys = [pb.KeyStats(key=k.name, shape=k.shape, version=k.version, pushes=k.pushes,
+                                staleness=k.staleness.to_proto())
+                    for k in (store.get(n) for n in store.names())]
+            totals = dict(pushes=store.pushes, pulls=store.pulls, staleness=store.staleness.to_proto())
+        c = self.counters
+        return pb.StatsReply(shard=self.hello(), keys=keys, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
+                             rejected=c.rejected, **totals)
+
+
+def _parse(raw: bytes, message_type):
+    try:
+        return message_type.FromString(raw)
+    except Exception as exc:  # protobuf's DecodeError
+        raise invalid(f"malformed {message_type.DESCRIPTOR.name}: {exc}") from None
+
+
+def _chain_first(first, rest):
+    yield first
+    yield from rest
+
+
+# -- wiring the handlers into grpc -----------------------------------------------------------------
+
+def _guard(servicer: Servicer, fn: Callable) -> Callable:
+    """Turn RequestError into the call's status; count it; log unexpected errors once."""
+
+    def handler(request, context):
+        try:
+            return fn(request, context)
+        except RequestError as exc:
+            servicer.counters.add(rejected=1)
+            log.info("refused %s: %s: %s", fn.__name__, exc.code.name, exc.message)
+            context.abort(exc.code, exc.message)
+
+    handler.__name__ = fn.__name__
+    return handler
+
+
+def generic_handler(servicer: Servicer) -> grpc.GenericRpcHandler:
+    g = lambda fn: _guard(servicer, fn)  # noqa: E731
+    raw = dict(request_deserializer=None, response_serializer=None)
+    handlers = {
+        "Hello": grpc.unary_unary_rpc_method_handler(
+            g(servicer.Hello), request_deserializer=None,
+            response_serializer=pb.HelloReply.SerializeToString),
+        "Register": grpc.stream_unary_rpc_method_handler(
+            g(servicer.Register), request_deserializer=None,
+            response_serializer=pb.RegisterReply.SerializeToString),
+        "Push": grpc.stream_unary_rpc_method_handler(
+            g(servicer.Push), request_deserializer=None, response_serializer=pb.PushReply.SerializeToString),
+        "Pull": grpc.unary_stream_rpc_method_handler(
+            g(servicer.Pull), **raw),
+        "PushPull": grpc.stream_stream_rpc_method_handler(g(servicer.PushPull), **raw),
+        "SetState": grpc.stream_unary_rpc_method_handler(
+            g(servicer.SetState), request_deserializer=None,
+            response_serializer=pb.SetStateReply.SerializeToString),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            g(servicer.Stats), request_deserializer=None,
+            response_serializer=pb.StatsReply.SerializeToString),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -1,0 +1,262 @@
+"""A shard's keys: parameters, Adam state, versions and counters, under one lock.
+
+The store owns the tensors and the lock discipline; it calls server/adam.py for the math and does no
+network I/O. Every method either changes nothing and raises RequestError, or completes.
+
+Lock discipline (docs/ARCHITECTURE.md): one `threading.Lock` per shard guards every key's tensors,
+step and counters. Decoding and validating a request's bytes happen outside it (keys are never
+removed and their shapes never change, so a validated key stays valid); under it run only the checks
+that read versions, the Adam step over all keys of one push (so a push is atomic over its key set and
+no update is lost under concurrent clients), and the copies that snapshot keys for a pull.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import grpc
+import torch
+
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import RequestError, invalid
+from optserve.hyper import AdamConfig
+from optserve.server.adam import adam_fast
+
+STALENESS_BUCKETS = 32  # histogram[i] counts staleness i; the last bucket collects >= 31
+
+
+@dataclass
+class StalenessStats:
+    count: int = 0
+    total: int = 0
+    max: int = 0
+    histogram: list[int] = field(default_factory=lambda: [0] * STALENESS_BUCKETS)
+
+    def record(self, staleness: int) -> None:
+        self.count += 1
+        self.total += staleness
+        self.max = max(self.max, staleness)
+        self.histogram[min(staleness, STALENESS_BUCKETS - 1)] += 1
+
+    def merge(self, other: "StalenessStats") -> None:
+        self.count += other.count
+        self.total += other.total
+        self.max = max(self.max, other.max)
+        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
+
+    def to_proto(self) -> pb.StalenessStats:
+        mean = self.total / self.count if self.count else 0.0
+        return pb.StalenessStats(count=self.count, mean=mean, max=self.max, histogram=self.histogram)
+
+
+@dataclass
+class Key:
+    """One key's tensors, flat and float32 on the shard's device. Its version is its step count."""
+    name: str
+    shape: tuple[int, ...]
+    param: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None = None  # allocated on the first amsgrad step
+    step: int = 0  # per key: advances only when a gradient for this key is applied
+    hyper: AdamConfig | None = None  # the options of the last applied step
+    pushes: int = 0
+    staleness: StalenessStats = field(default_factory=StalenessStats)
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def version(self) -> int:
+        return self.step
+
+    def part(self, part: int) -> torch.Tensor:
+        if part == pb.PARAM:
+            return self.param
+        if part == pb.EXP_AVG:
+            return self.exp_avg
+        if part == pb.EXP_AVG_SQ:
+            return self.exp_avg_sq
+        if part == pb.MAX_EXP_AVG_SQ:
+            if self.max_exp_avg_sq is None:
+                self.max_exp_avg_sq = torch.zeros_like(self.param)
+            return self.max_exp_avg_sq
+        raise invalid(f"key {self.name!r}: part {part} is not a tensor of a key")
+
+
+@dataclass(frozen=True)
+class GradEntry:
+    """One key of a decoded push: the gradient as (offset, float32 view) pieces covering the key."""
+    key: Key
+    version_read: int
+    cfg: AdamConfig
+    pieces: Sequence[tuple[int, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    versions: list[int]
+    staleness: list[int]
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    max_keys: int = 1 << 20
+    max_tensor_elements: int = 1 << 34
+    max_shard_elements: int = 1 << 36
+
+
+class Store:
+    """The keys of one shard."""
+
+    def __init__(self, device: torch.device | str = "cpu", limits: StoreLimits = StoreLimits()):
+        self.device = torch.device(device)
+        self.limits = limits
+        self._keys: dict[str, Key] = {}
+        self._elements = 0
+        self._lock = threading.Lock()
+        self.pushes = 0
+        self.pulls = 0
+        self.staleness = StalenessStats()
+
+    # -- lookup (no lock: keys are only ever added, and dict reads are atomic) -----------------
+
+    def get(self, name: str) -> Key:
+        key = self._keys.get(name)
+        if key is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"key {name!r} is not registered on this shard")
+        return key
+
+    def names(self) -> list[str]:
+        return list(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    # -- registration -----------------------------------------------------------------------------
+
+    def check_spec(self, name: str, shape: tuple[int, ...]) -> Key | None:
+        """The existing key of this name (refusing another shape), or None when it is missing."""
+        key = self._keys.get(name)
+        if key is not None and key.shape != shape:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"key {name!r} is registered with shape {list(key.shape)} float32; "
+                               f"refusing shape {list(shape)}")
+        return key
+
+    def check_capacity(self, new: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) keys that would pass the shard's limits."""
+        lim = self.limits
+        for name, shape in new:
+            numel = math.prod(shape)
+            if numel > lim.max_tensor_elements:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"key {name!r}: {numel} elements exceed the limit of "
+                                   f"{lim.max_tensor_elements} per tensor")
+        missing = [(n, s) for n, s in new if n not in self._keys]
+        if len(self._keys) + len(missing) > lim.max_keys:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{len(missing)} new keys would exceed the limit of {lim.max_keys} keys "
+                               f"per shard ({len(self._keys)} registered)")
+        total = self._elements + sum(math.prod(s) for _, s in missing)
+        if total > lim.max_shard_elements:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"new keys would bring the shard to {total} elements, over the limit of "
+                               f"{lim.max_shard_elements}")
+
+    def create(self, items: Sequence[tuple[str, tuple[int, ...], torch.Tensor]]) -> list[tuple[Key, bool]]:
+        """Insert keys with these initial (flat, float32, on-device) values, all or none.
+
+        Returns (key, created) per item. A key that exists already (perhaps created meanwhile by
+        another worker) is kept as it is: the caller adopts the server's value by pulling.
+        """
+        with self._lock:
+            existing = [self.check_spec(name, shape) for name, shape, _ in items]
+            self.check_capacity([(name, shape) for name, shape, _ in items])
+            out = []
+            for (name, shape, value), key in zip(items, existing):
+                if key is not None:
+                    out.append((key, False))
+                    continue
+                key = Key(name=name, shape=shape, param=value,
+                          exp_avg=torch.zeros_like(value), exp_avg_sq=torch.zeros_like(value))
+                self._keys[name] = key
+                self._elements += key.numel
+                out.append((key, True))
+            return out
+
+    # -- the update -------------------------------------------------------------------------------
+
+    def apply(self, entries: Sequence[GradEntry], policy_check: Callable[[Key, int], None] | None = None
+              ) -> PushResult:
+        """One Adam step on every key of a push, atomically; returns versions and staleness."""
+        with self._lock:
+            for e in entries:
+                if e.version_read > e.key.version:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"key {e.key.name!r}: gradient computed from version "
+                                       f"{e.version_read}, ahead of the shard's version {e.key.version}; "
+                                       f"pull again")
+                if policy_check is not None:
+                    policy_check(e.key, e.key.version - e.version_read)
+            staleness = []
+            groups: dict[AdamConfig, list[GradEntry]] = {}
+            for e in entries:
+                s = e.key.version - e.version_read
+                staleness.append(s)
+                e.key.staleness.record(s)
+                self.staleness.record(s)
+                e.key.step += 1
+                e.key.pushes += 1
+                e.key.hyper = e.cfg
+                groups.setdefault(e.cfg, []).append(e)
+            for cfg, group in groups.items():
+                _adam_step(group, cfg)
+            self.pushes += 1
+            return PushResult([e.key.version for e in entries], staleness)
+
+    # -- snapshots and state ----------------------------------------------------------------------
+
+    def snapshot(self, keys: Sequence[Key], encode: Callable[[], list[bytes]]) -> list[bytes]:
+        """Run `encode` (which copies the keys' tensors into messages) while no push can change them."""
+        with self._lock:
+            self.pulls += 1
+            return encode()
+
+    def set_state(self, updates: Sequence[tuple[Key, int, AdamConfig | None, dict[int, torch.Tensor]]]
+                  ) -> list[int]:
+        """Overwrite step, options and tensor parts of keys (load_state_dict); returns versions."""
+        with self._lock:
+            for key, step, cfg, parts in updates:
+                for part, value in parts.items():
+                    key.part(part).copy_(value)
+                key.step = step
+                if cfg is not None:
+                    key.hyper = cfg
+            return [key.version for key, *_ in updates]
+
+    def locked(self):
+        """The store's lock, for callers that must read several counters consistently."""
+        return self._lock
+
+
+def _adam_step(group: Sequence[GradEntry], cfg: AdamConfig) -> None:
+    """Build the kernel's parallel lists from the pieces of every key of one option set."""
+    params, grads, ms, vs, vmaxes, steps = [], [], [], [], [], []
+    for e in group:
+        k = e.key
+        if cfg.amsgrad and k.max_exp_avg_sq is None:
+            k.max_exp_avg_sq = torch.zeros_like(k.param)
+        for offset, g in e.pieces:
+            stop = offset + g.numel()
+            params.append(k.param[offset:stop])
+            grads.append(g)
+            ms.append(k.exp_avg[offset:stop])
+            vs.append(k.exp_avg_sq[offset:stop])
+            if cfg.amsgrad:
+                vmaxes.append(k.max_exp_avg_sq[offset:stop])
+            steps.append(k.step)
+    adam_fast(params, grads, ms, vs, vmaxes if cfg.amsgrad else None, steps, cfg)
