@@ -57,9 +57,9 @@ def hyper_to_proto(cfg: AdamConfig) -> pb.HyperParams:
 
 
 def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
-    # A sum is one read pass with no allocation; NaN/Inf always make it non-finite. Only then (or on a
-    # rare overflow of finite values) is the exact elementwise check run.
-    if t.numel() and not math.isfinite(t.sum(dtype=torch.float64).item()):
+    # A float32 sum is one read pass with no allocation; NaN/Inf always make it non-finite. Only then
+    # (or when finite values overflow the sum) is the exact elementwise check run.
+    if t.numel() and not math.isfinite(t.sum().item()):
         bad = (~torch.isfinite(t)).nonzero()
         if bad.numel():
             raise invalid(f"key {name!r}: {what} holds NaN or Inf (first at element {int(bad[0])}); "

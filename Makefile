@@ -1,0 +1,33 @@
+# optserve: `make demo` and `make test` each work from a fresh clone (they install .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch first, pinned, so pip takes the CPU build on disk instead of fetching a CUDA one;
+# override for another build, e.g. make install TORCH_SPEC='torch==2.11.0'.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test bench proto clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/optserve demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	@echo "no benchmarks yet: make bench arrives with the performance issue"
+
+proto: install
+	$(PY) proto/generate.py
+
+clean:
+	rm -rf $(VENV) demo-out build *.egg-info

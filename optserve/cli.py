@@ -1,0 +1,46 @@
+"""The `optserve` command: serve, status, demo. Parses arguments and hands on; no logic of its own."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from optserve import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from optserve import demo
+    from optserve.server.main import add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog="optserve", description="Optimizer-as-a-service for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"optserve {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(sub.add_parser("serve", help="run one shard"))
+    status = sub.add_parser("status", help="print each shard's keys, versions, pushes, staleness")
+    status.add_argument("addresses", nargs="+", metavar="ADDR", help="shard addresses (host:port)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    demo.add_arguments(sub.add_parser("demo", help="train digits with 2 in-process shards and 4 workers"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            from optserve.server.main import serve_main
+            return serve_main(args)
+        if args.command == "status":
+            from optserve.client.status import status_main
+            return status_main(args.addresses, args.json, sys.stdout)
+        from optserve import demo
+        return demo.main(args)
+    except ValueError as exc:  # configuration errors: say what was wrong, no traceback
+        print(f"optserve {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

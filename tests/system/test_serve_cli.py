@@ -1,0 +1,73 @@
+"""`optserve serve` as a real process, driven through RemoteAdam and `optserve status`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from optserve import RemoteAdam
+
+pytestmark = pytest.mark.system
+
+OPTSERVE = [sys.executable, "-m", "optserve.cli"]
+
+
+def start_shard(*args: str) -> tuple[subprocess.Popen, str]:
+    """Start a shard on a free port; return the process and the address it printed."""
+    proc = subprocess.Popen([*OPTSERVE, "serve", "--port", "0", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # blocks until the shard is bound (or the process died)
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise AssertionError(f"shard did not start: {line!r} {proc.stderr.read()}")
+    return proc, line.split()[-1]
+
+
+def test_serve_process_trains_reports_status_and_stops_cleanly_on_sigterm():
+    proc, address = start_shard("--shard-index", "0", "--num-shards", "1")
+    try:
+        model = nn.Linear(4, 2)
+        with RemoteAdam(model.named_parameters(), [address], lr=0.1) as opt:
+            for _ in range(3):
+                opt.zero_grad()
+                model(torch.randn(8, 4)).pow(2).mean().backward()
+                opt.step()
+
+        table = subprocess.run([*OPTSERVE, "status", address], capture_output=True, text=True, timeout=60)
+        as_json = subprocess.run([*OPTSERVE, "status", "--json", address], capture_output=True, text=True,
+                                 timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        stderr = proc.stderr.read()
+
+    assert table.returncode == 0, table.stderr
+    assert "weight" in table.stdout and "shard 0/1" in table.stdout
+    shards = json.loads(as_json.stdout)
+    assert {k["key"]: (k["shape"], k["version"], k["pushes"]) for k in shards[0]["keys"]} == {
+        "weight": ([2, 4], 3, 3), "bias": ([2], 3, 3)}
+    assert shards[0]["pushes"] == 3
+    assert code == 0
+    assert "stopped" in stderr
+
+
+def test_status_of_an_unreachable_shard_says_so_and_fails():
+    result = subprocess.run([*OPTSERVE, "status", "127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "GRPC_VERBOSITY": "NONE"})
+
+    assert result.returncode == 1
+    assert "unreachable" in result.stdout
+
+
+def test_serve_refuses_a_bad_shard_index_with_a_clear_message():
+    result = subprocess.run([*OPTSERVE, "serve", "--shard-index", "2", "--num-shards", "2"],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert "shard index must be in 0..1" in result.stderr
