@@ -243,7 +243,9 @@ class Assembler:
             pos += nbytes
             self._next[(seg.entry, seg.part)] = at + seg.count
         if pos != len(data):
-            raise invalid(f"data holds {len(data)} bytes but the segments describe {pos}")
+            keys = sorted({want.name for _, want, _, _ in spans})
+            raise invalid(f"data holds {len(data)} bytes but the segments describe {pos} "
+                          f"(keys {', '.join(map(repr, keys)) or 'none'})")
         for seg, want, start, nbytes in spans:
             yield seg.entry, seg.part, seg.offset, view_tensor(data[start:start + nbytes], want.dtype)
 

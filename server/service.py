@@ -117,9 +117,7 @@ class Servicer:
         return head, pieces
 
     def _keys(self, names: Sequence[str]) -> list[Key]:
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise invalid(f"key {dup!r} is named twice in one request")
+        _unique(names)
         return [self.store.get(n) for n in names]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -181,9 +179,7 @@ class Servicer:
                                f"this is shard {self.info.shard_index} of {self.info.num_shards}; the "
                                f"request is addressed to shard {head.shard_index} of {head.num_shards}")
         specs = []
-        names = [k.name for k in head.keys]
-        if len(set(names)) != len(names):
-            raise invalid("a key is named twice in one Register request")
+        _unique([k.name for k in head.keys])
         for k in head.keys:
             if not k.name or len(k.name) > MAX_NAME_LENGTH:
                 raise invalid(f"key name must be 1..{MAX_NAME_LENGTH} characters, got {len(k.name)}")
@@ -297,6 +293,14 @@ class Servicer:
         c = self.counters
         return pb.StatsReply(shard=self.hello(), keys=keys, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
                              rejected=c.rejected, **totals)
+
+
+def _unique(names: Sequence[str]) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise invalid(f"key {n!r} is named twice in one request")
+        seen.add(n)
 
 
 def _parse(raw: bytes, message_type):
