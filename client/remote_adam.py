@@ -7,7 +7,9 @@ torch's format and `load_state_dict()` writes it back. This module does no tenso
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
@@ -67,7 +69,14 @@ class RemoteAdam(torch.optim.Optimizer):
     Transport options: slice_elements (tensors larger than this are cut across shards),
     chunk_bytes (payload per streamed message), timeout (seconds per call), connect_timeout (seconds
     to wait for each shard at construction), wire_dtype (float32, bfloat16 or float16 gradients),
-    client_id (defaults to a random id).
+    pull_dtype (the same choice for the parameters pulled by step(); the shard keeps float32 state
+    either way, and registration and state_dict always travel in float32), client_id (defaults to a
+    random id).
+    overlap=True sends gradients during backward: a hook on each parameter
+    (register_post_accumulate_grad_hook) fills buckets of `bucket_bytes` (25 MiB default) in reverse
+    registration order, and each full bucket is pushed at once; step() pushes what is left, waits,
+    and pulls. The numbers equal overlap=False. For gradient accumulation wrap every micro-batch but
+    the last in `with opt.no_sync():`.
     """
 
     def __init__(self, params, servers: Sequence[str], lr: float = 1e-3,
@@ -76,12 +85,14 @@ class RemoteAdam(torch.optim.Optimizer):
                  amsgrad: bool = False, *, slice_elements: int = DEFAULT_SLICE_ELEMENTS,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  timeout: float = 300.0, connect_timeout: float = 30.0,
-                 wire_dtype: torch.dtype = torch.float32, client_id: str | None = None):
+                 wire_dtype: torch.dtype = torch.float32, pull_dtype: torch.dtype = torch.float32,
+                 overlap: bool = False, bucket_bytes: int = 25 * 1024 * 1024, client_id: str | None = None):
         servers = [servers] if isinstance(servers, str) else list(servers)
         if not servers:
             raise ValueError("RemoteAdam needs at least one server address")
-        if wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire_dtype}")
+        for name, dtype in (("wire_dtype", wire_dtype), ("pull_dtype", pull_dtype)):
+            if dtype not in WIRE_DTYPES:
+                raise ValueError(f"{name} must be one of {list(WIRE_DTYPES)}, got {dtype}")
         if not 4096 <= chunk_bytes <= max_message_bytes - (64 << 10):
             raise ValueError(f"chunk_bytes must be in 4096..{max_message_bytes - (64 << 10)}, got {chunk_bytes}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -93,8 +104,14 @@ class RemoteAdam(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self._ready = True
         self.wire_dtype = wire_dtype
+        self.pull_dtype = pull_dtype
         self.client_id = client_id or uuid.uuid4().hex
         self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._sync = True
+        self.overlap = overlap
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self._names = {p: n for p, n in zip((p for g in self.param_groups for p in g["params"]), names)}
         for p, name in self._names.items():
             if p.dtype != torch.float32:
@@ -123,6 +140,8 @@ class RemoteAdam(torch.optim.Optimizer):
             self.versions: dict[str, int] = {}
             self.last_staleness: dict[str, int] = {}
             self._fan_out(self._register_shard, range(len(servers)))
+            if overlap:
+                self._setup_overlap(bucket_bytes)
         except BaseException:
             self.close()
             raise
@@ -201,6 +220,28 @@ class RemoteAdam(torch.optim.Optimizer):
                                "on all of them; build a new RemoteAdam to add parameters")
         super().add_param_group(param_group)
 
+    def _next_seq(self) -> int:
+        with self._seq_lock:  # hooks push from autograd's thread, step() from the caller's
+            self._seq += 1
+            return self._seq
+
+    def _push_head(self, placements: Sequence[Placement], hyper: list[pb.HyperParams],
+                   pull_keys: Sequence[str] = ()) -> tuple[pb.PushHead, list[Outgoing]]:
+        """The push of these placements' current gradients (all must have one)."""
+        entries, grads = [], []
+        for i, pl in enumerate(placements):
+            p = self._params_by_name[pl.param]
+            entries.append(pb.PushEntry(key=pl.key, version_read=self.versions[pl.key], hyper=self._group_of[p]))
+            grads.append(Outgoing(i, pb.GRAD, self._flat(pl, p.grad.reshape(-1))))
+        head = pb.PushHead(client_id=self.client_id, seq=self._next_seq(), wire_dtype=dtype_to_proto(self.wire_dtype),
+                           entries=entries, hyper=hyper, pull_dtype=dtype_to_proto(self.pull_dtype),
+                           pull_keys=pull_keys)
+        return head, grads
+
+    def _note_staleness(self, keys: Iterable[str], reply: pb.PushReply) -> None:
+        for key, s in zip(keys, reply.staleness):
+            self.last_staleness[key] = s
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """Push every parameter's gradient, apply Adam on the shards, pull fresh values in place."""
@@ -208,33 +249,109 @@ class RemoteAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        hyper = self._hyper()
-        self._seq += 1
-        seq = self._seq
         for p, name in self._names.items():
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"parameter {name!r} has a sparse gradient; RemoteAdam needs dense ones")
+        if self.overlap:
+            self._finish_overlapped_step()
+            return loss
+        hyper = self._hyper()
 
         def shard_step(index: int) -> pb.PullHead:
             placements = self._by_shard[index]
             if not placements:
                 return pb.PullHead()
             pushed = [pl for pl in placements if self._params_by_name[pl.param].grad is not None]
-            entries = [pb.PushEntry(key=pl.key, version_read=self.versions[pl.key],
-                                    hyper=self._group_of[self._params_by_name[pl.param]]) for pl in pushed]
             pushed_keys = {pl.key for pl in pushed}
-            head = pb.PushHead(client_id=self.client_id, seq=seq, wire_dtype=dtype_to_proto(self.wire_dtype),
-                               entries=entries, hyper=hyper,
-                               pull_keys=[pl.key for pl in placements if pl.key not in pushed_keys])
-            grads = [Outgoing(i, pb.GRAD, self._flat(pl, self._params_by_name[pl.param].grad.reshape(-1)))
-                     for i, pl in enumerate(pushed)]
+            head, grads = self._push_head(pushed, hyper, [pl.key for pl in placements if pl.key not in pushed_keys])
             return self._shards[index].push_pull(head, grads, self.wire_dtype, self._param_sink(placements))
 
         for head in self._fan_out(shard_step, range(len(self._shards))):
             self._note_versions(head)
-            for key, s in zip((e.key for e in head.entries), head.push.staleness):
-                self.last_staleness[key] = s
+            self._note_staleness((e.key for e in head.entries), head.push)
         return loss
+
+    # -- overlap: gradients travel while backward runs -------------------------------------------
+
+    def _setup_overlap(self, bucket_bytes: int) -> None:
+        """Buckets in reverse registration order (gradients arrive roughly last layer first, as DDP)."""
+        self._buckets: list[list[torch.Tensor]] = []
+        size = 0
+        for p in reversed([p for p in self._names if p.requires_grad]):
+            if not self._buckets or size + p.numel() * 4 > bucket_bytes:
+                self._buckets.append([])
+                size = 0
+            self._buckets[-1].append(p)
+            size += p.numel() * 4
+        self._bucket_of = {p: b for b, ps in enumerate(self._buckets) for p in ps}
+        self._ready: list[set] = [set() for _ in self._buckets]
+        self._pushed: set = set()
+        self._inflight: list = []
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._bucket_of]
+
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        """Autograd calls this once p's gradient of this backward is complete."""
+        if not self._sync:
+            return
+        if p in self._pushed:
+            raise RuntimeError(f"the gradient of {self._names[p]!r} arrived again before step(): with "
+                               f"overlap=True, accumulate micro-batches inside `with opt.no_sync():`")
+        b = self._bucket_of[p]
+        with self._seq_lock:
+            self._ready[b].add(p)
+            full = len(self._ready[b]) == len(self._buckets[b])
+        if full:
+            self._launch(self._buckets[b])
+
+    def _launch(self, params: Sequence[torch.Tensor]) -> None:
+        """Start pushing these parameters' gradients, one Push per shard, without waiting."""
+        self._pushed.update(params)
+        wanted = set(params)
+        hyper = self._hyper()
+        for index, placements in enumerate(self._by_shard):
+            mine = [pl for pl in placements if self._params_by_name[pl.param] in wanted]
+            if mine:
+                head, grads = self._push_head(mine, hyper)
+                future = self._pool.submit(self._shards[index].push, head, grads, self.wire_dtype)
+                self._inflight.append(([pl.key for pl in mine], future))
+
+    def _finish_overlapped_step(self) -> None:
+        """Push what the hooks did not (unused or no_sync-accumulated gradients), wait, pull all."""
+        self._launch([p for p in self._names if p.grad is not None and p not in self._pushed])
+        inflight, self._inflight = self._inflight, []
+        self._pushed.clear()
+        self._ready = [set() for _ in self._buckets]
+        error = None
+        for keys, future in inflight:
+            try:
+                self._note_staleness(keys, future.result())
+            except BaseException as exc:  # noqa: BLE001 - wait for every push, then raise the first
+                error = error or exc
+        if error is not None:
+            raise error
+
+        def pull(index: int) -> pb.PullHead:
+            placements = self._by_shard[index]
+            if not placements:
+                return pb.PullHead()
+            request = pb.PullRequest(keys=[pl.key for pl in placements], dtype=dtype_to_proto(self.pull_dtype))
+            return self._shards[index].pull(request, self._param_sink(placements))
+
+        for head in self._fan_out(pull, range(len(self._shards))):
+            self._note_versions(head)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Keep gradients local: backward passes inside accumulate without pushing (overlap=True).
+
+        Use it for all micro-batches but the last; the last backward, outside, pushes the sums. With
+        overlap=False nothing is pushed before step() anyway, so this changes nothing there.
+        """
+        previous, self._sync = self._sync, False
+        try:
+            yield self
+        finally:
+            self._sync = previous
 
     def _fetch_state(self) -> dict[torch.Tensor, dict[str, Any]]:
         """The shards' Adam state per parameter, as torch.optim.Adam keeps it."""
@@ -317,7 +434,9 @@ class RemoteAdam(torch.optim.Optimizer):
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the channels and threads. The shards keep the state."""
+        """Release the channels, threads and backward hooks. The shards keep the state."""
+        for hook in getattr(self, "_hooks", ()):
+            hook.remove()
         for shard in getattr(self, "_shards", ()):
             shard.close()
         if hasattr(self, "_pool"):

@@ -43,7 +43,7 @@ class DemoConfig:
     """The demo's budget and layout, validated once here."""
     workers: int = 4
     shards: int = 2
-    steps: int = 150  # optimizer steps per worker; the local run takes workers * steps
+    steps: int = 250  # optimizer steps per worker; the local run takes workers * steps
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
@@ -144,8 +144,8 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, 
 
 
 def _run_optserve(cfg: DemoConfig, x_train, y_train, x_test, y_test, tqdm, progress: bool
-                  ) -> tuple[float, float, list[float], dict[str, Any]]:
-    """Shards + worker threads; returns (accuracy, seconds, losses in push order, shard stats)."""
+                  ) -> tuple[float, float, list[float], list[Any]]:
+    """Shards + worker threads; returns (accuracy, seconds, losses in push order, StatsReplies)."""
     from optserve.client.remote_adam import RemoteAdam
     from optserve.server.main import run_server
 
@@ -168,7 +168,7 @@ def _run_optserve(cfg: DemoConfig, x_train, y_train, x_test, y_test, tqdm, progr
             share = shares[w]
             for xb, yb in _batches(x_train[share], y_train[share], cfg.batch_size, cfg.steps, cfg.seed + 1 + w):
                 loss = _train_step(models[w], opts[w], xb, yb)
-                with lock:  # the merged curve is in the order the shards finished the pushes (roughly)
+                with lock:  # the merged curve: every worker's losses in the order their steps returned
                     losses.append(loss)
                     bar.update()
                     if len(losses) % 20 == 0:
@@ -278,7 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"optimizer steps per worker; local Adam takes workers x steps (default {d.steps})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"minibatch size (default {d.batch_size})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"seed of split, weights and shuffles (default {d.seed})")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help=f"seed of split, weights and shuffles (default {d.seed})")
     parser.add_argument("--out", default="demo-out", help="folder for demo_loss.png (default demo-out, created)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -184,9 +184,7 @@ def chunk_stream(items: Iterable[Outgoing], wire_dtype: torch.dtype, chunk_bytes
         offset = 0
         while offset < n:  # an empty tensor sends no segment: it is complete with 0 elements
             take = min(room, n - offset)
-            piece = flat[offset:offset + take]
-            if piece.dtype != wire_dtype or piece.device.type != "cpu":
-                piece = piece.to(device="cpu", dtype=wire_dtype)
+            piece = host_copy(flat[offset:offset + take], wire_dtype)
             segments.append(pb.Segment(entry=item.entry, part=item.part, offset=offset, count=take))
             parts.append(tensor_bytes(piece.contiguous()))
             offset += take
@@ -197,6 +195,30 @@ def chunk_stream(items: Iterable[Outgoing], wire_dtype: torch.dtype, chunk_bytes
                 segments, parts, room = [], [], per_chunk
     if segments or first:
         yield encode(make_meta(segments, first), parts)
+
+
+def host_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype` in host memory: itself when it already is; through pinned memory from a GPU."""
+    if t.device.type == "cpu":
+        return t if t.dtype == dtype else t.to(dtype)
+    t = t.to(dtype)  # convert on the device: fewer bytes cross the bus
+    host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+    host.copy_(t)  # synchronous: the bytes are read right after
+    return host
+
+
+def device_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float32 copy of host tensor `t` on `device`, staged through pinned memory for a GPU.
+
+    The host-to-device copy is asynchronous on the current stream, so kernels queued after it on
+    that stream (the Adam step) see the data; torch's caching host allocator keeps the pinned block
+    from reuse until the copy has completed.
+    """
+    if device.type == "cpu":
+        return t if t.dtype == torch.float32 else t.float()
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, non_blocking=True).float()
 
 
 # ----------------------------------------------------------------------------------------------

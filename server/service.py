@@ -19,8 +19,8 @@ import torch
 from optserve import __version__
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Expected,
-                            Outgoing, RequestError, chunk_stream, decode, dtype_from_proto,
-                            dtype_to_proto, invalid)
+                            Outgoing, RequestError, chunk_stream, decode, device_copy,
+                            dtype_from_proto, dtype_to_proto, invalid)
 from optserve.hyper import AdamConfig
 from optserve.server.store import GradEntry, Key, Store
 
@@ -120,16 +120,12 @@ class Servicer:
         _unique(names)
         return [self.store.get(n) for n in names]
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        t = t if t.dtype == torch.float32 else t.float()
-        return t if t.device == self.store.device else t.to(self.store.device)
-
     def _whole(self, numel: int, pieces: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """A fresh float32 tensor on the device from one part's pieces (registration, set-state)."""
         out = torch.empty(numel, dtype=torch.float32)
         for offset, view in pieces:
             out[offset:offset + view.numel()].copy_(view)
-        return out.to(self.store.device)
+        return device_copy(out, self.store.device)
 
     def _pull_messages(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
                        chunk_bytes: int, push: pb.PushReply | None = None) -> list[bytes]:
@@ -224,7 +220,7 @@ class Servicer:
         _, pieces = self._assemble(_chain_first((first, data), messages), expected)
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
-            grad = [(offset, self._to_device(view)) for offset, view in pieces[(i, pb.GRAD)]]
+            grad = [(offset, device_copy(view, self.store.device)) for offset, view in pieces[(i, pb.GRAD)]]
             for _, g in grad:
                 _check_finite(key.name, "gradient", g)
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper], pieces=grad))

@@ -26,3 +26,13 @@ def two_shards():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: where torch has none they are skipped, with the reason shown."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
