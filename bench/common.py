@@ -299,15 +299,15 @@ class Child:
 
 
 @contextlib.contextmanager
-def children(*specs: tuple, ready_timeout: float = 120.0) -> Iterator[list[Child]]:
-    """Start several Childs at once (specs: (factory, args, name)), wait until all are built, and
-    close them all on exit."""
+def children(*specs: tuple) -> Iterator[list[Child]]:
+    """Start several Childs at once (specs: (factory, args, name)) and close them all on exit.
+
+    Does not wait for them to be built (so other start-up work can overlap); the first `call` does.
+    """
     started: list[Child] = []
     try:
         for factory, args, name in specs:
             started.append(Child(factory, *args, name=name))
-        for c in started:
-            c.wait_ready(ready_timeout)
         yield started
     finally:
         for c in started:  # ask all first: some shutdowns are collective (torch.distributed.rpc)

@@ -1,7 +1,8 @@
 """The shard map: which shard holds which key. A pure function every worker computes alike.
 
 A key is a parameter's name, or, for a tensor larger than `slice_elements`, a contiguous slice of
-its flattened elements named `name[start:stop]`. Placement is greedy: each key goes to the shard
+its flattened elements named `name[start:stop]`. Slices start at multiples of serde.CUT_ELEMENTS
+(`slice_elements` is rounded up to one), which keeps the numbers bitwise identical to one shard. Placement is greedy: each key goes to the shard
 holding the fewest elements so far (the lowest index on ties). Slices of large tensors are placed
 first and whole tensors after, each in name order, so the large pieces spread first and the small
 ones fill the gaps. Adam is elementwise, so any partition gives the same numbers as one shard.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Sequence
+
+from optserve.serde import CUT_ELEMENTS
 
 DEFAULT_SLICE_ELEMENTS = 1 << 20
 
@@ -41,6 +44,7 @@ def partition(named_shapes: Sequence[tuple[str, Sequence[int]]], num_shards: int
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ValueError(f"parameter name {dup!r} appears twice")
+    slice_elements = -(-slice_elements // CUT_ELEMENTS) * CUT_ELEMENTS
     shapes = {n: tuple(int(d) for d in s) for n, s in named_shapes}
     sliced, whole = [], []
     for name in sorted(names):

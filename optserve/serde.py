@@ -33,6 +33,11 @@ if sys.byteorder != "little":  # the wire is little-endian and tensors are copie
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 DEFAULT_CHUNK_BYTES = 4 << 20
+# Tensors are only ever cut (into slices, or across messages) at multiples of this many elements
+# from their start. torch's fused CPU Adam computes the last elements of a tensor in a scalar tail
+# that can round differently from its vector body; cutting on this grid keeps every element on the
+# same code path whatever the partition or chunking, so results are bitwise identical.
+CUT_ELEMENTS = 64
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
 _DATA_FIELD = 15
@@ -166,14 +171,17 @@ class Outgoing:
 
 
 def chunk_stream(items: Iterable[Outgoing], wire_dtype: torch.dtype, chunk_bytes: int,
-                 make_meta, first_meta: bytes | None = None) -> Iterator[bytes]:
+                 make_meta) -> Iterator[bytes]:
     """Encode `items` as messages of at most `chunk_bytes` payload each.
 
     make_meta(segments, first) returns the serialized small fields of one message (first is True for
-    the first message, which carries the head). Always yields at least one message.
+    the first message, which carries the head). Always yields at least one message. A tensor that
+    does not fit the room left in a message is cut at a multiple of CUT_ELEMENTS.
     """
     itemsize = torch.empty((), dtype=wire_dtype).element_size()
-    per_chunk = max(1, chunk_bytes // itemsize)
+    per_chunk = chunk_bytes // itemsize
+    if per_chunk < CUT_ELEMENTS:
+        raise ValueError(f"chunk_bytes {chunk_bytes} holds fewer than {CUT_ELEMENTS} elements of {wire_dtype}")
     segments: list[pb.Segment] = []
     parts: list[memoryview] = []
     room = per_chunk
@@ -183,7 +191,12 @@ def chunk_stream(items: Iterable[Outgoing], wire_dtype: torch.dtype, chunk_bytes
         n = flat.numel()
         offset = 0
         while offset < n:  # an empty tensor sends no segment: it is complete with 0 elements
-            take = min(room, n - offset)
+            take = n - offset if n - offset <= room else room - room % CUT_ELEMENTS
+            if take == 0:  # less room than one cut: close this message early
+                yield encode(make_meta(segments, first), parts)
+                first = False
+                segments, parts, room = [], [], per_chunk
+                continue
             piece = host_copy(flat[offset:offset + take], wire_dtype)
             segments.append(pb.Segment(entry=item.entry, part=item.part, offset=offset, count=take))
             parts.append(tensor_bytes(piece.contiguous()))

@@ -8,7 +8,7 @@ import pytest
 
 from optserve.client.partition import partition
 
-SLICE = 10
+SLICE = 128  # a multiple of serde.CUT_ELEMENTS, so it is used as given
 
 # Odd sizes around the slice boundary, an empty tensor and a scalar, in a non-sorted name order.
 SHAPES = [
@@ -153,3 +153,9 @@ def test_fewer_than_one_shard_is_refused(num_shards):
 def test_slice_elements_below_one_is_refused(slice_elements):
     with pytest.raises(ValueError, match=f"slice_elements must be >= 1, got {slice_elements}"):
         partition(SHAPES, 1, slice_elements)
+
+
+def test_slice_elements_is_rounded_up_to_the_cut_grid():
+    placements = partition([("w", (200,))], 1, slice_elements=50)
+
+    assert [(p.start, p.stop) for p in placements] == [(0, 64), (64, 128), (128, 192), (192, 200)]

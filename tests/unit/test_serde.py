@@ -7,11 +7,11 @@ import torch
 
 from optserve import serde
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import Assembler, Expected, Outgoing, chunk_stream, decode, encode
+from optserve.serde import CUT_ELEMENTS, Assembler, Expected, Outgoing, chunk_stream, decode, encode
 
 HEAD = pb.PushHead(client_id="worker", seq=7, wire_dtype=pb.FLOAT32,
                    entries=[pb.PushEntry(key="w", version_read=3)])
-CHUNK = 64  # bytes: 16 float32 elements per message
+CHUNK = 1024  # bytes: 256 float32 elements per message (4 cuts of serde.CUT_ELEMENTS)
 
 
 def push_meta(segments, first):
@@ -157,34 +157,34 @@ def test_no_tensors_at_all_still_send_one_message_with_the_head():
 
 
 def test_a_tensor_of_exactly_one_chunk_is_one_message():
-    t = torch.arange(16.0)
+    t = torch.arange(256.0)
 
     messages = list(stream([t]))
 
-    assert segments_of(messages) == [[(0, 0, 16)]]
-    assert torch.equal(receive(messages, [16])[0], t)
+    assert segments_of(messages) == [[(0, 0, 256)]]
+    assert torch.equal(receive(messages, [256])[0], t)
 
 
 def test_one_element_more_than_a_chunk_takes_a_second_message():
-    t = torch.arange(17.0)
+    t = torch.arange(257.0)
 
     messages = list(stream([t]))
 
-    assert segments_of(messages) == [[(0, 0, 16)], [(0, 16, 1)]]
-    assert torch.equal(receive(messages, [17])[0], t)
+    assert segments_of(messages) == [[(0, 0, 256)], [(0, 256, 1)]]
+    assert torch.equal(receive(messages, [257])[0], t)
 
 
 def test_one_element_less_than_a_chunk_is_one_message():
-    t = torch.arange(15.0)
+    t = torch.arange(255.0)
 
     messages = list(stream([t]))
 
-    assert segments_of(messages) == [[(0, 0, 15)]]
-    assert torch.equal(receive(messages, [15])[0], t)
+    assert segments_of(messages) == [[(0, 0, 255)]]
+    assert torch.equal(receive(messages, [255])[0], t)
 
 
 def test_only_the_first_message_carries_the_head():
-    messages = list(stream([torch.arange(40.0)]))
+    messages = list(stream([torch.arange(600.0)]))
 
     assert [pb.PushRequest.FromString(m).HasField("head") for m in messages] == [True, False, False]
 
@@ -198,22 +198,37 @@ def test_many_small_tensors_are_packed_into_one_message():
     assert all(torch.equal(r, t) for r, t in zip(receive(messages, [3] * 5), tensors))
 
 
-def test_a_small_tensor_fills_the_rest_of_a_chunk_and_spills_into_the_next():
-    tensors = [torch.arange(10.0), torch.arange(100.0, 110.0)]
+def test_a_tensor_fills_the_rest_of_a_chunk_up_to_the_cut_grid_and_spills_into_the_next():
+    tensors = [torch.arange(100.0), torch.arange(1000.0, 1300.0)]
 
     messages = list(stream(tensors))
 
-    assert segments_of(messages) == [[(0, 0, 10), (1, 0, 6)], [(1, 6, 4)]]
-    assert all(torch.equal(r, t) for r, t in zip(receive(messages, [10, 10]), tensors))
+    # 156 elements of room left: the second tensor is cut at 128, a multiple of CUT_ELEMENTS.
+    assert segments_of(messages) == [[(0, 0, 100), (1, 0, 128)], [(1, 128, 172)]]
+    assert all(torch.equal(r, t) for r, t in zip(receive(messages, [100, 300]), tensors))
+
+
+def test_a_message_with_less_room_than_one_cut_is_closed_early():
+    tensors = [torch.arange(200.0), torch.arange(1000.0, 1100.0)]
+
+    messages = list(stream(tensors))
+
+    assert segments_of(messages) == [[(0, 0, 200)], [(1, 0, 100)]]
+    assert all(torch.equal(r, t) for r, t in zip(receive(messages, [200, 100]), tensors))
+
+
+def test_chunk_bytes_below_one_cut_is_refused():
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        list(stream([torch.arange(10.0)], chunk_bytes=CUT_ELEMENTS * 4 - 1))
 
 
 def test_a_tensor_spans_many_chunks_in_order():
-    t = torch.randn(16 * 5 + 3)
+    t = torch.randn(256 * 5 + 3)
 
     messages = list(stream([t]))
 
-    assert segments_of(messages) == [[(0, 16 * k, 16)] for k in range(5)] + [[(0, 80, 3)]]
-    assert torch.equal(receive(messages, [83])[0], t)
+    assert segments_of(messages) == [[(0, 256 * k, 256)] for k in range(5)] + [[(0, 1280, 3)]]
+    assert torch.equal(receive(messages, [1283])[0], t)
 
 
 def test_a_non_contiguous_tensor_is_sent_in_its_logical_order():
@@ -225,10 +240,10 @@ def test_a_non_contiguous_tensor_is_sent_in_its_logical_order():
 
 
 def test_every_message_payload_is_within_chunk_bytes():
-    messages = list(stream([torch.randn(7), torch.randn(50), torch.randn(0), torch.randn(33)]))
+    messages = list(stream([torch.randn(7), torch.randn(500), torch.randn(0), torch.randn(333)]))
 
     assert all(len(pb.PushRequest.FromString(m).data) <= CHUNK for m in messages)
-    assert sum(len(pb.PushRequest.FromString(m).data) for m in messages) == 90 * 4
+    assert sum(len(pb.PushRequest.FromString(m).data) for m in messages) == 840 * 4
 
 
 # -- Assembler refusals ------------------------------------------------------------------------------
@@ -323,7 +338,8 @@ def test_a_complete_stream_finishes_and_hands_out_the_values():
     pieces = list(assembler.pieces([_seg(0, 3), _seg(3, 5)], memoryview(values.numpy().tobytes())))
     assembler.finish()
 
-    assert [(o, v.tolist()) for _, _, o, v in pieces] == [(0, [0.0, 1.0, 2.0]), (3, [3.0, 4.0, 5.0, 6.0, 7.0])]
+    assert [(o, v.tolist()) for _, _, o, v in pieces] == [(0, [0.0, 1.0, 2.0]),
+                                                          (3, [3.0, 4.0, 5.0, 6.0, 7.0])]
 
 
 # -- a tensor of more than 1 GiB ---------------------------------------------------------------------
@@ -355,7 +371,8 @@ def test_a_tensor_over_1_gib_chunks_and_reassembles_bit_exactly():
 # -- reduced-precision wire dtypes -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wire_dtype, unit_roundoff", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
+@pytest.mark.parametrize("wire_dtype, unit_roundoff",
+                         [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
 def test_a_reduced_precision_wire_dtype_rounds_as_torch_does(wire_dtype, unit_roundoff):
     # Values within fp16's normal range (6.1e-5 .. 65504), over several chunks of the narrower dtype.
     t = torch.empty(1000).uniform_(0.5, 2.0) * torch.logspace(-3, 3, 1000)
@@ -371,9 +388,9 @@ def test_a_reduced_precision_wire_dtype_rounds_as_torch_does(wire_dtype, unit_ro
 
 @pytest.mark.parametrize("wire_dtype", [torch.bfloat16, torch.float16])
 def test_a_reduced_precision_wire_dtype_packs_chunk_bytes_into_twice_the_elements(wire_dtype):
-    messages = list(stream([torch.randn(64)], wire_dtype))
+    messages = list(stream([torch.randn(1024)], wire_dtype))
 
-    assert segments_of(messages) == [[(0, 0, 32)], [(0, 32, 32)]]
+    assert segments_of(messages) == [[(0, 0, 512)], [(0, 512, 512)]]
 
 
 def test_an_unknown_wire_dtype_is_refused():

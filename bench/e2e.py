@@ -1,0 +1,187 @@
+"""(c) End-to-end RemoteAdam.step() time against model size, shard count and overlap.
+
+Model: a stack of nn.Linear(1024, 1024) layers (weight 1,048,576 + bias 1,024 elements each):
+1 layer (1.05M params), 10 layers (10.5M), 48 layers (50.4M, full run only); batch 8, loss =
+mean(out^2). Shards are separate processes (1-shard and 2-shard sets, restarted per size so their
+memory is freed). Variants, interleaved round-robin, each doing forward + backward + step per sample
+(forward, backward and step timed separately):
+- `RemoteAdam, N shard(s)`, overlap off; and overlap on when RemoteAdam has an `overlap` option
+  (then backward may already push, and `iter` = fwd + bwd + step is the figure to compare);
+- `local torch Adam fused`: torch.optim.Adam(fused=True).step() on the same parameters;
+- `raw TCP 64 MiB ping-pong` (anchor): the TCP round-trip rate of this moment (bench/anchors.py).
+Transfer lower bound = bytes pushed + pulled (2 x 4 B x params) / that TCP rate. The target compares
+the 10M step (1 shard, overlap off) with 1.5 x (lower bound + local fused Adam step).
+Linearity: ms per M params at each size, and a least-squares line ms = a + b * M with its worst
+relative residual (3+ sizes; with 2 sizes only the ms/M figures are shown).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import inspect
+import time
+
+import torch
+
+from bench.anchors import TcpPingPong, tcp_echo_spec
+from bench.common import (MiB, CpuLoad, Settings, children, fmt, interleave, linear_fit, per_sample,
+                          shard_sets, summary, table)
+
+WIDTH = 1024
+BATCH = 8
+TCP_BYTES = 64 * MiB
+TARGET_FACTOR = 1.5
+TARGET_SIZE = "10M"
+LOCAL = "local torch Adam fused"
+TCP = "raw TCP 64 MiB (anchor)"
+
+
+def sizes(quick: bool) -> dict[str, int]:
+    """label -> number of Linear(1024, 1024) layers."""
+    out = {"1M": 1, "10M": 10, "50M": 48}
+    if quick:
+        del out["50M"]
+    return out
+
+
+def overlap_available() -> bool:
+    from optserve import RemoteAdam
+    return "overlap" in inspect.signature(RemoteAdam).parameters
+
+
+def _model(layers: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    mods = []
+    for i in range(layers):
+        mods.append(torch.nn.Linear(WIDTH, WIDTH))
+        if i < layers - 1:
+            mods.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*mods)
+
+
+def _train_sample(model: torch.nn.Module, x: torch.Tensor, step) -> dict:
+    """One forward + backward + step; seconds of each part."""
+    model.zero_grad(set_to_none=False)  # grads stay allocated: no page faults inside the timed parts
+    t0 = time.perf_counter()
+    loss = model(x).square().mean()
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    step()
+    t3 = time.perf_counter()
+    return {"fwd": t1 - t0, "bwd": t2 - t1, "step": t3 - t2}
+
+
+def _measure_size(label: str, layers: int, tcp: TcpPingPong, overlap: bool, settings: Settings) -> dict:
+    from optserve import RemoteAdam
+
+    base = _model(layers)
+    numel = sum(p.numel() for p in base.parameters())
+    x = torch.randn(BATCH, WIDTH)
+    variants = {}
+    with contextlib.ExitStack() as stack:
+        one, two = stack.enter_context(shard_sets(1, 2))
+        for on in (False, True) if overlap else (False,):
+            for addrs in (one, two):
+                # overlap on: a model of its own per optimizer, whose gradient hooks fire for it alone
+                model = copy.deepcopy(base) if on else base
+                name = f"RemoteAdam, {len(addrs)} shard{'s' if len(addrs) > 1 else ''}, overlap {'on' if on else 'off'}"
+                prefix = f"{'on' if on else 'off'}."
+                kwargs = {"overlap": True} if on else {}
+                opt = RemoteAdam([(prefix + n, p) for n, p in model.named_parameters()], servers=addrs,
+                                 timeout=300, **kwargs)
+                stack.callback(opt.close)
+                variants[name] = (lambda m=model, o=opt: _train_sample(m, x, o.step))
+        local = torch.optim.Adam(base.parameters(), lr=1e-3, fused=True)
+        variants[LOCAL] = lambda: _train_sample(base, x, local.step)
+        variants[TCP] = lambda: {"s": tcp.round_trip()}
+        raw = interleave(variants, settings, label=f"e2e {label}")
+        del local
+    rows = {}
+    for name, samples in raw.items():
+        if name == TCP:
+            continue
+        row = {k: summary(per_sample(samples, lambda s, k=k: s[k] * 1e3)) for k in ("fwd", "bwd", "step")}
+        row["iter"] = summary(per_sample(samples, lambda s: (s["fwd"] + s["bwd"] + s["step"]) * 1e3))
+        row["raw"] = samples
+        rows[name] = row
+    tcp_gb_s = summary(per_sample([s["s"] for s in raw[TCP]], lambda s: 2 * TCP_BYTES / s / 1e9))
+    bound_ms = 2 * 4 * numel / (tcp_gb_s["median"] * 1e9) * 1e3
+    del base
+    gc.collect()
+    return {"label": label, "layers": layers, "numel": numel, "rows": rows, "tcp_gb_s": tcp_gb_s,
+            "lower_bound_ms": bound_ms}
+
+
+def run(settings: Settings) -> dict:
+    overlap = overlap_available()
+    if not overlap:
+        print("  overlap: not available (RemoteAdam has no `overlap` option): overlap off only", flush=True)
+    out = []
+    with contextlib.ExitStack() as stack:
+        (echo,) = stack.enter_context(children(tcp_echo_spec(TCP_BYTES)))
+        tcp = TcpPingPong(echo.call("port"), TCP_BYTES)
+        stack.callback(tcp.close)
+        with CpuLoad() as load:
+            for label, layers in sizes(settings.quick).items():
+                out.append(_measure_size(label, layers, tcp, overlap, settings))
+    names = list(out[0]["rows"])
+    linearity = {}
+    for name in names:
+        ms = [s["rows"][name]["step"]["median"] for s in out]
+        m = [s["numel"] / 1e6 for s in out]
+        fit = linear_fit(m, ms) if len(m) >= 3 else {"points": len(m)}
+        linearity[name] = {"ms_per_M": [a / b for a, b in zip(ms, m)], **fit}
+    b_tcp = settings.results.get("b", {}).get("tcp_gb_s")
+    return {"sizes": out, "overlap_available": overlap, "linearity": linearity, "tcp_gb_s_from_b": b_tcp,
+            "other_cpu_pct": load.other_pct}
+
+
+def report(res: dict) -> tuple[str, list[dict]]:
+    body = []
+    for s in res["sizes"]:
+        for name, r in s["rows"].items():
+            body.append([f"{s['label']} ({s['numel'] / 1e6:.2f}M)", name, fmt(r["step"], 1), fmt(r["iter"], 1),
+                         fmt(r["bwd"], 1)])
+        body.append([f"{s['label']} ({s['numel'] / 1e6:.2f}M)", "transfer lower bound",
+                     f"{s['lower_bound_ms']:.1f}", "", f"(TCP {fmt(s['tcp_gb_s'], 2)} GB/s)"])
+    text = table(["params", "variant", "step ms", "fwd+bwd+step ms", "bwd ms"], body)
+    if not res["overlap_available"]:
+        text += "\n  overlap: not available"
+    if res.get("tcp_gb_s_from_b"):
+        text += (f"\n  lower bound uses the TCP rate interleaved in this section; section (b) measured "
+                 f"{res['tcp_gb_s_from_b']:.2f} GB/s")
+    text += "\n  linearity of step ms in size (ms per M params at " + ", ".join(s["label"] for s in res["sizes"]) + "):"
+    for name, lin in res["linearity"].items():
+        per = ", ".join(f"{v:.2f}" for v in lin["ms_per_M"])
+        if lin.get("points", 0) >= 3:
+            verdict_text = ("linear" if lin["max_rel_residual"] <= 0.15 else "not linear")
+            fit = (f"; fit {lin['a']:.1f} ms + {lin['b']:.2f} ms/M, worst residual "
+                   f"{100 * lin['max_rel_residual']:.0f}% -> {verdict_text}")
+        else:
+            fit = "; 2 sizes: linearity not testable (full run has 3)"
+        text += f"\n    {name}: {per} ms/M{fit}"
+
+    targets = []
+    for s in res["sizes"]:
+        if s["label"] != TARGET_SIZE:
+            continue
+        local = s["rows"][LOCAL]
+        budget = TARGET_FACTOR * (s["lower_bound_ms"] + local["step"]["median"])
+        local_fb = local["fwd"]["median"] + local["bwd"]["median"]
+        for name, r in s["rows"].items():
+            if name == LOCAL:
+                continue
+            if "overlap on" in name:
+                # part of the traffic happens inside backward: count what the optimizer adds to an
+                # iteration over local forward + backward
+                ms, what = r["iter"]["median"] - local_fb, "fwd+bwd+step - local fwd+bwd"
+            else:
+                ms, what = r["step"]["median"], "step"
+            headline = name == "RemoteAdam, 1 shard, overlap off"
+            targets.append({"id": f"c/{name}", "ok": ms <= budget, "headline": headline,
+                            "line": f"(c) {s['label']}, {name}: {what} {ms:.1f} ms vs 1.5 x (lower bound "
+                                    f"{s['lower_bound_ms']:.1f} + local fused step {local['step']['median']:.1f})"
+                                    f" = {budget:.1f} ms{' [target]' if headline else ' [info]'}"})
+    return text, targets

@@ -1,0 +1,137 @@
+"""(b) Transport: one 64 MiB parameter, gradient pushed and parameter pulled back through one shard.
+
+GB/s counts both directions: 128 MiB (2 x 64 MiB, GB = 1e9 bytes) divided by the round-trip time.
+Variants, interleaved round-robin:
+- `optserve RemoteAdam.step`: RemoteAdam with one 16,777,216-element parameter (one key:
+  slice_elements above its size) against a shard in its own process (`python -m optserve.cli serve`);
+  the time of opt.step(): push, Adam on the shard, pull into the parameter in place;
+- `optserve ShardClient.push_pull`: the same round trip one layer down (no RemoteAdam bookkeeping),
+  on a second key of the same shard;
+- `raw TCP ping-pong` (anchor): 64 MiB each way between two Python processes (bench/anchors.py);
+- `torch.distributed.rpc PS` (anchor): TensorPipe over TCP, fused torch Adam on the PS (anchors.py);
+  its rows also give the PS's Adam step time.
+The TCP rate is kept for section (c)'s transfer lower bound.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from bench.anchors import TcpPingPong, tcp_echo_spec, torch_rpc_specs
+from bench.common import (MiB, CpuLoad, Settings, children, fmt, interleave, per_sample, shard_sets,
+                          summary, table, timed, verdict)
+
+NBYTES = 64 * MiB
+NUMEL = NBYTES // 4
+TARGET_VS_TCP = 0.6
+TARGET_VS_RPC = 1.7
+
+STEP = "optserve RemoteAdam.step"
+PUSH_PULL = "optserve ShardClient.push_pull"
+TCP = "raw TCP ping-pong (anchor)"
+RPC = "torch.distributed.rpc PS, fused Adam (anchor)"
+
+
+class _PushPull:
+    """The round trip through ShardClient directly, on its own key (registered here)."""
+
+    def __init__(self, address: str):
+        from optserve.client.transport import ShardClient
+        from optserve.proto.optserve.v1 import optserve_pb2 as pb
+        from optserve.serde import Outgoing
+        from optserve.server.adam import AdamConfig
+        from optserve.server.service import hyper_to_proto
+        self.pb, self.Outgoing = pb, Outgoing
+        self.client = ShardClient(address, timeout=120)
+        self.key = "bench.transport.push_pull"
+        self.param = torch.randn(NUMEL) * 0.01
+        self.grad = torch.randn(NUMEL) * 1e-3
+        self.hyper = [hyper_to_proto(AdamConfig())]
+        self.client.register(pb.RegisterHead(keys=[pb.KeySpec(name=self.key, shape=[NUMEL], dtype=pb.FLOAT32)],
+                                             shard_index=0, num_shards=1, with_values=True),
+                             [Outgoing(0, pb.PARAM, self.param)])
+        self.version, self.seq = 0, 0
+
+    def round_trip(self) -> float:
+        pb = self.pb
+        self.seq += 1
+        head = pb.PushHead(client_id="bench", seq=self.seq, wire_dtype=pb.FLOAT32, hyper=self.hyper,
+                           entries=[pb.PushEntry(key=self.key, version_read=self.version, hyper=0)])
+        grads = [self.Outgoing(0, pb.GRAD, self.grad)]
+        reply = None
+
+        def call():
+            nonlocal reply
+            reply = self.client.push_pull(head, grads, torch.float32, lambda h: {(0, pb.PARAM): self.param})
+        s = timed(call)
+        self.version = reply.entries[0].version
+        return s
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def run(settings: Settings) -> dict:
+    from optserve import RemoteAdam
+
+    ps_spec, trainer_spec = torch_rpc_specs(NUMEL)
+    with contextlib.ExitStack() as stack:
+        # Everything starts at once: the helper processes come up while the shard does.
+        echo, _, trainer = stack.enter_context(children(tcp_echo_spec(NBYTES), ps_spec, trainer_spec))
+        (addrs,) = stack.enter_context(shard_sets(1))
+        tcp = TcpPingPong(echo.call("port"), NBYTES)
+        stack.callback(tcp.close)
+        param = torch.nn.Parameter(torch.randn(NUMEL) * 0.01)
+        param.grad = torch.randn(NUMEL) * 1e-3
+        opt = RemoteAdam([("bench.transport.step", param)], servers=addrs, slice_elements=2 * NUMEL,
+                         timeout=120)
+        stack.callback(opt.close)
+        pp = _PushPull(addrs[0])
+        stack.callback(pp.close)
+        trainer.wait_ready()
+
+        def rpc_sample() -> dict:
+            rt, step = trainer.call("round_trip", timeout=120)
+            return {"s": rt, "ps_step_s": step}
+
+        variants = {STEP: lambda: {"s": timed(opt.step)},
+                    PUSH_PULL: lambda: {"s": pp.round_trip()},
+                    TCP: lambda: {"s": tcp.round_trip()},
+                    RPC: rpc_sample}
+        with CpuLoad() as load:
+            raw = interleave(variants, settings, label="transport")
+
+    rows = {}
+    for name, samples in raw.items():
+        secs = [s["s"] for s in samples]
+        rows[name] = {"ms": summary(per_sample(secs, lambda s: s * 1e3)),
+                      "gb_s": summary(per_sample(secs, lambda s: 2 * NBYTES / s / 1e9)),
+                      "raw": samples}
+    rpc_step = [s["ps_step_s"] for s in raw[RPC]]
+    rows[RPC]["ps_step_ms"] = summary(per_sample(rpc_step, lambda s: s * 1e3))
+    med = {n: r["gb_s"]["median"] for n, r in rows.items()}
+    return {"bytes_each_way": NBYTES, "rows": rows,
+            "ratios": {"step_vs_tcp": med[STEP] / med[TCP], "step_vs_rpc": med[STEP] / med[RPC],
+                       "push_pull_vs_tcp": med[PUSH_PULL] / med[TCP]},
+            "tcp_gb_s": med[TCP], "other_cpu_pct": load.other_pct}
+
+
+def report(res: dict) -> tuple[str, list[dict]]:
+    body = []
+    for name, r in res["rows"].items():
+        note = f"PS Adam step {fmt(r['ps_step_ms'], 1)} ms" if "ps_step_ms" in r else ""
+        body.append([name, fmt(r["ms"], 1), fmt(r["gb_s"], 2), note])
+    text = table(["64 MiB push + 64 MiB pull", "round trip ms", "GB/s (both ways)", ""], body)
+    ra = res["ratios"]
+    text += (f"\n  ratios (medians): RemoteAdam.step / TCP = {ra['step_vs_tcp']:.2f}, "
+             f"RemoteAdam.step / torch rpc = {ra['step_vs_rpc']:.2f}, "
+             f"ShardClient.push_pull / TCP = {ra['push_pull_vs_tcp']:.2f}")
+    targets = [
+        {"id": "b/tcp", "ok": ra["step_vs_tcp"] >= TARGET_VS_TCP,
+         "line": f"(b) RemoteAdam.step 64+64 MiB = {ra['step_vs_tcp']:.2f}x raw TCP (target >= {TARGET_VS_TCP}x)"},
+        {"id": "b/rpc", "ok": ra["step_vs_rpc"] >= TARGET_VS_RPC,
+         "line": f"(b) RemoteAdam.step 64+64 MiB = {ra['step_vs_rpc']:.2f}x torch.distributed.rpc "
+                 f"(target >= {TARGET_VS_RPC}x)"},
+    ]
+    return text, targets
