@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 
-from bench.common import HOST, Child, free_port
+from bench.common import HOST, free_port
 
 _HEADER = struct.Struct("<Q")
 

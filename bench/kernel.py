@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import CpuLoad, Settings, fmt, interleave, per_sample, summary, table, verdict
+from bench.common import CpuLoad, Settings, fmt, interleave, per_sample, summary, table
 
 TARGET_VS_FUSED = 0.9
 _D_CYCLE = (256, 512, 768, 1024, 384)

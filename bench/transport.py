@@ -20,7 +20,7 @@ import torch
 
 from bench.anchors import TcpPingPong, tcp_echo_spec, torch_rpc_specs
 from bench.common import (MiB, CpuLoad, Settings, children, fmt, interleave, per_sample, shard_sets,
-                          summary, table, timed, verdict)
+                          summary, table, timed)
 
 NBYTES = 64 * MiB
 NUMEL = NBYTES // 4

@@ -122,7 +122,9 @@ def report(res: dict) -> tuple[str, list[dict]]:
                 ok = False
             best = max(best, v)
         shown = ", ".join(f"{k}: {v:.0f}" for k, v in series)
+        upto = series[-1][0]
         targets.append({"id": f"d/{s}", "ok": ok,
-                        "line": f"(d) {s} shard{'s' if s > 1 else ''}: steps/s by workers {shown} "
-                                f"(target: no fall below {TOLERANCE:.0%} of the best with fewer workers)"})
+                        "line": f"(d) {s} shard{'s' if s > 1 else ''}: steps/s by workers {shown} (target: up to "
+                                f"8 workers no fall below {TOLERANCE:.0%} of the best with fewer workers"
+                                f"{'' if upto >= 8 else f'; measured up to {upto} here'})"})
     return text, targets

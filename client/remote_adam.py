@@ -20,7 +20,7 @@ from optserve.hyper import AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, WIRE_DTYPES, Outgoing, dtype_to_proto
 from optserve.client.partition import DEFAULT_SLICE_ELEMENTS, Placement, partition
-from optserve.client.transport import ShardClient
+from optserve.client.transport import ShardClient, ShardError
 
 log = logging.getLogger("optserve.client")
 
@@ -138,7 +138,8 @@ class RemoteAdam(torch.optim.Optimizer):
             for pl in self.placements:
                 self._by_shard[pl.shard].append(pl)
             self.versions: dict[str, int] = {}
-            self.last_staleness: dict[str, int] = {}
+            self.last_staleness: dict[str, int] = {}  # per key, of its last applied push
+            self.dropped_pushes = 0  # pushes a policy discarded (ssp over the bound, sync late)
             self._fan_out(self._register_shard, range(len(servers)))
             if overlap:
                 self._setup_overlap(bucket_bytes)
@@ -241,6 +242,8 @@ class RemoteAdam(torch.optim.Optimizer):
     def _note_staleness(self, keys: Iterable[str], reply: pb.PushReply) -> None:
         for key, s in zip(keys, reply.staleness):
             self.last_staleness[key] = s
+        if reply.dropped:  # sync: this gradient came after its version had stepped (backup workers)
+            self.dropped_pushes += 1
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -264,12 +267,35 @@ class RemoteAdam(torch.optim.Optimizer):
             pushed = [pl for pl in placements if self._params_by_name[pl.param].grad is not None]
             pushed_keys = {pl.key for pl in pushed}
             head, grads = self._push_head(pushed, hyper, [pl.key for pl in placements if pl.key not in pushed_keys])
-            return self._shards[index].push_pull(head, grads, self.wire_dtype, self._param_sink(placements))
+            try:
+                return self._shards[index].push_pull(head, grads, self.wire_dtype, self._param_sink(placements))
+            except ShardError as exc:
+                if not self._dropped(exc):
+                    raise
+                return self._pull_shard(index)
 
         for head in self._fan_out(shard_step, range(len(self._shards))):
             self._note_versions(head)
             self._note_staleness((e.key for e in head.entries), head.push)
         return loss
+
+    def _pull_shard(self, index: int, min_versions: dict[str, int] | None = None) -> pb.PullHead:
+        """Pull every key of one shard into the model (waiting for min_versions where given)."""
+        placements = self._by_shard[index]
+        if not placements:
+            return pb.PullHead()
+        request = pb.PullRequest(keys=[pl.key for pl in placements], dtype=dtype_to_proto(self.pull_dtype))
+        if min_versions:
+            request.min_versions.extend(min_versions.get(pl.key, 0) for pl in placements)
+        return self._shards[index].pull(request, self._param_sink(placements))
+
+    def _dropped(self, exc: BaseException) -> bool:
+        """Whether a failed push was a gradient the shard's policy discarded: re-pull, count, go on."""
+        if isinstance(exc, ShardError) and exc.reason in ("stale", "ahead"):
+            self.dropped_pushes += 1
+            log.info("gradient dropped (%s); pulling fresh parameters", exc.details)
+            return True
+        return False
 
     # -- overlap: gradients travel while backward runs -------------------------------------------
 
@@ -313,7 +339,7 @@ class RemoteAdam(torch.optim.Optimizer):
             if mine:
                 head, grads = self._push_head(mine, hyper)
                 future = self._pool.submit(self._shards[index].push, head, grads, self.wire_dtype)
-                self._inflight.append(([pl.key for pl in mine], future))
+                self._inflight.append((index, [(pl.key, self.versions[pl.key]) for pl in mine], future))
 
     def _finish_overlapped_step(self) -> None:
         """Push what the hooks did not (unused or no_sync-accumulated gradients), wait, pull all."""
@@ -322,22 +348,22 @@ class RemoteAdam(torch.optim.Optimizer):
         self._pushed.clear()
         self._ready = [set() for _ in self._buckets]
         error = None
-        for keys, future in inflight:
+        # A pull waits for the versions the pushes produce: at once under async, after the other
+        # workers' gradients under sync. Dropped gradients produce none.
+        wanted: list[dict[str, int]] = [{} for _ in self._shards]
+        for index, keys, future in inflight:
             try:
-                self._note_staleness(keys, future.result())
+                reply = future.result()
             except BaseException as exc:  # noqa: BLE001 - wait for every push, then raise the first
-                error = error or exc
+                if not self._dropped(exc):
+                    error = error or exc
+                continue
+            self._note_staleness((k for k, _ in keys), reply)
+            dropped = set(reply.dropped)
+            wanted[index].update((k, v + 1) for k, v in keys if k not in dropped)
         if error is not None:
             raise error
-
-        def pull(index: int) -> pb.PullHead:
-            placements = self._by_shard[index]
-            if not placements:
-                return pb.PullHead()
-            request = pb.PullRequest(keys=[pl.key for pl in placements], dtype=dtype_to_proto(self.pull_dtype))
-            return self._shards[index].pull(request, self._param_sink(placements))
-
-        for head in self._fan_out(pull, range(len(self._shards))):
+        for head in self._fan_out(lambda i: self._pull_shard(i, wanted[i]), range(len(self._shards))):
             self._note_versions(head)
 
     @contextlib.contextmanager

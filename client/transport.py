@@ -19,6 +19,7 @@ from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Asse
 log = logging.getLogger("optserve.client")
 
 _METHOD = "/optserve.v1.OptServe/"
+REASON_METADATA = "optserve-reason"  # as the shard sends it (server/service.py)
 
 # Destinations of a pull: for each (entry, part) of the head, a flat tensor to copy the bytes into.
 Sink = Callable[[pb.PullHead], dict[tuple[int, int], torch.Tensor]]
@@ -27,12 +28,13 @@ Sink = Callable[[pb.PullHead], dict[tuple[int, int], torch.Tensor]]
 class ShardError(RuntimeError):
     """A shard refused or failed a call; carries the gRPC code and the shard's message."""
 
-    def __init__(self, address: str, method: str, code: grpc.StatusCode, details: str):
+    def __init__(self, address: str, method: str, code: grpc.StatusCode, details: str, reason: str = ""):
         super().__init__(f"{method} on {address}: {code.name}: {details}")
         self.address = address
         self.method = method
         self.code = code
         self.details = details
+        self.reason = reason  # the shard's `optserve-reason` trailing metadata ("stale", "ahead", ...)
 
 
 class ShardClient:
@@ -65,7 +67,9 @@ class ShardClient:
         try:
             return fn(*args, **kwargs)
         except grpc.RpcError as exc:
-            raise ShardError(self.address, method, exc.code(), exc.details()) from None
+            trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+            raise ShardError(self.address, method, exc.code(), exc.details(),
+                             trailing.get(REASON_METADATA, "")) from None
 
     # -- calls -----------------------------------------------------------------------------------
 

@@ -54,10 +54,13 @@ WIRE_DTYPES = tuple(_TO_PROTO)
 class RequestError(Exception):
     """A request that must be refused with `code`; raised before any state changes."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = ""):
         super().__init__(message)
         self.code = code
         self.message = message
+        # A machine-readable cause sent as trailing metadata `optserve-reason` ("stale", "ahead", ...),
+        # so a client can tell a gradient it should drop and re-pull from a real error.
+        self.reason = reason
 
 
 def invalid(message: str) -> RequestError:

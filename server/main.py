@@ -32,6 +32,10 @@ class ServerConfig:
     port: int = 0
     device: str = "cpu"
     policy: str = "async"
+    workers: int = 0  # sync: gradients per step
+    backup_workers: int = 0  # sync: step after workers - backup_workers
+    stale: str = "reject"  # ssp: what to do with a push over the bound (reject or scale)
+    wait_timeout: float = 60.0  # sync: longest a worker waits for a step
     shard_index: int = 0
     num_shards: int = 1
     threads: int = 16
@@ -55,8 +59,13 @@ class ServerConfig:
         for name in ("max_keys", "max_tensor_elements", "max_shard_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.wait_timeout > 0:
+            raise ValueError(f"wait timeout must be > 0 seconds, got {self.wait_timeout}")
         resolve_device(self.device)
-        parse_policy(self.policy)
+        self.make_policy()
+
+    def make_policy(self):
+        return parse_policy(self.policy, self.workers, self.backup_workers, self.stale)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -75,9 +84,11 @@ def build_server(cfg: ServerConfig) -> tuple[grpc.Server, Servicer, int]:
     """A started-ready (not yet started) grpc.Server for one shard, and the port it bound."""
     store = Store(resolve_device(cfg.device), StoreLimits(cfg.max_keys, cfg.max_tensor_elements,
                                                           cfg.max_shard_elements))
-    info = ShardInfo(shard_index=cfg.shard_index, num_shards=cfg.num_shards, policy=cfg.policy,
-                     chunk_bytes=cfg.chunk_bytes, max_message_bytes=cfg.max_message_bytes)
-    servicer = Servicer(store, parse_policy(cfg.policy), info)
+    policy = cfg.make_policy()
+    info = ShardInfo(shard_index=cfg.shard_index, num_shards=cfg.num_shards, policy=policy.name,
+                     chunk_bytes=cfg.chunk_bytes, max_message_bytes=cfg.max_message_bytes,
+                     wait_timeout=cfg.wait_timeout)
+    servicer = Servicer(store, policy, info)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"shard{cfg.shard_index}"),
         options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -105,6 +116,8 @@ def run_server(port: int = 0, host: str = "127.0.0.1", **options) -> Iterator[st
 def serve_main(args: argparse.Namespace) -> int:
     """`optserve serve`: run a shard until SIGTERM or SIGINT."""
     cfg = ServerConfig(host=args.host, port=args.port, device=args.device, policy=args.policy,
+                       workers=args.workers, backup_workers=args.backup_workers, stale=args.stale,
+                       wait_timeout=args.wait_timeout,
                        shard_index=args.shard_index, num_shards=args.num_shards, threads=args.threads,
                        chunk_bytes=args.chunk_bytes, max_message_bytes=args.max_message_bytes)
     server, _, bound = build_server(cfg)
@@ -115,7 +128,7 @@ def serve_main(args: argparse.Namespace) -> int:
     # The bound port is printed on stdout for whoever started us with --port 0; logs go to stderr.
     print(f"listening on {cfg.host}:{bound}", flush=True)
     log.info("shard %d/%d listening on %s:%d (policy %s, device %s, plaintext)", cfg.shard_index,
-             cfg.num_shards, cfg.host, bound, cfg.policy, cfg.device)
+             cfg.num_shards, cfg.host, bound, cfg.make_policy().name, cfg.device)
     stop.wait()
     log.info("stopping: finishing calls in flight (grace 5 s)")
     server.stop(grace=5).wait()
@@ -127,7 +140,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="port (0: any free one, printed at start)")
     p.add_argument("--device", default="cpu", help="where params and Adam state live: cpu, cuda, cuda:N")
-    p.add_argument("--policy", default="async", help="when pushes are applied: async (default)")
+    p.add_argument("--policy", default="async",
+                   help="when pushes are applied: async (default: at once), sync (average --workers "
+                        "gradients per step), ssp:S (refuse or scale pushes more than S versions behind)")
+    p.add_argument("--workers", type=int, default=0, help="sync: gradients averaged into each step")
+    p.add_argument("--backup-workers", type=int, default=0,
+                   help="sync: step after the first workers - b gradients; later ones are dropped")
+    p.add_argument("--stale", choices=("reject", "scale"), default="reject",
+                   help="ssp: refuse a push over the bound (FAILED_PRECONDITION, the client re-pulls) or "
+                        "apply it with lr / (staleness + 1)")
+    p.add_argument("--wait-timeout", type=float, default=60.0,
+                   help="sync: seconds a worker waits for the other workers' gradients (default 60)")
     p.add_argument("--shard-index", type=int, default=0, help="this shard's index, 0-based")
     p.add_argument("--num-shards", type=int, default=1, help="how many shards hold the model")
     p.add_argument("--threads", type=int, default=16, help="gRPC worker threads (default 16)")

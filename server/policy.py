@@ -1,30 +1,171 @@
-"""When a shard applies a push: the training-mode policies (DESIGN.md "Policies").
+"""When and how a shard applies a push: the training-mode policies (DESIGN.md "Policies").
 
-A policy decides when and how a decoded, validated push reaches `Store.apply`; it never touches
-tensors itself. Only `async` is built so far: `sync` and `ssp:S` are the training-modes issue.
+A policy receives a decoded, validated push and decides when it reaches `Store.apply` and with which
+options; it never does tensor math beyond summing gradients of one sync round.
+
+- `async`: every push is applied at once, one Adam step per push; never waits.
+- `sync:W[-b]`: per key, gradients of W workers computed on the key's current version are averaged
+  into one step; with b backup workers the step happens after the first W - b, and gradients that
+  arrive later for a version already stepped are dropped (counted). Callers that want the next
+  version wait for it (`Store.wait_versions`), bounded by the server's wait timeout.
+- `ssp:S`: bounded staleness. A push more than S versions behind is refused (FAILED_PRECONDITION with
+  reason "stale": the client re-pulls and drops the gradient, counted) or, with `scale`, applied with
+  the learning rate divided by (staleness + 1) (Zhang et al., IJCAI 2016).
 """
 from __future__ import annotations
 
+import dataclasses
+import threading
+from dataclasses import dataclass, field
 from typing import Sequence
 
-from optserve.server.store import GradEntry, PushResult, Store
+import grpc
+import torch
+
+from optserve.hyper import AdamConfig
+from optserve.serde import RequestError
+from optserve.server.store import GradEntry, Key, PushResult, Store
+
+STALE_ACTIONS = ("reject", "scale")
 
 
 class AsyncPolicy:
     """Every push is applied at once: one Adam step per push, never waiting for other workers."""
 
-    name = "async"
+    waits = False
 
-    def submit(self, store: Store, entries: Sequence[GradEntry]) -> PushResult:
+    def __init__(self):
+        self.name = "async"
+
+    def submit(self, store: Store, entries: Sequence[GradEntry], client_id: str) -> PushResult:
         return store.apply(entries)
 
+    def describe_wait(self, key: Key) -> str:
+        return f"key {key.name!r} is at version {key.version}"
 
-POLICIES = {"async": AsyncPolicy}
+
+class SSPPolicy:
+    """Bounded staleness: pushes more than `bound` versions behind are refused or scaled down."""
+
+    waits = False
+
+    def __init__(self, bound: int, on_stale: str = "reject"):
+        if bound < 0:
+            raise ValueError(f"ssp staleness bound must be >= 0, got {bound}")
+        if on_stale not in STALE_ACTIONS:
+            raise ValueError(f"stale action must be one of {STALE_ACTIONS}, got {on_stale!r}")
+        self.bound = bound
+        self.on_stale = on_stale
+        self.name = f"ssp:{bound}/{on_stale}"
+
+    def _decide(self, key: Key, staleness: int, cfg: AdamConfig) -> AdamConfig:
+        if staleness <= self.bound:
+            return cfg
+        if self.on_stale == "scale":
+            # The staleness-aware rule: a gradient s versions old moves the weights 1/(s+1) as far.
+            return dataclasses.replace(cfg, lr=cfg.lr / (staleness + 1))
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"key {key.name!r}: gradient is {staleness} versions behind the shard's version "
+                           f"{key.version}, over the staleness bound {self.bound}; pull and recompute",
+                           reason="stale")
+
+    def submit(self, store: Store, entries: Sequence[GradEntry], client_id: str) -> PushResult:
+        try:
+            return store.apply(entries, self._decide)
+        except RequestError as exc:
+            if exc.reason == "stale":
+                store.count_dropped([e.key for e in entries])
+            raise
+
+    def describe_wait(self, key: Key) -> str:
+        return f"key {key.name!r} is at version {key.version}"
 
 
-def parse_policy(spec: str):
-    """The policy named by `spec` (as given to `optserve serve --policy`)."""
-    try:
-        return POLICIES[spec]()
-    except KeyError:
-        raise ValueError(f"unknown policy {spec!r}; choose one of {sorted(POLICIES)}") from None
+@dataclass
+class _Round:
+    """One key's sync round: the gradients of its current version summed so far."""
+    version: int
+    total: torch.Tensor
+    cfg: AdamConfig
+    clients: set[str] = field(default_factory=set)
+
+
+class SyncPolicy:
+    """Synchronous steps: average the gradients of `workers - backups` workers per key version."""
+
+    waits = True
+
+    def __init__(self, workers: int, backups: int = 0):
+        if workers < 1:
+            raise ValueError(f"sync needs workers >= 1, got {workers}")
+        if not 0 <= backups < workers:
+            raise ValueError(f"backup workers must be in 0..{workers - 1}, got {backups}")
+        self.workers = workers
+        self.backups = backups
+        self.quorum = workers - backups
+        self.name = f"sync:{workers}" + (f"-{backups}" if backups else "")
+        self._lock = threading.Lock()  # order: this lock, then the store's (in Store.apply)
+        self._rounds: dict[str, _Round] = {}
+
+    def submit(self, store: Store, entries: Sequence[GradEntry], client_id: str) -> PushResult:
+        with self._lock:
+            late, current = [], []
+            for e in entries:
+                if e.version_read > e.key.version:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"key {e.key.name!r}: gradient computed from version {e.version_read}, "
+                                       f"ahead of the shard's version {e.key.version}; pull again",
+                                       reason="ahead")
+                if e.version_read < e.key.version:
+                    late.append(e)  # its version was stepped already (by the first W - b workers)
+                    continue
+                r = self._rounds.get(e.key.name)
+                if r is not None and client_id in r.clients:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"key {e.key.name!r}: client {client_id!r} already sent a gradient "
+                                       f"for version {e.version_read}")
+                current.append(e)
+            for e in current:
+                r = self._rounds.get(e.key.name)
+                if r is None:
+                    r = self._rounds[e.key.name] = _Round(
+                        e.key.version, torch.zeros_like(e.key.param), e.cfg)
+                for offset, g in e.pieces:
+                    r.total[offset:offset + g.numel()].add_(g)
+                r.clients.add(client_id)
+            done = [e for e in current if len(self._rounds[e.key.name].clients) >= self.quorum]
+            if done:
+                step = []
+                for e in done:
+                    r = self._rounds.pop(e.key.name)
+                    step.append(GradEntry(key=e.key, version_read=r.version, cfg=r.cfg,
+                                          pieces=[(0, r.total.div_(len(r.clients)))]))
+                store.apply(step)
+            if late:
+                store.count_dropped([e.key for e in late])
+            return PushResult([e.key.version for e in entries], [0] * len(entries),
+                              dropped=[e.key.name for e in late])
+
+    def describe_wait(self, key: Key) -> str:
+        with self._lock:
+            r = self._rounds.get(key.name)
+            have = len(r.clients) if r is not None and r.version == key.version else 0
+        return (f"key {key.name!r}: the sync step of version {key.version} has {have} of {self.quorum} "
+                f"gradients ({self.workers} workers, {self.backups} backups)")
+
+
+def parse_policy(spec: str, workers: int = 0, backups: int = 0, on_stale: str = "reject"):
+    """The policy named by `spec` (as given to `optserve serve --policy`): async, sync or ssp:S."""
+    if spec == "async":
+        return AsyncPolicy()
+    if spec == "sync":
+        if workers < 1:
+            raise ValueError("--policy sync needs --workers W (the number of workers per step)")
+        return SyncPolicy(workers, backups)
+    if spec.startswith("ssp:"):
+        try:
+            bound = int(spec[4:])
+        except ValueError:
+            raise ValueError(f"ssp policy takes an integer staleness bound, as ssp:3; got {spec!r}") from None
+        return SSPPolicy(bound, on_stale)
+    raise ValueError(f"unknown policy {spec!r}; choose async, sync or ssp:S")

@@ -27,6 +27,7 @@ from optserve.server.store import GradEntry, Key, Store
 log = logging.getLogger("optserve.server")
 
 SERVICE_NAME = "optserve.v1.OptServe"
+REASON_METADATA = "optserve-reason"  # trailing metadata: why a call was refused (RequestError.reason)
 PROTOCOL = "optserve.v1"
 MAX_NAME_LENGTH = 1024
 _STATE_PARTS = (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ, pb.MAX_EXP_AVG_SQ)
@@ -39,6 +40,7 @@ class ShardInfo:
     policy: str = "async"
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    wait_timeout: float = 60.0  # longest a call waits for a version (sync steps, min_versions)
 
 
 def hyper_from_proto(h: pb.HyperParams, where: str) -> AdamConfig:
@@ -226,12 +228,24 @@ class Servicer:
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper], pieces=grad))
         return head, entries
 
+    def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
+        result = self.policy.submit(self.store, entries, head.client_id)
+        return pb.PushReply(versions=result.versions, staleness=result.staleness, dropped=result.dropped)
+
+    def _wait(self, keys: Sequence[Key], minimum: Sequence[int]) -> None:
+        """Block until the keys reach these versions (a sync step); ABORTED after the wait timeout."""
+        if not self.store.wait_versions(keys, minimum, self.info.wait_timeout):
+            behind = [k for k, m in zip(keys, minimum) if k.version < m]
+            raise RequestError(grpc.StatusCode.ABORTED,
+                               f"waited {self.info.wait_timeout:g} s for version {minimum[keys.index(behind[0])]}"
+                               f" of key {behind[0].name!r}: {self.policy.describe_wait(behind[0])}",
+                               reason="timeout")
+
     def Push(self, request_iterator, context) -> pb.PushReply:
         head, entries = self._decode_push(request_iterator)
         if not entries:
             raise invalid("a Push must carry at least one key")
-        result = self.policy.submit(self.store, entries)
-        return pb.PushReply(versions=result.versions, staleness=result.staleness)
+        return self._submit(head, entries)
 
     def PushPull(self, request_iterator, context) -> Iterator[bytes]:
         head, entries = self._decode_push(request_iterator)
@@ -240,8 +254,10 @@ class Servicer:
         dtype = dtype_from_proto(head.pull_dtype, default=torch.float32)
         reply = None
         if entries:
-            result = self.policy.submit(self.store, entries)
-            reply = pb.PushReply(versions=result.versions, staleness=result.staleness)
+            reply = self._submit(head, entries)
+            if self.policy.waits:
+                stepped = [e for e in entries if e.key.name not in set(reply.dropped)]
+                self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped])
         return iter(self._pull_messages(pull_keys, [pb.PARAM], dtype, 0, reply))
 
     def Pull(self, request: bytes, context) -> Iterator[bytes]:
@@ -255,6 +271,10 @@ class Servicer:
         dtype = dtype_from_proto(request.dtype, default=torch.float32)
         if dtype != torch.float32 and parts != [pb.PARAM]:
             raise invalid("Adam state travels as FLOAT32; ask for another dtype with parts=[PARAM] only")
+        if request.min_versions:
+            if len(request.min_versions) != len(keys):
+                raise invalid(f"min_versions has {len(request.min_versions)} values for {len(keys)} keys")
+            self._wait(keys, list(request.min_versions))
         return iter(self._pull_messages(keys, parts, dtype, request.chunk_bytes))
 
     def SetState(self, request_iterator, context) -> pb.SetStateReply:
@@ -283,9 +303,10 @@ class Servicer:
         store = self.store
         with store.locked():
             keys = [pb.KeyStats(key=k.name, shape=k.shape, version=k.version, pushes=k.pushes,
-                                staleness=k.staleness.to_proto())
+                                dropped=k.dropped, staleness=k.staleness.to_proto())
                     for k in (store.get(n) for n in store.names())]
-            totals = dict(pushes=store.pushes, pulls=store.pulls, staleness=store.staleness.to_proto())
+            totals = dict(pushes=store.pushes, pulls=store.pulls, dropped=store.dropped,
+                          staleness=store.staleness.to_proto())
         c = self.counters
         return pb.StatsReply(shard=self.hello(), keys=keys, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
                              rejected=c.rejected, **totals)
@@ -322,6 +343,8 @@ def _guard(servicer: Servicer, fn: Callable) -> Callable:
         except RequestError as exc:
             servicer.counters.add(rejected=1)
             log.info("refused %s: %s: %s", fn.__name__, exc.code.name, exc.message)
+            if exc.reason:
+                context.set_trailing_metadata(((REASON_METADATA, exc.reason),))
             context.abort(exc.code, exc.message)
 
     handler.__name__ = fn.__name__

@@ -40,12 +40,6 @@ class StalenessStats:
         self.max = max(self.max, staleness)
         self.histogram[min(staleness, STALENESS_BUCKETS - 1)] += 1
 
-    def merge(self, other: "StalenessStats") -> None:
-        self.count += other.count
-        self.total += other.total
-        self.max = max(self.max, other.max)
-        self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
-
     def to_proto(self) -> pb.StalenessStats:
         mean = self.total / self.count if self.count else 0.0
         return pb.StalenessStats(count=self.count, mean=mean, max=self.max, histogram=self.histogram)
@@ -63,6 +57,7 @@ class Key:
     step: int = 0  # per key: advances only when a gradient for this key is applied
     hyper: AdamConfig | None = None  # the options of the last applied step
     pushes: int = 0
+    dropped: int = 0  # gradients a policy discarded
     staleness: StalenessStats = field(default_factory=StalenessStats)
 
     @property
@@ -100,6 +95,7 @@ class GradEntry:
 class PushResult:
     versions: list[int]
     staleness: list[int]
+    dropped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -118,8 +114,10 @@ class Store:
         self._keys: dict[str, Key] = {}
         self._elements = 0
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified whenever versions change
         self.pushes = 0
         self.pulls = 0
+        self.dropped = 0
         self.staleness = StalenessStats()
 
     # -- lookup (no lock: keys are only ever added, and dict reads are atomic) -----------------
@@ -190,33 +188,52 @@ class Store:
 
     # -- the update -------------------------------------------------------------------------------
 
-    def apply(self, entries: Sequence[GradEntry], policy_check: Callable[[Key, int], None] | None = None
-              ) -> PushResult:
-        """One Adam step on every key of a push, atomically; returns versions and staleness."""
+    def apply(self, entries: Sequence[GradEntry],
+              decide: Callable[[Key, int, AdamConfig], AdamConfig] | None = None) -> PushResult:
+        """One Adam step on every key of a push, atomically; returns versions and staleness.
+
+        decide(key, staleness, cfg) lets the policy refuse a push (raise RequestError) or change the
+        options of a step (ssp's lr scaling); it runs for every entry before anything changes.
+        """
         with self._lock:
+            configs = []
             for e in entries:
                 if e.version_read > e.key.version:
                     raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                        f"key {e.key.name!r}: gradient computed from version "
                                        f"{e.version_read}, ahead of the shard's version {e.key.version}; "
-                                       f"pull again")
-                if policy_check is not None:
-                    policy_check(e.key, e.key.version - e.version_read)
+                                       f"pull again", reason="ahead")
+                s = e.key.version - e.version_read
+                configs.append(decide(e.key, s, e.cfg) if decide is not None else e.cfg)
             staleness = []
             groups: dict[AdamConfig, list[GradEntry]] = {}
-            for e in entries:
+            for e, cfg in zip(entries, configs):
                 s = e.key.version - e.version_read
                 staleness.append(s)
                 e.key.staleness.record(s)
                 self.staleness.record(s)
                 e.key.step += 1
                 e.key.pushes += 1
-                e.key.hyper = e.cfg
-                groups.setdefault(e.cfg, []).append(e)
+                e.key.hyper = cfg
+                groups.setdefault(cfg, []).append(e)
             for cfg, group in groups.items():
                 _adam_step(group, cfg)
             self.pushes += 1
+            self._changed.notify_all()
             return PushResult([e.key.version for e in entries], staleness)
+
+    def count_dropped(self, keys: Sequence[Key]) -> None:
+        """Record gradients a policy discarded (late for sync, too stale for ssp), per key."""
+        with self._lock:
+            for key in keys:
+                key.dropped += 1
+            self.dropped += 1
+
+    def wait_versions(self, keys: Sequence[Key], minimum: Sequence[int], timeout: float) -> bool:
+        """Wait until every key's version is at least its minimum; False when `timeout` passed first."""
+        with self._lock:
+            return self._changed.wait_for(
+                lambda: all(k.version >= m for k, m in zip(keys, minimum)), timeout=timeout)
 
     # -- snapshots and state ----------------------------------------------------------------------
 
@@ -236,6 +253,7 @@ class Store:
                 key.step = step
                 if cfg is not None:
                     key.hyper = cfg
+            self._changed.notify_all()
             return [key.version for key, *_ in updates]
 
     def locked(self):

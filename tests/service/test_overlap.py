@@ -77,8 +77,8 @@ def test_a_bucket_push_reaches_the_shard_before_backward_returns():
     applied = threading.Event()
     submit = servicer.policy.submit
 
-    def observed_submit(store, entries):
-        result = submit(store, entries)
+    def observed_submit(*args):
+        result = submit(*args)
         applied.set()
         return result
 

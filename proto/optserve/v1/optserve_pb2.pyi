@@ -196,26 +196,30 @@ class PushRequest(_message.Message):
     def __init__(self, head: _Optional[_Union[PushHead, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., pad: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("versions", "staleness", "duplicate")
+    __slots__ = ("versions", "staleness", "duplicate", "dropped")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedScalarFieldContainer[int]
     staleness: _containers.RepeatedScalarFieldContainer[int]
     duplicate: bool
-    def __init__(self, versions: _Optional[_Iterable[int]] = ..., staleness: _Optional[_Iterable[int]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, versions: _Optional[_Iterable[int]] = ..., staleness: _Optional[_Iterable[int]] = ..., duplicate: _Optional[bool] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("keys", "parts", "dtype", "chunk_bytes")
+    __slots__ = ("keys", "parts", "dtype", "chunk_bytes", "min_versions")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     parts: _containers.RepeatedScalarFieldContainer[Part]
     dtype: DType
     chunk_bytes: int
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., parts: _Optional[_Iterable[_Union[Part, str]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    min_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., parts: _Optional[_Iterable[_Union[Part, str]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., chunk_bytes: _Optional[int] = ..., min_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
     __slots__ = ("key", "shape", "version", "step", "hyper")
@@ -306,21 +310,23 @@ class StalenessStats(_message.Message):
     def __init__(self, count: _Optional[int] = ..., mean: _Optional[float] = ..., max: _Optional[int] = ..., histogram: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KeyStats(_message.Message):
-    __slots__ = ("key", "shape", "version", "pushes", "staleness")
+    __slots__ = ("key", "shape", "version", "pushes", "staleness", "dropped")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     key: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     version: int
     pushes: int
     staleness: StalenessStats
-    def __init__(self, key: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., pushes: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ...) -> None: ...
+    dropped: int
+    def __init__(self, key: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., pushes: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("shard", "keys", "pushes", "pulls", "bytes_in", "bytes_out", "rejected", "duplicates", "staleness")
+    __slots__ = ("shard", "keys", "pushes", "pulls", "bytes_in", "bytes_out", "rejected", "duplicates", "staleness", "dropped")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +336,7 @@ class StatsReply(_message.Message):
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     shard: HelloReply
     keys: _containers.RepeatedCompositeFieldContainer[KeyStats]
     pushes: int
@@ -339,4 +346,5 @@ class StatsReply(_message.Message):
     rejected: int
     duplicates: int
     staleness: StalenessStats
-    def __init__(self, shard: _Optional[_Union[HelloReply, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeyStats, _Mapping]]] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ...) -> None: ...
+    dropped: int
+    def __init__(self, shard: _Optional[_Union[HelloReply, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeyStats, _Mapping]]] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ..., dropped: _Optional[int] = ...) -> None: ...
