@@ -127,8 +127,7 @@ def receive(responses: Iterable[bytes], sink: Sink) -> pb.PullHead:
             param_dtype = dtype_from_proto(head.dtype, default=torch.float32)
             assembler = Assembler({k: Expected(t.numel(), param_dtype if k[1] == pb.PARAM else torch.float32,
                                                head.entries[k[0]].key) for k, t in dests.items()})
-        for entry, part, offset, view in assembler.pieces(meta.segments, data):
-            dests[(entry, part)][offset:offset + view.numel()].copy_(view)
+        assembler.copy(meta.segments, data, dests)
     if head is None:
         raise ValueError("shard sent an empty pull stream")
     assembler.finish()

@@ -223,20 +223,6 @@ def host_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return host
 
 
-def device_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A float32 copy of host tensor `t` on `device`, staged through pinned memory for a GPU.
-
-    The host-to-device copy is asynchronous on the current stream, so kernels queued after it on
-    that stream (the Adam step) see the data; torch's caching host allocator keeps the pinned block
-    from reuse until the copy has completed.
-    """
-    if device.type == "cpu":
-        return t if t.dtype == torch.float32 else t.float()
-    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    staged.copy_(t)
-    return staged.to(device, non_blocking=True).float()
-
-
 # ----------------------------------------------------------------------------------------------
 # Reassembly: a stream of messages -> tensor pieces, validated
 
@@ -286,6 +272,12 @@ class Assembler:
                           f"(keys {', '.join(map(repr, keys)) or 'none'})")
         for seg, want, start, nbytes in spans:
             yield seg.entry, seg.part, seg.offset, view_tensor(data[start:start + nbytes], want.dtype)
+
+    def copy(self, segments: Sequence[pb.Segment], data: memoryview,
+             dests: dict[tuple[int, int], torch.Tensor]) -> None:
+        """Copy one message's segments into the flat tensors dests[(entry, part)] (converting dtype)."""
+        for entry, part, offset, view in self.pieces(segments, data):
+            dests[(entry, part)][offset:offset + view.numel()].copy_(view)
 
     def finish(self) -> None:
         for key, want in self._expected.items():

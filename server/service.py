@@ -19,8 +19,8 @@ import torch
 from optserve import __version__
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Expected,
-                            Outgoing, RequestError, chunk_stream, decode, device_copy,
-                            dtype_from_proto, dtype_to_proto, invalid)
+                            Outgoing, RequestError, chunk_stream, decode, dtype_from_proto,
+                            dtype_to_proto, invalid)
 from optserve.hyper import AdamConfig
 from optserve.server.store import GradEntry, Key, Store
 
@@ -105,52 +105,56 @@ class Servicer:
         if first:
             raise invalid("empty stream: the first message must carry the head")
 
-    def _assemble(self, messages, expected: dict[tuple[int, int], Expected]
-                  ) -> tuple[object, dict[tuple[int, int], list[tuple[int, torch.Tensor]]]]:
-        """Read the whole stream; return the head and the zero-copy pieces of each (entry, part)."""
-        pieces: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {k: [] for k in expected}
+    def _receive(self, first, data, messages, expected: dict[tuple[int, int], Expected],
+                 dests: dict[tuple[int, int], torch.Tensor]) -> None:
+        """Copy a whole request stream into dests (flat float32 host tensors), validating as it goes.
+
+        Each message is released once copied, so the next one reuses its (warm) memory.
+        """
         assembler = Assembler(expected)
-        head = None
+        assembler.copy(first.segments, data, dests)
         for meta, data in messages:
-            head = head or meta.head
-            for entry, part, offset, view in assembler.pieces(meta.segments, data):
-                pieces[(entry, part)].append((offset, view))
+            assembler.copy(meta.segments, data, dests)
         assembler.finish()
-        return head, pieces
 
     def _keys(self, names: Sequence[str]) -> list[Key]:
         _unique(names)
         return [self.store.get(n) for n in names]
 
-    def _whole(self, numel: int, pieces: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """A fresh float32 tensor on the device from one part's pieces (registration, set-state)."""
-        out = torch.empty(numel, dtype=torch.float32)
-        for offset, view in pieces:
-            out[offset:offset + view.numel()].copy_(view)
-        return device_copy(out, self.store.device)
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A float32 host tensor on the shard's device (itself on a CPU shard)."""
+        if self.store.device.type == "cpu":
+            return t
+        # From pinned memory (BufferPool) the copy is asynchronous, ordered before the Adam step on
+        # the same stream; torch's caching host allocator keeps the block until it is done.
+        return t.to(self.store.device, non_blocking=True)
 
-    def _pull_messages(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
-                       chunk_bytes: int, push: pb.PushReply | None = None) -> list[bytes]:
-        """Snapshot keys into reply messages: versions and bytes are copied under the store's lock."""
+    def _pull_stream(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
+                     chunk_bytes: int, push: pb.PushReply | None = None) -> Iterator[bytes]:
+        """Snapshot keys (under the store lock), then stream them chunk by chunk outside it."""
         chunk = chunk_bytes or self.info.chunk_bytes
         chunk = max(4096, min(chunk, self.info.max_message_bytes - (64 << 10)))
+        snap = self.store.snapshot(keys, parts)
+        infos = [pb.KeyInfo(key=k.name, shape=k.shape, version=v, step=st,
+                            hyper=hyper_to_proto(h) if h else None)
+                 for k, v, st, h in zip(snap.keys, snap.versions, snap.steps, snap.hypers)]
+        head = pb.PullHead(entries=infos, dtype=dtype_to_proto(dtype), push=push)
+        items = [Outgoing(i, part, t) for (i, part), t in snap.parts.items()]
 
-        def encode() -> list[bytes]:
-            infos = [pb.KeyInfo(key=k.name, shape=k.shape, version=k.version, step=k.step,
-                                hyper=hyper_to_proto(k.hyper) if k.hyper else None) for k in keys]
-            head = pb.PullHead(entries=infos, dtype=dtype_to_proto(dtype), push=push)
-            items = [Outgoing(i, part, k.part(part)) for i, k in enumerate(keys) for part in parts]
+        def meta(segments, first):
+            msg = pb.PullReply(head=head) if first else pb.PullReply()
+            msg.segments.extend(segments)
+            return msg.SerializeToString()
 
-            def meta(segments, first):
-                msg = pb.PullReply(head=head) if first else pb.PullReply()
-                msg.segments.extend(segments)
-                return msg.SerializeToString()
+        def stream() -> Iterator[bytes]:
+            try:
+                for message in chunk_stream(items, dtype, chunk, meta):
+                    self.counters.add(bytes_out=len(message))
+                    yield message
+            finally:  # also when the client goes away mid-stream
+                self.store.buffers.give(list(snap.parts.values()))
 
-            return list(chunk_stream(items, dtype, chunk, meta))
-
-        out = self.store.snapshot(keys, encode)
-        self.counters.add(bytes_out=sum(len(m) for m in out))
-        return out
+        return stream()
 
     # -- handlers --------------------------------------------------------------------------------
 
@@ -194,12 +198,13 @@ class Servicer:
                                           for n, _, key in specs])
         self.store.check_capacity([(n, s) for n, s, _ in specs])
         expected = {(i, pb.PARAM): Expected(math.prod(s), torch.float32, n) for i, (n, s, _) in enumerate(specs)}
-        _, pieces = self._assemble(_chain_first((first, data), messages), expected)
+        dests = {k: torch.empty(e.numel, dtype=torch.float32) for k, e in expected.items()}
+        self._receive(first, data, messages, expected, dests)
         values = []
         for i, (name, shape, _) in enumerate(specs):
-            value = self._whole(math.prod(shape), pieces[(i, pb.PARAM)])
+            value = dests[(i, pb.PARAM)]
             _check_finite(name, "initial value", value)
-            values.append((name, shape, value))
+            values.append((name, shape, self._on_device(value)))
         result = self.store.create(values)
         created = [n for (key, c), (n, _, _) in zip(result, specs) if c]
         if created:
@@ -208,7 +213,8 @@ class Servicer:
         return pb.RegisterReply(keys=[pb.KeyStatus(name=key.name, exists=True, created=c, version=key.version)
                                       for key, c in result])
 
-    def _decode_push(self, request_iterator) -> tuple[pb.PushHead, list[GradEntry]]:
+    def _decode_push(self, request_iterator, staging: list[torch.Tensor]) -> tuple[pb.PushHead, list[GradEntry]]:
+        """Read and validate a push; its gradients land in pool buffers appended to `staging`."""
         messages = self._messages(request_iterator, pb.PushRequest)
         first, data = next(messages)
         head = first.head
@@ -219,13 +225,17 @@ class Servicer:
             if e.hyper >= len(configs):
                 raise invalid(f"key {e.key!r}: hyper index {e.hyper} out of range ({len(configs)} sets sent)")
         expected = {(i, pb.GRAD): Expected(k.numel, wire, k.name) for i, k in enumerate(keys)}
-        _, pieces = self._assemble(_chain_first((first, data), messages), expected)
+        dests = {}
+        for (i, part), e in expected.items():
+            dests[(i, part)] = self.store.buffers.take(e.numel)  # float32: the copy converts bf16/fp16
+            staging.append(dests[(i, part)])
+        self._receive(first, data, messages, expected, dests)
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
-            grad = [(offset, device_copy(view, self.store.device)) for offset, view in pieces[(i, pb.GRAD)]]
-            for _, g in grad:
-                _check_finite(key.name, "gradient", g)
-            entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper], pieces=grad))
+            grad = dests[(i, pb.GRAD)]
+            _check_finite(key.name, "gradient", grad)
+            entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
+                                     pieces=[(0, self._on_device(grad))]))
         return head, entries
 
     def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
@@ -242,23 +252,31 @@ class Servicer:
                                reason="timeout")
 
     def Push(self, request_iterator, context) -> pb.PushReply:
-        head, entries = self._decode_push(request_iterator)
-        if not entries:
-            raise invalid("a Push must carry at least one key")
-        return self._submit(head, entries)
+        staging: list[torch.Tensor] = []
+        try:
+            head, entries = self._decode_push(request_iterator, staging)
+            if not entries:
+                raise invalid("a Push must carry at least one key")
+            return self._submit(head, entries)
+        finally:
+            self.store.buffers.give(staging)
 
     def PushPull(self, request_iterator, context) -> Iterator[bytes]:
-        head, entries = self._decode_push(request_iterator)
-        pull_names = list(dict.fromkeys([e.key for e in head.entries] + list(head.pull_keys)))
-        pull_keys = [self.store.get(n) for n in pull_names]
-        dtype = dtype_from_proto(head.pull_dtype, default=torch.float32)
-        reply = None
-        if entries:
-            reply = self._submit(head, entries)
-            if self.policy.waits:
-                stepped = [e for e in entries if e.key.name not in set(reply.dropped)]
-                self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped])
-        return iter(self._pull_messages(pull_keys, [pb.PARAM], dtype, 0, reply))
+        staging: list[torch.Tensor] = []
+        try:
+            head, entries = self._decode_push(request_iterator, staging)
+            pull_names = list(dict.fromkeys([e.key for e in head.entries] + list(head.pull_keys)))
+            pull_keys = [self.store.get(n) for n in pull_names]
+            dtype = dtype_from_proto(head.pull_dtype, default=torch.float32)
+            reply = None
+            if entries:
+                reply = self._submit(head, entries)
+        finally:
+            self.store.buffers.give(staging)
+        if reply is not None and self.policy.waits:
+            stepped = [e for e in entries if e.key.name not in set(reply.dropped)]
+            self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped])
+        return self._pull_stream(pull_keys, [pb.PARAM], dtype, 0, reply)
 
     def Pull(self, request: bytes, context) -> Iterator[bytes]:
         self.counters.add(bytes_in=len(request))
@@ -275,7 +293,7 @@ class Servicer:
             if len(request.min_versions) != len(keys):
                 raise invalid(f"min_versions has {len(request.min_versions)} values for {len(keys)} keys")
             self._wait(keys, list(request.min_versions))
-        return iter(self._pull_messages(keys, parts, dtype, request.chunk_bytes))
+        return self._pull_stream(keys, parts, dtype, request.chunk_bytes)
 
     def SetState(self, request_iterator, context) -> pb.SetStateReply:
         messages = self._messages(request_iterator, pb.SetStateRequest)
@@ -288,13 +306,14 @@ class Servicer:
         configs = [hyper_from_proto(e.hyper, f"key {e.key!r}") if e.HasField("hyper") else None
                    for e in head.entries]
         expected = {(i, p): Expected(k.numel, torch.float32, k.name) for i, k in enumerate(keys) for p in parts}
-        _, pieces = self._assemble(_chain_first((first, data), messages), expected)
+        dests = {k: torch.empty(e.numel, dtype=torch.float32) for k, e in expected.items()}
+        self._receive(first, data, messages, expected, dests)
         updates = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
             values = {}
             for p in parts:
-                values[p] = self._whole(key.numel, pieces[(i, p)])
-                _check_finite(key.name, pb.Part.Name(p), values[p])
+                _check_finite(key.name, pb.Part.Name(p), dests[(i, p)])
+                values[p] = self._on_device(dests[(i, p)])
             updates.append((key, e.step, configs[i], values))
         return pb.SetStateReply(versions=self.store.set_state(updates))
 
@@ -325,11 +344,6 @@ def _parse(raw: bytes, message_type):
         return message_type.FromString(raw)
     except Exception as exc:  # protobuf's DecodeError
         raise invalid(f"malformed {message_type.DESCRIPTOR.name}: {exc}") from None
-
-
-def _chain_first(first, rest):
-    yield first
-    yield from rest
 
 
 # -- wiring the handlers into grpc -----------------------------------------------------------------
