@@ -23,8 +23,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# About 3-10 minutes here; `make bench ARGS=--quick` runs a reduced set in under 2 minutes.
 bench: install
-	@echo "no benchmarks yet: make bench arrives with the performance issue"
+	$(PY) bench/run.py $(ARGS)
 
 proto: install
 	$(PY) proto/generate.py

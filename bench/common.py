@@ -8,7 +8,7 @@ Nothing here measures anything by itself. The rules every section follows are im
 - `CpuLoad` measures the CPU share used by processes that are not this run or its descendants
   (from /proc/stat minus our process tree's CPU time), as ../shared/ANCHORS.md does.
 - `Child` is a spawned helper process driven by commands over a pipe (bounded waits, always killed).
-- `shard_set` starts optserve shards as separate processes (`python -m optserve.cli serve --port 0`)
+- `shard_sets` starts optserve shards as separate processes (`python -m optserve.cli serve --port 0`)
   listening on 127.0.0.1 and always stops them.
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 MiB = 1 << 20
-GB = 1e9
 HOST = "127.0.0.1"
 
 
@@ -43,7 +42,7 @@ class Settings:
     quick: bool = False
     reps: int = 7
     warmup: int = 2
-    section_budget_s: float = 240.0   # a section stops adding rounds past this (it still keeps >= min_reps)
+    section_budget_s: float = 200.0   # one interleave stops adding rounds past this (keeping >= min_reps)
     min_reps: int = 3
     results: dict = field(default_factory=dict)  # results of sections already run (c reads b's TCP rate)
 
@@ -73,17 +72,15 @@ def per_sample(samples: Sequence[Any], fn: Callable[[Any], float]) -> list[float
     return [fn(s) for s in samples]
 
 
-def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict:
-    """Least-squares y = a + b x; with the worst relative residual (how far from a straight line)."""
-    n = len(xs)
-    if n < 2:
-        return {"a": float("nan"), "b": float("nan"), "max_rel_residual": float("nan"), "points": n}
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    a = my - b * mx
-    worst = max(abs(y - (a + b * x)) / y for x, y in zip(xs, ys)) if all(ys) else float("nan")
-    return {"a": a, "b": b, "max_rel_residual": worst, "points": n}
+def slopes(xs: Sequence[float], ys: Sequence[float], tolerance: float = 0.25) -> dict:
+    """Is y linear in x (a fixed cost allowed)? The incremental slopes (y[i+1]-y[i])/(x[i+1]-x[i])
+    between consecutive points must agree within `tolerance` (max/min <= 1 + tolerance)."""
+    pts = sorted(zip(xs, ys))
+    s = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in zip(pts, pts[1:]) if x1 != x0]
+    if len(s) < 2:
+        return {"slopes": s, "linear": None}
+    linear = min(s) > 0 and max(s) / min(s) <= 1 + tolerance
+    return {"slopes": s, "linear": linear, "tolerance": tolerance}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,6 +317,13 @@ def children(*specs: tuple) -> Iterator[list[Child]]:
 # optserve shards as separate processes
 
 
+# Stops the shard when the bench process dies, even by SIGKILL (PR_SET_PDEATHSIG survives execv), then
+# becomes `python -m optserve.cli ...` itself. argv[1] is the bench's pid (it may have died already).
+_LAUNCH = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+           "os.getppid() == int(sys.argv[1]) or sys.exit(1); "
+           "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+
+
 def _read_listening(proc: subprocess.Popen, log, timeout: float) -> str:
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -342,8 +346,8 @@ def _read_listening(proc: subprocess.Popen, log, timeout: float) -> str:
 
 
 def shard_command(index: int, num: int) -> list[str]:
-    return [sys.executable, "-m", "optserve.cli", "--log-level", "WARNING", "serve", "--host", HOST,
-            "--port", "0", "--shard-index", str(index), "--num-shards", str(num)]
+    return [sys.executable, "-c", _LAUNCH, str(os.getpid()), "-m", "optserve.cli", "--log-level", "WARNING",
+            "serve", "--host", HOST, "--port", "0", "--shard-index", str(index), "--num-shards", str(num)]
 
 
 @contextlib.contextmanager

@@ -11,8 +11,9 @@ memory is freed). Variants, interleaved round-robin, each doing forward + backwa
 - `raw TCP 64 MiB ping-pong` (anchor): the TCP round-trip rate of this moment (bench/anchors.py).
 Transfer lower bound = bytes pushed + pulled (2 x 4 B x params) / that TCP rate. The target compares
 the 10M step (1 shard, overlap off) with 1.5 x (lower bound + local fused Adam step).
-Linearity: ms per M params at each size, and a least-squares line ms = a + b * M with its worst
-relative residual (3+ sizes; with 2 sizes only the ms/M figures are shown).
+Linearity: ms per M params at each size, and the incremental ms per extra M between consecutive sizes;
+the cost is called linear (a fixed per-step cost allowed) when those slopes agree within 25% (needs 3
+sizes: the full run; --quick shows the ms/M figures only).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import time
 import torch
 
 from bench.anchors import TcpPingPong, tcp_echo_spec
-from bench.common import (MiB, CpuLoad, Settings, children, fmt, interleave, linear_fit, per_sample,
+from bench.common import (MiB, CpuLoad, Settings, children, fmt, interleave, slopes, per_sample,
                           shard_sets, summary, table)
 
 WIDTH = 1024
@@ -33,6 +34,7 @@ BATCH = 8
 TCP_BYTES = 64 * MiB
 TARGET_FACTOR = 1.5
 TARGET_SIZE = "10M"
+LINEAR_TOLERANCE = 0.25
 LOCAL = "local torch Adam fused"
 TCP = "raw TCP 64 MiB (anchor)"
 
@@ -137,8 +139,7 @@ def run(settings: Settings) -> dict:
     for name in names:
         ms = [s["rows"][name]["cost"]["median"] for s in out]
         m = [s["numel"] / 1e6 for s in out]
-        fit = linear_fit(m, ms) if len(m) >= 3 else {"points": len(m)}
-        linearity[name] = {"ms_per_M": [a / b for a, b in zip(ms, m)], **fit}
+        linearity[name] = {"ms_per_M": [a / b for a, b in zip(ms, m)], **slopes(m, ms, LINEAR_TOLERANCE)}
     b_tcp = settings.results.get("b", {}).get("tcp_gb_s")
     return {"sizes": out, "overlap_available": overlap, "linearity": linearity, "tcp_gb_s_from_b": b_tcp,
             "other_cpu_pct": load.other_pct}
@@ -160,16 +161,17 @@ def report(res: dict) -> tuple[str, list[dict]]:
     if res.get("tcp_gb_s_from_b"):
         text += (f"\n  lower bound uses the TCP rate interleaved in this section; section (b) measured "
                  f"{res['tcp_gb_s_from_b']:.2f} GB/s")
-    text += "\n  linearity of cost ms in size (ms per M params at " + ", ".join(s["label"] for s in res["sizes"]) + "):"
+    text += ("\n  linearity of cost in size: ms per M params at " + ", ".join(s["label"] for s in res["sizes"])
+             + "; incremental ms per extra M between consecutive sizes (a fixed cost per step is allowed):")
     for name, lin in res["linearity"].items():
         per = ", ".join(f"{v:.2f}" for v in lin["ms_per_M"])
-        if lin.get("points", 0) >= 3:
-            verdict_text = ("linear" if lin["max_rel_residual"] <= 0.15 else "not linear")
-            fit = (f"; fit {lin['a']:.1f} ms + {lin['b']:.2f} ms/M, worst residual "
-                   f"{100 * lin['max_rel_residual']:.0f}% -> {verdict_text}")
+        inc = ", ".join(f"{v:.2f}" for v in lin["slopes"])
+        if lin["linear"] is None:
+            verdict_text = "2 sizes: linearity not testable (the full run has 3)"
         else:
-            fit = "; 2 sizes: linearity not testable (full run has 3)"
-        text += f"\n    {name}: {per} ms/M{fit}"
+            verdict_text = (f"{'linear' if lin['linear'] else 'NOT linear'} (incremental slopes within "
+                            f"{lin['tolerance']:.0%}: {'yes' if lin['linear'] else 'no'})")
+        text += f"\n    {name}: {per} ms/M; incremental {inc} ms/M -> {verdict_text}"
 
     targets = []
     for s in res["sizes"]:
