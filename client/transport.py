@@ -7,7 +7,10 @@ module knows nothing about models or Adam: RemoteAdam (remote_adam.py) decides w
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Iterator, Sequence
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import grpc
 import torch
@@ -23,6 +26,24 @@ REASON_METADATA = "optserve-reason"  # as the shard sends it (server/service.py)
 
 # Destinations of a pull: for each (entry, part) of the head, a flat tensor to copy the bytes into.
 Sink = Callable[[pb.PullHead], dict[tuple[int, int], torch.Tensor]]
+
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for UNAVAILABLE and DEADLINE_EXCEEDED: full jitter, exponential, within a budget."""
+    budget: float = 60.0  # seconds from the first attempt after which the error is raised
+    initial: float = 0.05
+    maximum: float = 2.0
+    multiplier: float = 2.0
+
+    def __post_init__(self):
+        if self.budget < 0 or self.initial <= 0 or self.maximum < self.initial or self.multiplier < 1:
+            raise ValueError(f"bad retry policy {self}: need budget >= 0, 0 < initial <= maximum, "
+                             f"multiplier >= 1")
 
 
 class ShardError(RuntimeError):
@@ -42,10 +63,12 @@ class ShardClient:
 
     def __init__(self, address: str, *, timeout: float = 300.0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 retry: RetryPolicy = RetryPolicy()):
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
+        self.retry = retry
         self.channel = grpc.insecure_channel(
             address, options=[("grpc.max_receive_message_length", max_message_bytes),
                               ("grpc.max_send_message_length", max_message_bytes)])
@@ -63,37 +86,52 @@ class ShardClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: str, fn: Callable, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except grpc.RpcError as exc:
-            trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
-            raise ShardError(self.address, method, exc.code(), exc.details(),
-                             trailing.get(REASON_METADATA, "")) from None
+    def _call(self, method: str, attempt: Callable[[], T]) -> T:
+        """Run attempt() until it succeeds, retrying UNAVAILABLE and DEADLINE_EXCEEDED with
+        exponential backoff and full jitter within the retry budget; any other code fails at once.
+
+        Retrying a push is safe: it carries the same (client_id, seq), which the shard applies once.
+        """
+        give_up = time.monotonic() + self.retry.budget
+        delay = self.retry.initial
+        while True:
+            try:
+                return attempt()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                pause = random.uniform(0, delay)
+                if code not in RETRYABLE or time.monotonic() + pause > give_up:
+                    trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+                    raise ShardError(self.address, method, code, exc.details(),
+                                     trailing.get(REASON_METADATA, "")) from None
+                log.info("%s on %s: %s (%s); retrying in %.2f s", method, self.address, code.name,
+                         exc.details(), pause)
+                time.sleep(pause)
+                delay = min(self.retry.maximum, delay * self.retry.multiplier)
 
     # -- calls -----------------------------------------------------------------------------------
 
     def hello(self, wait: float | None = None) -> pb.HelloReply:
         """Hello; with `wait`, waits up to that many seconds for the shard to come up."""
-        return self._call("Hello", self._hello, pb.HelloRequest(), timeout=wait or self.timeout,
-                          wait_for_ready=wait is not None)
+        return self._call("Hello", lambda: self._hello(pb.HelloRequest(), timeout=wait or self.timeout,
+                                                       wait_for_ready=wait is not None))
 
     def stats(self) -> pb.StatsReply:
-        return self._call("Stats", self._stats, pb.StatsRequest(), timeout=self.timeout)
+        return self._call("Stats", lambda: self._stats(pb.StatsRequest(), timeout=self.timeout))
 
     def register(self, head: pb.RegisterHead, values: Sequence[Outgoing] = ()) -> pb.RegisterReply:
-        stream = self._stream(pb.RegisterRequest, head, values, torch.float32)
-        return self._call("Register", self._register, stream, timeout=self.timeout)
+        return self._call("Register", lambda: self._register(
+            self._stream(pb.RegisterRequest, head, values, torch.float32), timeout=self.timeout))
 
     def push(self, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype) -> pb.PushReply:
-        stream = self._stream(pb.PushRequest, head, grads, wire_dtype)
-        return self._call("Push", self._push, stream, timeout=self.timeout)
+        return self._call("Push", lambda: self._push(
+            self._stream(pb.PushRequest, head, grads, wire_dtype), timeout=self.timeout))
 
     def push_pull(self, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype,
                   sink: Sink) -> pb.PullHead:
         """Push gradients, then receive the fresh parameters into sink's tensors; returns the head."""
-        stream = self._stream(pb.PushRequest, head, grads, wire_dtype)
-        return self._call("PushPull", lambda: receive(self._push_pull(stream, timeout=self.timeout), sink))
+        return self._call("PushPull", lambda: receive(self._push_pull(
+            self._stream(pb.PushRequest, head, grads, wire_dtype), timeout=self.timeout), sink))
 
     def pull(self, request: pb.PullRequest, sink: Sink) -> pb.PullHead:
         if not request.chunk_bytes:
@@ -101,8 +139,8 @@ class ShardClient:
         return self._call("Pull", lambda: receive(self._pull(request, timeout=self.timeout), sink))
 
     def set_state(self, head: pb.SetStateHead, items: Sequence[Outgoing]) -> pb.SetStateReply:
-        stream = self._stream(pb.SetStateRequest, head, items, torch.float32)
-        return self._call("SetState", self._set_state, stream, timeout=self.timeout)
+        return self._call("SetState", lambda: self._set_state(
+            self._stream(pb.SetStateRequest, head, items, torch.float32), timeout=self.timeout))
 
     def _stream(self, message_type, head, items: Iterable[Outgoing], dtype: torch.dtype) -> Iterator[bytes]:
         def meta(segments, first):

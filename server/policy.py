@@ -14,6 +14,7 @@ options; it never does tensor math beyond summing gradients of one sync round.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass, field
@@ -37,17 +38,22 @@ class AsyncPolicy:
     def __init__(self):
         self.name = "async"
 
-    def submit(self, store: Store, entries: Sequence[GradEntry], client_id: str) -> PushResult:
-        return store.apply(entries)
+    def submit(self, store: Store, entries: Sequence[GradEntry], origin: tuple[str, int]) -> PushResult:
+        return store.apply(entries, origin=origin)
 
     def describe_wait(self, key: Key) -> str:
         return f"key {key.name!r} is at version {key.version}"
 
+    def checkpoint_lock(self):
+        return contextlib.nullcontext()
 
-class SSPPolicy:
+    def pending_pushes(self) -> set[tuple[str, int]]:
+        return set()
+
+
+class SSPPolicy(AsyncPolicy):
     """Bounded staleness: pushes more than `bound` versions behind are refused or scaled down."""
 
-    waits = False
 
     def __init__(self, bound: int, on_stale: str = "reject"):
         if bound < 0:
@@ -69,16 +75,13 @@ class SSPPolicy:
                            f"{key.version}, over the staleness bound {self.bound}; pull and recompute",
                            reason="stale")
 
-    def submit(self, store: Store, entries: Sequence[GradEntry], client_id: str) -> PushResult:
+    def submit(self, store: Store, entries: Sequence[GradEntry], origin: tuple[str, int]) -> PushResult:
         try:
-            return store.apply(entries, self._decide)
+            return store.apply(entries, self._decide, origin)
         except RequestError as exc:
             if exc.reason == "stale":
                 store.count_dropped([e.key for e in entries])
             raise
-
-    def describe_wait(self, key: Key) -> str:
-        return f"key {key.name!r} is at version {key.version}"
 
 
 @dataclass
@@ -88,6 +91,7 @@ class _Round:
     total: torch.Tensor
     cfg: AdamConfig
     clients: set[str] = field(default_factory=set)
+    origins: set[tuple[str, int]] = field(default_factory=set)  # (client_id, seq) of its pushes
 
 
 class SyncPolicy:
@@ -107,7 +111,8 @@ class SyncPolicy:
         self._lock = threading.Lock()  # order: this lock, then the store's (in Store.apply)
         self._rounds: dict[str, _Round] = {}
 
-    def submit(self, store: Store, entries: Sequence[GradEntry], client_id: str) -> PushResult:
+    def submit(self, store: Store, entries: Sequence[GradEntry], origin: tuple[str, int]) -> PushResult:
+        client_id = origin[0]
         with self._lock:
             late, current = [], []
             for e in entries:
@@ -133,6 +138,7 @@ class SyncPolicy:
                 for offset, g in e.pieces:
                     r.total[offset:offset + g.numel()].add_(g)
                 r.clients.add(client_id)
+                r.origins.add(origin)
             done = [e for e in current if len(self._rounds[e.key.name].clients) >= self.quorum]
             if done:
                 step = []
@@ -143,8 +149,19 @@ class SyncPolicy:
                 store.apply(step)
             if late:
                 store.count_dropped([e.key for e in late])
-            return PushResult([e.key.version for e in entries], [0] * len(entries),
-                              dropped=[e.key.name for e in late])
+            result = PushResult([e.key.version for e in entries], [0] * len(entries),
+                                dropped=[e.key.name for e in late])
+            store.dedupe.finish(*origin, result)
+            return result
+
+    def checkpoint_lock(self):
+        """Held while a checkpoint copies the store, so no round changes meanwhile."""
+        return self._lock
+
+    def pending_pushes(self) -> set[tuple[str, int]]:
+        """Pushes summed into rounds that have not stepped: a checkpoint must not record them as
+        applied (their gradients are not in the keys yet). Call with checkpoint_lock() held."""
+        return set().union(*(r.origins for r in self._rounds.values()))
 
     def describe_wait(self, key: Key) -> str:
         with self._lock:

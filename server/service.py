@@ -71,22 +71,24 @@ def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
 class _Counters:
     def __init__(self):
         self._lock = threading.Lock()
-        self.bytes_in = self.bytes_out = self.rejected = 0
+        self.bytes_in = self.bytes_out = self.rejected = self.duplicates = 0
 
-    def add(self, bytes_in: int = 0, bytes_out: int = 0, rejected: int = 0) -> None:
+    def add(self, bytes_in: int = 0, bytes_out: int = 0, rejected: int = 0, duplicates: int = 0) -> None:
         with self._lock:
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
             self.rejected += rejected
+            self.duplicates += duplicates
 
 
 class Servicer:
     """Handlers of optserve.v1.OptServe over one shard's store and policy."""
 
-    def __init__(self, store: Store, policy, info: ShardInfo):
+    def __init__(self, store: Store, policy, info: ShardInfo, checkpointer=None):
         self.store = store
         self.policy = policy
         self.info = info
+        self.checkpointer = checkpointer  # server.main.Checkpointer, when run with a checkpoint dir
         self.counters = _Counters()
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -136,7 +138,8 @@ class Servicer:
         chunk = max(4096, min(chunk, self.info.max_message_bytes - (64 << 10)))
         snap = self.store.snapshot(keys, parts)
         infos = [pb.KeyInfo(key=k.name, shape=k.shape, version=v, step=st,
-                            hyper=hyper_to_proto(h) if h else None)
+                            hyper=hyper_to_proto(h) if h else None, param=k.info.get("param", ""),
+                            param_shape=k.info.get("param_shape", ()), offset=k.info.get("offset", 0))
                  for k, v, st, h in zip(snap.keys, snap.versions, snap.steps, snap.hypers)]
         head = pb.PullHead(entries=infos, dtype=dtype_to_proto(dtype), push=push)
         items = [Outgoing(i, part, t) for (i, part), t in snap.parts.items()]
@@ -180,7 +183,7 @@ class Servicer:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"this is shard {self.info.shard_index} of {self.info.num_shards}; the "
                                f"request is addressed to shard {head.shard_index} of {head.num_shards}")
-        specs = []
+        specs, infos = [], []
         _unique([k.name for k in head.keys])
         for k in head.keys:
             if not k.name or len(k.name) > MAX_NAME_LENGTH:
@@ -190,6 +193,8 @@ class Servicer:
                               f" is not supported; keys are FLOAT32")
             shape = tuple(int(d) for d in k.shape)
             specs.append((k.name, shape, self.store.check_spec(k.name, shape)))
+            infos.append({"param": k.param or k.name, "param_shape": list(k.param_shape) if k.param else list(shape),
+                          "offset": int(k.offset)})
         if not head.with_values:
             if first.segments or len(data) or next(messages, None) is not None:
                 raise invalid("Register without values must not carry segments")
@@ -204,7 +209,7 @@ class Servicer:
         for i, (name, shape, _) in enumerate(specs):
             value = dests[(i, pb.PARAM)]
             _check_finite(name, "initial value", value)
-            values.append((name, shape, self._on_device(value)))
+            values.append((name, shape, self._on_device(value), infos[i]))
         result = self.store.create(values)
         created = [n for (key, c), (n, _, _) in zip(result, specs) if c]
         if created:
@@ -239,7 +244,19 @@ class Servicer:
         return head, entries
 
     def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
-        result = self.policy.submit(self.store, entries, head.client_id)
+        """Hand a push to the policy once per (client_id, seq); a retry gets the original's result."""
+        dedupe = self.store.dedupe
+        earlier = dedupe.begin(head.client_id, head.seq)
+        if earlier is not None:
+            self.counters.add(duplicates=1)
+            return pb.PushReply(versions=earlier.versions, staleness=earlier.staleness,
+                                dropped=earlier.dropped, duplicate=True)
+        try:
+            # The store (or the sync policy) records the result under the lock that applies it.
+            result = self.policy.submit(self.store, entries, (head.client_id, head.seq))
+        except BaseException:
+            dedupe.abort(head.client_id, head.seq)
+            raise
         return pb.PushReply(versions=result.versions, staleness=result.staleness, dropped=result.dropped)
 
     def _wait(self, keys: Sequence[Key], minimum: Sequence[int]) -> None:
@@ -317,6 +334,14 @@ class Servicer:
             updates.append((key, e.step, configs[i], values))
         return pb.SetStateReply(versions=self.store.set_state(updates))
 
+    def Checkpoint(self, request: bytes, context) -> pb.CheckpointReply:
+        _parse(request, pb.CheckpointRequest)
+        if self.checkpointer is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "this shard runs without --checkpoint-dir; it cannot checkpoint")
+        path, keys, seconds = self.checkpointer.write()
+        return pb.CheckpointReply(path=str(path), keys=keys, seconds=seconds)
+
     def Stats(self, request: bytes, context) -> pb.StatsReply:
         _parse(request, pb.StatsRequest)
         store = self.store
@@ -327,8 +352,10 @@ class Servicer:
             totals = dict(pushes=store.pushes, pulls=store.pulls, dropped=store.dropped,
                           staleness=store.staleness.to_proto())
         c = self.counters
+        ckpt = self.checkpointer.last() if self.checkpointer else ("", 0.0)
         return pb.StatsReply(shard=self.hello(), keys=keys, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
-                             rejected=c.rejected, **totals)
+                             rejected=c.rejected, duplicates=c.duplicates, checkpoint=ckpt[0],
+                             checkpoint_age=ckpt[1], **totals)
 
 
 def _unique(names: Sequence[str]) -> None:
@@ -386,5 +413,8 @@ def generic_handler(servicer: Servicer) -> grpc.GenericRpcHandler:
         "Stats": grpc.unary_unary_rpc_method_handler(
             g(servicer.Stats), request_deserializer=None,
             response_serializer=pb.StatsReply.SerializeToString),
+        "Checkpoint": grpc.unary_unary_rpc_method_handler(
+            g(servicer.Checkpoint), request_deserializer=None,
+            response_serializer=pb.CheckpointReply.SerializeToString),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

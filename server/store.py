@@ -11,6 +11,7 @@ no update is lost under concurrent clients), and the copies that snapshot keys f
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import RequestError, invalid
 from optserve.hyper import AdamConfig
 from optserve.server.adam import adam_fast
+from optserve.server.checkpoint import KeyRecord
 
 STALENESS_BUCKETS = 32  # histogram[i] counts staleness i; the last bucket collects >= 31
 
@@ -56,6 +58,7 @@ class Key:
     max_exp_avg_sq: torch.Tensor | None = None  # allocated on the first amsgrad step
     step: int = 0  # per key: advances only when a gradient for this key is applied
     hyper: AdamConfig | None = None  # the options of the last applied step
+    info: dict = field(default_factory=dict)  # provenance: param, param_shape, offset (for export)
     pushes: int = 0
     dropped: int = 0  # gradients a policy discarded
     staleness: StalenessStats = field(default_factory=StalenessStats)
@@ -96,6 +99,79 @@ class PushResult:
     versions: list[int]
     staleness: list[int]
     dropped: list[str] = field(default_factory=list)
+
+
+class Dedupe:
+    """Which pushes, by (client_id, seq), were applied, with their results: each applies at most once.
+
+    A retried push whose original is still in flight waits for it and gets its result; one whose
+    original was applied gets the recorded result; one whose original failed is applied anew. Per
+    client the newest `window` results are kept; a seq older than those and not among them is refused
+    rather than risk applying it twice. Pushes without a client id (or with seq 0) are not tracked.
+    The table is part of the shard's state: it is checkpointed and restored with the keys.
+    """
+
+    def __init__(self, window: int = 4096):
+        self.window = window
+        self._lock = threading.Lock()
+        self._clients: dict[str, dict[int, PushResult | threading.Event]] = {}
+        self._floor: dict[str, int] = {}  # per client: the newest seq dropped from the window
+
+    def begin(self, client_id: str, seq: int) -> PushResult | None:
+        """None: the caller applies the push, then calls finish or abort. Else: the original result."""
+        if not client_id or not seq:
+            return None
+        while True:
+            with self._lock:
+                seen = self._clients.setdefault(client_id, {})
+                entry = seen.get(seq)
+                if entry is None:
+                    if seq <= self._floor.get(client_id, 0):
+                        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                           f"push {seq} of client {client_id!r} is older than the last "
+                                           f"{self.window} this shard remembers; it may have been applied")
+                    seen[seq] = threading.Event()  # in flight
+                    return None
+                if isinstance(entry, PushResult):
+                    return entry
+            entry.wait()  # the original is in flight: its outcome decides
+
+    def finish(self, client_id: str, seq: int, result: PushResult) -> None:
+        if not client_id or not seq:
+            return
+        with self._lock:
+            seen = self._clients[client_id]
+            event = seen[seq]
+            seen[seq] = result
+            done = sorted(k for k, v in seen.items() if isinstance(v, PushResult))
+            for old in done[:max(0, len(done) - self.window)]:
+                del seen[old]
+                self._floor[client_id] = max(self._floor.get(client_id, 0), old)
+        event.set()
+
+    def abort(self, client_id: str, seq: int) -> None:
+        if not client_id or not seq:
+            return
+        with self._lock:
+            event = self._clients[client_id].pop(seq)
+        event.set()
+
+    def to_json(self, exclude: set[tuple[str, int]] = frozenset()) -> dict:
+        """The finished records (in-flight ones are not applied yet), less those in `exclude`."""
+        with self._lock:
+            return {"window": self.window, "floor": dict(self._floor),
+                    "clients": {c: {str(s): {"versions": r.versions, "staleness": r.staleness,
+                                             "dropped": r.dropped}
+                                    for s, r in seen.items()
+                                    if isinstance(r, PushResult) and (c, s) not in exclude}
+                                for c, seen in self._clients.items()}}
+
+    def load_json(self, data: dict) -> None:
+        with self._lock:
+            self._floor = {c: int(f) for c, f in data.get("floor", {}).items()}
+            self._clients = {c: {int(s): PushResult(list(r["versions"]), list(r["staleness"]), list(r["dropped"]))
+                                 for s, r in seen.items()}
+                             for c, seen in data.get("clients", {}).items()}
 
 
 @dataclass(frozen=True)
@@ -159,6 +235,7 @@ class Store:
         self._keys: dict[str, Key] = {}
         self._elements = 0
         self.buffers = BufferPool(self.device)
+        self.dedupe = Dedupe()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified whenever versions change
         self.pushes = 0
@@ -211,21 +288,21 @@ class Store:
                                f"new keys would bring the shard to {total} elements, over the limit of "
                                f"{lim.max_shard_elements}")
 
-    def create(self, items: Sequence[tuple[str, tuple[int, ...], torch.Tensor]]) -> list[tuple[Key, bool]]:
+    def create(self, items: Sequence[tuple[str, tuple[int, ...], torch.Tensor, dict]]) -> list[tuple[Key, bool]]:
         """Insert keys with these initial (flat, float32, on-device) values, all or none.
 
         Returns (key, created) per item. A key that exists already (perhaps created meanwhile by
         another worker) is kept as it is: the caller adopts the server's value by pulling.
         """
         with self._lock:
-            existing = [self.check_spec(name, shape) for name, shape, _ in items]
-            self.check_capacity([(name, shape) for name, shape, _ in items])
+            existing = [self.check_spec(name, shape) for name, shape, _, _ in items]
+            self.check_capacity([(name, shape) for name, shape, _, _ in items])
             out = []
-            for (name, shape, value), key in zip(items, existing):
+            for (name, shape, value, info), key in zip(items, existing):
                 if key is not None:
                     out.append((key, False))
                     continue
-                key = Key(name=name, shape=shape, param=value,
+                key = Key(name=name, shape=shape, param=value, info=info,
                           exp_avg=torch.zeros_like(value), exp_avg_sq=torch.zeros_like(value))
                 self._keys[name] = key
                 self._elements += key.numel
@@ -235,11 +312,14 @@ class Store:
     # -- the update -------------------------------------------------------------------------------
 
     def apply(self, entries: Sequence[GradEntry],
-              decide: Callable[[Key, int, AdamConfig], AdamConfig] | None = None) -> PushResult:
+              decide: Callable[[Key, int, AdamConfig], AdamConfig] | None = None,
+              origin: tuple[str, int] = ("", 0)) -> PushResult:
         """One Adam step on every key of a push, atomically; returns versions and staleness.
 
         decide(key, staleness, cfg) lets the policy refuse a push (raise RequestError) or change the
         options of a step (ssp's lr scaling); it runs for every entry before anything changes.
+        origin (client_id, seq) is recorded in the dedupe table under the same lock as the step, so a
+        checkpoint holds a push's effect exactly when it holds its record.
         """
         with self._lock:
             configs = []
@@ -266,7 +346,9 @@ class Store:
                 _adam_step(group, cfg)
             self.pushes += 1
             self._changed.notify_all()
-            return PushResult([e.key.version for e in entries], staleness)
+            result = PushResult([e.key.version for e in entries], staleness)
+            self.dedupe.finish(*origin, result)
+            return result
 
     def count_dropped(self, keys: Sequence[Key]) -> None:
         """Record gradients a policy discarded (late for sync, too stale for ssp), per key."""
@@ -305,6 +387,37 @@ class Store:
                     key.hyper = cfg
             self._changed.notify_all()
             return [key.version for key, *_ in updates]
+
+    def checkpoint_records(self, exclude: set[tuple[str, int]] = frozenset()) -> tuple[list[KeyRecord], dict]:
+        """Copies of every key and of the dedupe table, taken at one instant (the lock is held for the
+        copies only; writing them out happens after, without it). `exclude` leaves out dedupe records
+        whose effect is not in the keys yet (a sync round in progress)."""
+        with self._lock:
+            records = []
+            for key in self._keys.values():
+                tensors = {"param": key.param.to("cpu", copy=True), "exp_avg": key.exp_avg.to("cpu", copy=True),
+                           "exp_avg_sq": key.exp_avg_sq.to("cpu", copy=True)}
+                if key.max_exp_avg_sq is not None:
+                    tensors["max_exp_avg_sq"] = key.max_exp_avg_sq.to("cpu", copy=True)
+                records.append(KeyRecord(name=key.name, shape=key.shape, step=key.step,
+                                         hyper=dataclasses.asdict(key.hyper) if key.hyper else None,
+                                         tensors=tensors, info=dict(key.info)))
+            return records, self.dedupe.to_json(exclude)
+
+    def restore(self, records: Sequence[KeyRecord], dedupe: dict) -> None:
+        """Load keys (and the dedupe table) from a checkpoint into an empty store."""
+        with self._lock:
+            if self._keys:
+                raise RuntimeError("restore needs an empty store")
+            for r in records:
+                t = {n: v.to(self.device) for n, v in r.tensors.items()}
+                key = Key(name=r.name, shape=tuple(r.shape), param=t["param"], exp_avg=t["exp_avg"],
+                          exp_avg_sq=t["exp_avg_sq"], max_exp_avg_sq=t.get("max_exp_avg_sq"), step=r.step,
+                          hyper=AdamConfig(**r.hyper) if r.hyper else None, info=dict(r.info))
+                self._keys[key.name] = key
+                self._elements += key.numel
+            self.dedupe.load_json(dedupe)
+            self._changed.notify_all()
 
     def locked(self):
         """The store's lock, for callers that must read several counters consistently."""

@@ -68,14 +68,20 @@ class HyperParams(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., weight_decouple: _Optional[bool] = ..., absolute: _Optional[bool] = ..., optimized_update: _Optional[bool] = ..., amsgrad: _Optional[bool] = ...) -> None: ...
 
 class KeySpec(_message.Message):
-    __slots__ = ("name", "shape", "dtype")
+    __slots__ = ("name", "shape", "dtype", "param", "param_shape", "offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    PARAM_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    param: str
+    param_shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., param: _Optional[str] = ..., param_shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_message_bytes", "chunk_bytes", "max_keys", "max_tensor_elements")
@@ -222,18 +228,24 @@ class PullRequest(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., parts: _Optional[_Iterable[_Union[Part, str]]] = ..., dtype: _Optional[_Union[DType, str]] = ..., chunk_bytes: _Optional[int] = ..., min_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("key", "shape", "version", "step", "hyper")
+    __slots__ = ("key", "shape", "version", "step", "hyper", "param", "param_shape", "offset")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HYPER_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    PARAM_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     key: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     version: int
     step: int
     hyper: HyperParams
-    def __init__(self, key: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., hyper: _Optional[_Union[HyperParams, _Mapping]] = ...) -> None: ...
+    param: str
+    param_shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, key: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., hyper: _Optional[_Union[HyperParams, _Mapping]] = ..., param: _Optional[str] = ..., param_shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PullHead(_message.Message):
     __slots__ = ("entries", "dtype", "push")
@@ -326,7 +338,7 @@ class KeyStats(_message.Message):
     def __init__(self, key: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., pushes: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("shard", "keys", "pushes", "pulls", "bytes_in", "bytes_out", "rejected", "duplicates", "staleness", "dropped")
+    __slots__ = ("shard", "keys", "pushes", "pulls", "bytes_in", "bytes_out", "rejected", "duplicates", "staleness", "dropped", "checkpoint", "checkpoint_age")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +349,8 @@ class StatsReply(_message.Message):
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_AGE_FIELD_NUMBER: _ClassVar[int]
     shard: HelloReply
     keys: _containers.RepeatedCompositeFieldContainer[KeyStats]
     pushes: int
@@ -347,4 +361,20 @@ class StatsReply(_message.Message):
     duplicates: int
     staleness: StalenessStats
     dropped: int
-    def __init__(self, shard: _Optional[_Union[HelloReply, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeyStats, _Mapping]]] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ..., dropped: _Optional[int] = ...) -> None: ...
+    checkpoint: str
+    checkpoint_age: float
+    def __init__(self, shard: _Optional[_Union[HelloReply, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeyStats, _Mapping]]] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ..., dropped: _Optional[int] = ..., checkpoint: _Optional[str] = ..., checkpoint_age: _Optional[float] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointReply(_message.Message):
+    __slots__ = ("path", "keys", "seconds")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    keys: int
+    seconds: float
+    def __init__(self, path: _Optional[str] = ..., keys: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -69,6 +69,11 @@ class OptServeStub:
                 request_serializer=optserve_dot_v1_dot_optserve__pb2.StatsRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_optserve__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/optserve.v1.OptServe/Checkpoint',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.CheckpointReply.FromString,
+                _registered_method=True)
 
 
 class OptServeServicer:
@@ -125,6 +130,13 @@ class OptServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Write a checkpoint now (the shard must run with a checkpoint directory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +174,11 @@ def add_OptServeServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=optserve_dot_v1_dot_optserve__pb2.StatsRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_optserve__pb2.StatsReply.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.CheckpointRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.CheckpointReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +370,33 @@ class OptServe:
             '/optserve.v1.OptServe/Stats',
             optserve_dot_v1_dot_optserve__pb2.StatsRequest.SerializeToString,
             optserve_dot_v1_dot_optserve__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.OptServe/Checkpoint',
+            optserve_dot_v1_dot_optserve__pb2.CheckpointRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,
