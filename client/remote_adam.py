@@ -14,13 +14,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
+import grpc
 import torch
 
 from optserve.hyper import AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, WIRE_DTYPES, Outgoing, dtype_to_proto
 from optserve.client.partition import DEFAULT_SLICE_ELEMENTS, Placement, partition
-from optserve.client.transport import ShardClient, ShardError
+from optserve.client.transport import RetryPolicy, ShardClient, ShardError
 
 log = logging.getLogger("optserve.client")
 
@@ -71,7 +72,8 @@ class RemoteAdam(torch.optim.Optimizer):
     to wait for each shard at construction), wire_dtype (float32, bfloat16 or float16 gradients),
     pull_dtype (the same choice for the parameters pulled by step(); the shard keeps float32 state
     either way, and registration and state_dict always travel in float32), client_id (defaults to a
-    random id).
+    random id), retry_budget (seconds within which UNAVAILABLE and DEADLINE_EXCEEDED are retried
+    with backoff: a restarting shard is waited for; pushes are retried safely, each applied once).
     overlap=True sends gradients during backward: a hook on each parameter
     (register_post_accumulate_grad_hook) fills buckets of `bucket_bytes` (25 MiB default) in reverse
     registration order, and each full bucket is pushed at once; step() pushes what is left, waits,
@@ -86,7 +88,8 @@ class RemoteAdam(torch.optim.Optimizer):
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  timeout: float = 300.0, connect_timeout: float = 30.0,
                  wire_dtype: torch.dtype = torch.float32, pull_dtype: torch.dtype = torch.float32,
-                 overlap: bool = False, bucket_bytes: int = 25 * 1024 * 1024, client_id: str | None = None):
+                 overlap: bool = False, bucket_bytes: int = 25 * 1024 * 1024, retry_budget: float = 60.0,
+                 client_id: str | None = None):
         servers = [servers] if isinstance(servers, str) else list(servers)
         if not servers:
             raise ValueError("RemoteAdam needs at least one server address")
@@ -120,8 +123,9 @@ class RemoteAdam(torch.optim.Optimizer):
                 raise ValueError(f"parameter {name!r} is not contiguous; call .contiguous() on it first")
         self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
 
+        retry = RetryPolicy(budget=retry_budget)
         self._shards = [ShardClient(a, timeout=timeout, chunk_bytes=chunk_bytes,
-                                    max_message_bytes=max_message_bytes) for a in servers]
+                                    max_message_bytes=max_message_bytes, retry=retry) for a in servers]
         self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="remote-adam")
         try:
             for i, (shard, hello) in enumerate(zip(self._shards, self._fan_out(
@@ -188,7 +192,8 @@ class RemoteAdam(torch.optim.Optimizer):
         shard, placements = self._shards[index], self._by_shard[index]
         if not placements:
             return
-        specs = [pb.KeySpec(name=pl.key, shape=pl.shape, dtype=pb.FLOAT32) for pl in placements]
+        specs = [pb.KeySpec(name=pl.key, shape=pl.shape, dtype=pb.FLOAT32, param=pl.param, offset=pl.start,
+                            param_shape=self._params_by_name[pl.param].shape) for pl in placements]
         base = dict(keys=specs, shard_index=index, num_shards=len(self._shards))
         reply = shard.register(pb.RegisterHead(**base, with_values=False))
         missing = [pl for pl, st in zip(placements, reply.keys) if not st.exists]
@@ -270,7 +275,9 @@ class RemoteAdam(torch.optim.Optimizer):
             try:
                 return self._shards[index].push_pull(head, grads, self.wire_dtype, self._param_sink(placements))
             except ShardError as exc:
-                if not self._dropped(exc):
+                if exc.code == grpc.StatusCode.NOT_FOUND:
+                    self._reregister(index, exc)
+                elif not self._dropped(exc):
                     raise
                 return self._pull_shard(index)
 
@@ -288,6 +295,17 @@ class RemoteAdam(torch.optim.Optimizer):
         if min_versions:
             request.min_versions.extend(min_versions.get(pl.key, 0) for pl in placements)
         return self._shards[index].pull(request, self._param_sink(placements))
+
+    def _reregister(self, index: int, exc: ShardError) -> None:
+        """A shard that lost its keys (restarted without a checkpoint): register them again.
+
+        The keys take this worker's current parameters; their Adam state starts afresh. The gradient
+        of this step is dropped (counted), since the versions it was computed from are gone.
+        """
+        log.warning("shard %s lost its keys (%s); registering them again with this worker's values",
+                    self._shards[index].address, exc.details)
+        self.dropped_pushes += 1
+        self._register_shard(index)
 
     def _dropped(self, exc: BaseException) -> bool:
         """Whether a failed push was a gradient the shard's policy discarded: re-pull, count, go on."""
@@ -355,7 +373,9 @@ class RemoteAdam(torch.optim.Optimizer):
             try:
                 reply = future.result()
             except BaseException as exc:  # noqa: BLE001 - wait for every push, then raise the first
-                if not self._dropped(exc):
+                if isinstance(exc, ShardError) and exc.code == grpc.StatusCode.NOT_FOUND:
+                    self._reregister(index, exc)
+                elif not self._dropped(exc):
                     error = error or exc
                 continue
             self._note_staleness((k for k, _ in keys), reply)
@@ -456,6 +476,10 @@ class RemoteAdam(torch.optim.Optimizer):
                 self.versions[pl.key] = v
 
         self._fan_out(write, range(len(self._shards)))
+
+    def checkpoint(self) -> list[str]:
+        """Ask every shard to write a checkpoint now; returns their paths in shard order."""
+        return [r.path for r in self._fan_out(lambda s: s.checkpoint())]
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -82,6 +82,9 @@ class ShardClient:
         self._set_state = c.stream_unary(_METHOD + "SetState", response_deserializer=pb.SetStateReply.FromString)
         self._stats = c.unary_unary(_METHOD + "Stats", request_serializer=pb.StatsRequest.SerializeToString,
                                     response_deserializer=pb.StatsReply.FromString)
+        self._checkpoint = c.unary_unary(_METHOD + "Checkpoint",
+                                         request_serializer=pb.CheckpointRequest.SerializeToString,
+                                         response_deserializer=pb.CheckpointReply.FromString)
 
     def close(self) -> None:
         self.channel.close()
@@ -118,6 +121,9 @@ class ShardClient:
 
     def stats(self) -> pb.StatsReply:
         return self._call("Stats", lambda: self._stats(pb.StatsRequest(), timeout=self.timeout))
+
+    def checkpoint(self) -> pb.CheckpointReply:
+        return self._call("Checkpoint", lambda: self._checkpoint(pb.CheckpointRequest(), timeout=self.timeout))
 
     def register(self, head: pb.RegisterHead, values: Sequence[Outgoing] = ()) -> pb.RegisterReply:
         return self._call("Register", lambda: self._register(

@@ -42,6 +42,7 @@ class ServerConfig:
     checkpoint_dir: str = ""  # empty: no checkpoints
     checkpoint_every: float = 0.0  # seconds between periodic checkpoints; 0: only on request and SIGTERM
     keep: int = 2  # checkpoints kept
+    apply_log: str = ""  # a file to append one JSON line per applied push to
     shard_index: int = 0
     num_shards: int = 1
     threads: int = 16
@@ -140,7 +141,6 @@ class Checkpointer:
                         self.policy.name)
         self.store.restore(data.keys, data.extra.get("dedupe", {}))
         self._last = (str(path), data.created)
-        log.info("restored %d keys from %s", len(data.keys), path)
         return path
 
     def start(self) -> None:
@@ -168,7 +168,8 @@ def build_server(cfg: ServerConfig, interceptors: Sequence[grpc.ServerIntercepto
     With a checkpoint directory the newest checkpoint is restored before the port is bound.
     """
     store = Store(resolve_device(cfg.device), StoreLimits(cfg.max_keys, cfg.max_tensor_elements,
-                                                          cfg.max_shard_elements))
+                                                          cfg.max_shard_elements),
+                  apply_log=open(cfg.apply_log, "a", encoding="utf-8") if cfg.apply_log else None)
     policy = cfg.make_policy()
     checkpointer = Checkpointer(store, policy, cfg) if cfg.checkpoint_dir else None
     if checkpointer is not None:
@@ -212,7 +213,7 @@ def serve_main(args: argparse.Namespace) -> int:
     cfg = ServerConfig(host=args.host, port=args.port, device=args.device, policy=args.policy,
                        workers=args.workers, backup_workers=args.backup_workers, stale=args.stale,
                        wait_timeout=args.wait_timeout, checkpoint_dir=args.checkpoint_dir or "",
-                       checkpoint_every=args.checkpoint_every, keep=args.keep,
+                       checkpoint_every=args.checkpoint_every, keep=args.keep, apply_log=args.apply_log or "",
                        shard_index=args.shard_index, num_shards=args.num_shards, threads=args.threads,
                        chunk_bytes=args.chunk_bytes, max_message_bytes=args.max_message_bytes)
     stop = threading.Event()
@@ -256,6 +257,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=float, default=0.0,
                    help="seconds between periodic checkpoints (default 0: only on request and SIGTERM)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    p.add_argument("--apply-log", help="append one JSON line per applied push (its order) to this file")
     p.add_argument("--shard-index", type=int, default=0, help="this shard's index, 0-based")
     p.add_argument("--num-shards", type=int, default=1, help="how many shards hold the model")
     p.add_argument("--threads", type=int, default=16, help="gRPC worker threads (default 16)")

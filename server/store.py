@@ -12,10 +12,11 @@ no update is lost under concurrent clients), and the copies that snapshot keys f
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TextIO
 
 import grpc
 import torch
@@ -229,8 +230,12 @@ class Snapshot:
 class Store:
     """The keys of one shard."""
 
-    def __init__(self, device: torch.device | str = "cpu", limits: StoreLimits = StoreLimits()):
+    def __init__(self, device: torch.device | str = "cpu", limits: StoreLimits = StoreLimits(),
+                 apply_log: TextIO | None = None):
         self.device = torch.device(device)
+        # One JSON line per applied push, written under the lock: the exact order of updates, so a
+        # run can be replayed (tests/system) or audited.
+        self.apply_log = apply_log
         self.limits = limits
         self._keys: dict[str, Key] = {}
         self._elements = 0
@@ -347,6 +352,12 @@ class Store:
             self.pushes += 1
             self._changed.notify_all()
             result = PushResult([e.key.version for e in entries], staleness)
+            if self.apply_log is not None:
+                self.apply_log.write(json.dumps({
+                    "client_id": origin[0], "seq": origin[1], "keys": [e.key.name for e in entries],
+                    "version_read": [e.version_read for e in entries], "versions": result.versions,
+                    "lr": [cfg.lr for cfg in configs]}) + "\n")
+                self.apply_log.flush()
             self.dedupe.finish(*origin, result)
             return result
 

@@ -1,0 +1,82 @@
+"""`optserve export ADDR... --out model.safetensors`: the full parameter set, slices reassembled.
+
+Reads every key of every shard (Stats, then Pull) and writes one safetensors file whose tensors are
+named and shaped as the model's parameters, loadable with `safetensors.torch.load_file` into any
+torch model. Changes nothing on the shards.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from optserve.client.transport import ShardClient
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+
+
+def gather(addresses: Sequence[str], timeout: float = 300.0) -> dict[str, torch.Tensor]:
+    """Every parameter held by these shards, reassembled from its keys, as {name: tensor}."""
+    flat: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+
+    def sink(head: pb.PullHead) -> dict[tuple[int, int], torch.Tensor]:
+        out = {}
+        for i, info in enumerate(head.entries):
+            name = info.param or info.key
+            shape = tuple(info.param_shape) if info.param else tuple(info.shape)
+            if name not in flat:
+                flat[name] = torch.zeros(math.prod(shape), dtype=torch.float32)
+                shapes[name] = shape
+                spans[name] = []
+            elif shapes[name] != shape:
+                raise ValueError(f"parameter {name!r}: key {info.key!r} says shape {list(shape)}, another "
+                                 f"key said {list(shapes[name])}")
+            numel = math.prod(info.shape)
+            spans[name].append((int(info.offset), int(info.offset) + numel, info.key))
+            out[(i, pb.PARAM)] = flat[name][info.offset:info.offset + numel]
+        return out
+
+    for address in addresses:
+        client = ShardClient(address, timeout=timeout)
+        try:
+            keys = [k.key for k in client.stats().keys]
+            if keys:
+                client.pull(pb.PullRequest(keys=keys), sink)
+        finally:
+            client.close()
+    for name, parts in spans.items():
+        parts.sort()
+        at = 0
+        for start, stop, key in parts:
+            if start != at:
+                raise ValueError(f"parameter {name!r}: elements [{at}, {start}) are on no shard given "
+                                 f"(or key {key!r} overlaps another); list every shard")
+            at = stop
+        if at != flat[name].numel():
+            raise ValueError(f"parameter {name!r}: elements [{at}, {flat[name].numel()}) are on no shard given; "
+                             f"list every shard")
+    return {name: t.reshape(shapes[name]) for name, t in flat.items()}
+
+
+def export_main(addresses: Sequence[str], out: str) -> int:
+    params = gather(addresses)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(params, out)
+    print(f"wrote {len(params)} parameters ({sum(t.numel() for t in params.values())} elements) to {out}")
+    return 0
+
+
+def checkpoint_main(addresses: Sequence[str]) -> int:
+    """`optserve checkpoint ADDR...`: every shard writes a checkpoint now."""
+    for address in addresses:
+        client = ShardClient(address)
+        try:
+            reply = client.checkpoint()
+            print(f"{address}: {reply.path} ({reply.keys} keys, {reply.seconds:.2f} s)")
+        finally:
+            client.close()
+    return 0
