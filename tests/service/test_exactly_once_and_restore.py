@@ -1,0 +1,145 @@
+"""Exactly-once pushes, checkpoint/restore of an in-process shard, export, and re-registration."""
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from optserve import RemoteAdam
+from optserve.client.export import gather
+from optserve.client.transport import ShardClient, ShardError
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import Outgoing
+from optserve.server.main import run_server
+
+N = 8
+HYPER = pb.HyperParams(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-16, weight_decouple=True, optimized_update=True)
+
+
+def register(client: ShardClient) -> None:
+    head = pb.RegisterHead(keys=[pb.KeySpec(name="w", shape=[N], dtype=pb.FLOAT32)], with_values=True, num_shards=1)
+    client.register(head, [Outgoing(0, pb.PARAM, torch.zeros(N))])
+
+
+def push(client: ShardClient, seq: int, version_read: int, client_id: str = "worker-1") -> pb.PushReply:
+    head = pb.PushHead(client_id=client_id, seq=seq, entries=[pb.PushEntry(key="w", version_read=version_read)],
+                       hyper=[HYPER])
+    return client.push(head, [Outgoing(0, pb.GRAD, torch.ones(N))], torch.float32)
+
+
+def state(client: ShardClient) -> tuple[list[torch.Tensor], int]:
+    parts = [pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ]
+    out = {(0, p): torch.empty(N) for p in parts}
+    head = client.pull(pb.PullRequest(keys=["w"], parts=parts), lambda h: out)
+    return [out[(0, p)] for p in parts], head.entries[0].version
+
+
+def test_a_repeated_push_is_acknowledged_with_the_original_result_and_applied_once(shard):
+    client = ShardClient(shard)
+    register(client)
+    first = push(client, seq=1, version_read=0)
+    before = state(client)
+
+    again = push(client, seq=1, version_read=0)
+
+    after = state(client)
+    client.close()
+    assert again.duplicate and not first.duplicate
+    assert list(again.versions) == list(first.versions) == [1]
+    assert after[1] == 1 and all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+
+
+def test_the_dedupe_table_and_the_keys_survive_checkpoint_and_restore(tmp_path):
+    with run_server(checkpoint_dir=str(tmp_path)) as address:
+        client = ShardClient(address)
+        register(client)
+        push(client, seq=1, version_read=0)
+        push(client, seq=2, version_read=1)
+        client.checkpoint()
+        saved = state(client)
+        client.close()
+
+    with run_server(checkpoint_dir=str(tmp_path)) as address:
+        client = ShardClient(address)
+        restored = state(client)
+        retried = push(client, seq=2, version_read=1)  # a retry of a push the checkpoint holds
+        fresh = push(client, seq=3, version_read=2)
+        client.close()
+
+    assert restored[1] == saved[1] == 2
+    assert all(torch.equal(a, b) for a, b in zip(saved[0], restored[0]))
+    assert retried.duplicate and list(retried.versions) == [2]
+    assert not fresh.duplicate and list(fresh.versions) == [3]
+
+
+def test_checkpoint_without_a_directory_is_refused(shard):
+    client = ShardClient(shard)
+
+    with pytest.raises(ShardError) as err:
+        client.checkpoint()
+
+    client.close()
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--checkpoint-dir" in err.value.details
+
+
+def test_export_reassembles_sliced_parameters_from_every_shard(two_shards, tmp_path):
+    model = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 3))
+    with RemoteAdam(model.named_parameters(), two_shards, slice_elements=256) as opt:
+        opt.zero_grad()
+        model(torch.randn(5, 30)).sum().backward()
+        opt.step()
+
+    params = gather(two_shards)
+
+    assert params.keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(params[name], value)
+
+
+def test_export_cli_writes_a_safetensors_file(two_shards, tmp_path):
+    from optserve.cli import main
+
+    model = nn.Linear(300, 5)
+    with RemoteAdam(model.named_parameters(), two_shards, slice_elements=512):
+        pass
+    out = tmp_path / "model.safetensors"
+
+    code = main(["export", *two_shards, "--out", str(out)])
+
+    loaded = load_file(str(out))
+    assert code == 0
+    assert torch.equal(loaded["weight"], model.weight.detach()) and torch.equal(loaded["bias"], model.bias.detach())
+
+
+def test_export_of_a_subset_of_shards_says_which_elements_are_missing(two_shards):
+    model = nn.Linear(300, 5)
+    with RemoteAdam(model.named_parameters(), two_shards, slice_elements=512):
+        pass
+
+    with pytest.raises(ValueError, match="on no shard given"):
+        gather(two_shards[:1])
+
+
+def test_a_worker_re_registers_when_its_shard_restarts_empty():
+    model = nn.Linear(6, 2)
+    with run_server() as address:
+        port = int(address.rsplit(":", 1)[1])
+        opt = RemoteAdam(model.named_parameters(), [address], retry_budget=10)
+        opt.zero_grad()
+        model(torch.randn(3, 6)).sum().backward()
+        opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    with run_server(port=port):  # the same address, no checkpoint: the keys are gone
+        opt.zero_grad()
+        model(torch.randn(3, 6)).sum().backward()
+        opt.step()  # NOT_FOUND -> registers the keys again with this worker's values, drops this gradient
+        versions = dict(opt.versions)
+        opt.close()
+
+    assert opt.dropped_pushes == 1
+    assert versions == {"weight": 0, "bias": 0}
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
