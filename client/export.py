@@ -13,11 +13,12 @@ from typing import Sequence
 import torch
 from safetensors.torch import save_file
 
-from optserve.client.transport import ShardClient
+from optserve.client.transport import Security, ShardClient
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 
 
-def gather(addresses: Sequence[str], timeout: float = 300.0) -> dict[str, torch.Tensor]:
+def gather(addresses: Sequence[str], timeout: float = 300.0, security: Security | None = None
+           ) -> dict[str, torch.Tensor]:
     """Every parameter held by these shards, reassembled from its keys, as {name: tensor}."""
     flat: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -41,7 +42,7 @@ def gather(addresses: Sequence[str], timeout: float = 300.0) -> dict[str, torch.
         return out
 
     for address in addresses:
-        client = ShardClient(address, timeout=timeout)
+        client = ShardClient(address, timeout=timeout, security=security)
         try:
             keys = [k.key for k in client.stats().keys]
             if keys:
@@ -62,18 +63,18 @@ def gather(addresses: Sequence[str], timeout: float = 300.0) -> dict[str, torch.
     return {name: t.reshape(shapes[name]) for name, t in flat.items()}
 
 
-def export_main(addresses: Sequence[str], out: str) -> int:
-    params = gather(addresses)
+def export_main(addresses: Sequence[str], out: str, security: Security | None = None) -> int:
+    params = gather(addresses, security=security)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file(params, out)
     print(f"wrote {len(params)} parameters ({sum(t.numel() for t in params.values())} elements) to {out}")
     return 0
 
 
-def checkpoint_main(addresses: Sequence[str]) -> int:
+def checkpoint_main(addresses: Sequence[str], security: Security | None = None) -> int:
     """`optserve checkpoint ADDR...`: every shard writes a checkpoint now."""
     for address in addresses:
-        client = ShardClient(address)
+        client = ShardClient(address, security=security)
         try:
             reply = client.checkpoint()
             print(f"{address}: {reply.path} ({reply.keys} keys, {reply.seconds:.2f} s)")

@@ -21,7 +21,7 @@ from optserve.hyper import AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, WIRE_DTYPES, Outgoing, dtype_to_proto
 from optserve.client.partition import DEFAULT_SLICE_ELEMENTS, Placement, partition
-from optserve.client.transport import RetryPolicy, ShardClient, ShardError
+from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
 
 log = logging.getLogger("optserve.client")
 
@@ -74,6 +74,9 @@ class RemoteAdam(torch.optim.Optimizer):
     either way, and registration and state_dict always travel in float32), client_id (defaults to a
     random id), retry_budget (seconds within which UNAVAILABLE and DEADLINE_EXCEEDED are retried
     with backoff: a restarting shard is waited for; pushes are retried safely, each applied once).
+    Security: tls=True (or root_certificates=PEM bytes, or OPTSERVE_TLS_CA=path) for TLS;
+    certificate_chain and private_key (PEM) for mutual TLS; token (or OPTSERVE_TOKEN) is sent as
+    `authorization: Bearer <token>` on every call.
     overlap=True sends gradients during backward: a hook on each parameter
     (register_post_accumulate_grad_hook) fills buckets of `bucket_bytes` (25 MiB default) in reverse
     registration order, and each full bucket is pushed at once; step() pushes what is left, waits,
@@ -89,7 +92,9 @@ class RemoteAdam(torch.optim.Optimizer):
                  timeout: float = 300.0, connect_timeout: float = 30.0,
                  wire_dtype: torch.dtype = torch.float32, pull_dtype: torch.dtype = torch.float32,
                  overlap: bool = False, bucket_bytes: int = 25 * 1024 * 1024, retry_budget: float = 60.0,
-                 client_id: str | None = None):
+                 tls: bool = False, root_certificates: bytes | None = None,
+                 certificate_chain: bytes | None = None, private_key: bytes | None = None,
+                 token: str | None = None, client_id: str | None = None):
         servers = [servers] if isinstance(servers, str) else list(servers)
         if not servers:
             raise ValueError("RemoteAdam needs at least one server address")
@@ -124,8 +129,9 @@ class RemoteAdam(torch.optim.Optimizer):
         self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
 
         retry = RetryPolicy(budget=retry_budget)
-        self._shards = [ShardClient(a, timeout=timeout, chunk_bytes=chunk_bytes,
-                                    max_message_bytes=max_message_bytes, retry=retry) for a in servers]
+        security = Security.from_env(tls, root_certificates, certificate_chain, private_key, token)
+        self._shards = [ShardClient(a, timeout=timeout, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes,
+                                    retry=retry, security=security) for a in servers]
         self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="remote-adam")
         try:
             for i, (shard, hello) in enumerate(zip(self._shards, self._fan_out(
@@ -142,7 +148,7 @@ class RemoteAdam(torch.optim.Optimizer):
             for pl in self.placements:
                 self._by_shard[pl.shard].append(pl)
             self.versions: dict[str, int] = {}
-            self.last_staleness: dict[str, int] = {}  # per key, of its last applied push
+            self.last_staleness: dict[str, int] = {}  # per key: the staleness of its push in the last step
             self.dropped_pushes = 0  # pushes a policy discarded (ssp over the bound, sync late)
             self._fan_out(self._register_shard, range(len(servers)))
             if overlap:
@@ -260,6 +266,7 @@ class RemoteAdam(torch.optim.Optimizer):
         for p, name in self._names.items():
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"parameter {name!r} has a sparse gradient; RemoteAdam needs dense ones")
+        self.last_staleness = {}  # this step's: a key whose gradient was dropped has none
         if self.overlap:
             self._finish_overlapped_step()
             return loss

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 from typing import Sequence, TextIO
 
-from optserve.client.transport import RetryPolicy, ShardClient, ShardError
+from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
 
 
-def collect(addresses: Sequence[str], timeout: float = 10.0) -> list[dict]:
+def collect(addresses: Sequence[str], timeout: float = 10.0, security: Security | None = None) -> list[dict]:
     """Stats of every shard as plain dicts; an unreachable shard gives {"address", "error"}."""
     out = []
     for address in addresses:
-        client = ShardClient(address, timeout=timeout, retry=RetryPolicy(budget=1.0))  # say so quickly
+        client = ShardClient(address, timeout=timeout, retry=RetryPolicy(budget=1.0),  # say so quickly
+                             security=security)
         try:
             stats = client.stats()
             out.append({"address": address, **_to_dict(stats)})
@@ -50,20 +51,39 @@ def render(shards: list[dict], out: TextIO) -> None:
               f"device {h['device']}  version {h['server_version']}", file=out)
         print(f"  keys {len(s['keys'])}  pushes {s['pushes']}  pulls {s['pulls']}  "
               f"bytes in {s['bytes_in']}  out {s['bytes_out']}  rejected {s['rejected']}  "
-              f"staleness mean {st['mean']:.2f} max {st['max']}", file=out)
+              f"duplicates {s['duplicates']}  dropped {s['dropped']}", file=out)
+        hist = s["staleness"]["histogram"]
+        top = max((i for i, n in enumerate(hist) if n), default=0)
+        print(f"  staleness: {st['count']} pushes, mean {st['mean']:.2f}, max {st['max']}, histogram "
+              f"{' '.join(f'{i}:{n}' for i, n in enumerate(hist[:top + 1]) if n) or '-'}", file=out)
+        if s["checkpoint"]:
+            print(f"  checkpoint {s['checkpoint']} ({s['checkpoint_age']:.0f} s ago)", file=out)
         if s["keys"]:
             width = max(len(k["key"]) for k in s["keys"])
-            print(f"  {'key':<{width}}  {'shape':<16} {'version':>8} {'pushes':>8} {'stale mean':>10} "
-                  f"{'max':>5}", file=out)
+            print(f"  {'key':<{width}}  {'shape':<16} {'version':>8} {'pushes':>8} {'dropped':>8} "
+                  f"{'stale mean':>10} {'max':>5}", file=out)
             for k in s["keys"]:
                 shape = "x".join(str(d) for d in k["shape"]) or "scalar"
                 ks = k["staleness"]
-                print(f"  {k['key']:<{width}}  {shape:<16} {k['version']:>8} {k['pushes']:>8} "
+                print(f"  {k['key']:<{width}}  {shape:<16} {k['version']:>8} {k['pushes']:>8} {k['dropped']:>8} "
                       f"{ks['mean']:>10.2f} {ks['max']:>5}", file=out)
 
 
-def status_main(addresses: Sequence[str], as_json: bool, out: TextIO) -> int:
-    shards = collect(addresses)
+def health_main(address: str, security: Security | None, out: TextIO) -> int:
+    """`optserve health ADDR`: print the shard's grpc.health.v1 status; exit 0 only when SERVING."""
+    client = ShardClient(address, timeout=5.0, retry=RetryPolicy(budget=0.0), security=security)
+    try:
+        status = client.health()
+    except ShardError as exc:
+        status = f"unreachable ({exc.code.name}: {exc.details})"
+    finally:
+        client.close()
+    print(f"{address}: {status}", file=out)
+    return 0 if status == "SERVING" else 1
+
+
+def status_main(addresses: Sequence[str], as_json: bool, out: TextIO, security: Security | None = None) -> int:
+    shards = collect(addresses, security=security)
     if as_json:
         json.dump(shards, out, indent=2)
         out.write("\n")

@@ -7,13 +7,16 @@ module knows nothing about models or Adam: RemoteAdam (remote_adam.py) decides w
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Expected,
@@ -29,7 +32,47 @@ Sink = Callable[[pb.PullHead], dict[tuple[int, int], torch.Tensor]]
 
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# An UNAVAILABLE that is a failed TLS handshake will not heal by waiting: it is not retried.
+_TLS_FAILURE = ("ssl", "tls", "handshake", "certificate")
+TOKEN_ENV = "OPTSERVE_TOKEN"
+TLS_CA_ENV = "OPTSERVE_TLS_CA"
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a worker reaches shards: TLS (optionally with a client certificate) and a bearer token.
+
+    `from_env` fills what was not given from OPTSERVE_TOKEN and OPTSERVE_TLS_CA (a PEM file path).
+    """
+    tls: bool = False
+    root_certificates: bytes | None = None  # PEM CA; None: the system's roots
+    certificate_chain: bytes | None = None  # mutual TLS: this client's certificate (PEM)
+    private_key: bytes | None = None
+    token: str | None = None
+
+    @classmethod
+    def from_env(cls, tls: bool = False, root_certificates: bytes | None = None,
+                 certificate_chain: bytes | None = None, private_key: bytes | None = None,
+                 token: str | None = None) -> "Security":
+        ca_file = os.environ.get(TLS_CA_ENV)
+        if root_certificates is None and ca_file:
+            root_certificates = Path(ca_file).read_bytes()
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("a client certificate needs both certificate_chain and private_key")
+        return cls(tls=tls or root_certificates is not None or certificate_chain is not None,
+                   root_certificates=root_certificates, certificate_chain=certificate_chain,
+                   private_key=private_key, token=token or os.environ.get(TOKEN_ENV) or None)
+
+    def channel(self, address: str, options: list[tuple[str, object]]) -> grpc.Channel:
+        """The one place channels are made."""
+        if not self.tls:
+            return grpc.insecure_channel(address, options=options)
+        creds = grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+        return grpc.secure_channel(address, creds, options=options)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
 
 @dataclass(frozen=True)
@@ -64,14 +107,15 @@ class ShardClient:
     def __init__(self, address: str, *, timeout: float = 300.0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), security: Security | None = None):
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.retry = retry
-        self.channel = grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", max_message_bytes),
-                              ("grpc.max_send_message_length", max_message_bytes)])
+        security = security or Security.from_env()
+        self._md = security.metadata()
+        self.channel = security.channel(address, [("grpc.max_receive_message_length", max_message_bytes),
+                                                  ("grpc.max_send_message_length", max_message_bytes)])
         c = self.channel
         self._hello = c.unary_unary(_METHOD + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
                                     response_deserializer=pb.HelloReply.FromString)
@@ -103,7 +147,8 @@ class ShardClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 pause = random.uniform(0, delay)
-                if code not in RETRYABLE or time.monotonic() + pause > give_up:
+                tls_failure = any(word in (exc.details() or "").lower() for word in _TLS_FAILURE)
+                if code not in RETRYABLE or tls_failure or time.monotonic() + pause > give_up:
                     trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
                     raise ShardError(self.address, method, code, exc.details(),
                                      trailing.get(REASON_METADATA, "")) from None
@@ -117,36 +162,44 @@ class ShardClient:
     def hello(self, wait: float | None = None) -> pb.HelloReply:
         """Hello; with `wait`, waits up to that many seconds for the shard to come up."""
         return self._call("Hello", lambda: self._hello(pb.HelloRequest(), timeout=wait or self.timeout,
-                                                       wait_for_ready=wait is not None))
+                                                       wait_for_ready=wait is not None, metadata=self._md))
 
     def stats(self) -> pb.StatsReply:
-        return self._call("Stats", lambda: self._stats(pb.StatsRequest(), timeout=self.timeout))
+        return self._call("Stats", lambda: self._stats(pb.StatsRequest(), timeout=self.timeout, metadata=self._md))
 
     def checkpoint(self) -> pb.CheckpointReply:
-        return self._call("Checkpoint", lambda: self._checkpoint(pb.CheckpointRequest(), timeout=self.timeout))
+        return self._call("Checkpoint", lambda: self._checkpoint(pb.CheckpointRequest(), timeout=self.timeout,
+                                                                 metadata=self._md))
 
     def register(self, head: pb.RegisterHead, values: Sequence[Outgoing] = ()) -> pb.RegisterReply:
         return self._call("Register", lambda: self._register(
-            self._stream(pb.RegisterRequest, head, values, torch.float32), timeout=self.timeout))
+            self._stream(pb.RegisterRequest, head, values, torch.float32), timeout=self.timeout, metadata=self._md))
 
     def push(self, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype) -> pb.PushReply:
         return self._call("Push", lambda: self._push(
-            self._stream(pb.PushRequest, head, grads, wire_dtype), timeout=self.timeout))
+            self._stream(pb.PushRequest, head, grads, wire_dtype), timeout=self.timeout, metadata=self._md))
 
     def push_pull(self, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype,
                   sink: Sink) -> pb.PullHead:
         """Push gradients, then receive the fresh parameters into sink's tensors; returns the head."""
         return self._call("PushPull", lambda: receive(self._push_pull(
-            self._stream(pb.PushRequest, head, grads, wire_dtype), timeout=self.timeout), sink))
+            self._stream(pb.PushRequest, head, grads, wire_dtype), timeout=self.timeout, metadata=self._md), sink))
 
     def pull(self, request: pb.PullRequest, sink: Sink) -> pb.PullHead:
         if not request.chunk_bytes:
             request.chunk_bytes = self.chunk_bytes
-        return self._call("Pull", lambda: receive(self._pull(request, timeout=self.timeout), sink))
+        return self._call("Pull", lambda: receive(self._pull(request, timeout=self.timeout, metadata=self._md), sink))
 
     def set_state(self, head: pb.SetStateHead, items: Sequence[Outgoing]) -> pb.SetStateReply:
         return self._call("SetState", lambda: self._set_state(
-            self._stream(pb.SetStateRequest, head, items, torch.float32), timeout=self.timeout))
+            self._stream(pb.SetStateRequest, head, items, torch.float32), timeout=self.timeout, metadata=self._md))
+
+    def health(self) -> str:
+        """The standard grpc.health.v1 status of the shard ("SERVING", "NOT_SERVING", ...)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        reply = self._call("Health", lambda: stub.Check(health_pb2.HealthCheckRequest(service=""),
+                                                        timeout=self.timeout))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def _stream(self, message_type, head, items: Iterable[Outgoing], dtype: torch.dtype) -> Iterator[bytes]:
         def meta(segments, first):

@@ -4,51 +4,96 @@ Parses arguments and hands on; no logic of its own."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from optserve import __version__
 from optserve.client.transport import ShardError
 
 
+def _client_arguments(p: argparse.ArgumentParser) -> None:
+    """How the command reaches shards (TLS, token): the same as RemoteAdam's options."""
+    p.add_argument("--tls-ca", help="PEM CA to verify the shards (TLS; or OPTSERVE_TLS_CA)")
+    p.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="PEM client key (mutual TLS)")
+    p.add_argument("--token-file", help="file holding the bearer token (or OPTSERVE_TOKEN)")
+
+
+def _security(args: argparse.Namespace):
+    from optserve.client.transport import Security
+
+    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    return Security.from_env(tls=bool(args.tls_ca), root_certificates=read(args.tls_ca),
+                             certificate_chain=read(args.tls_cert), private_key=read(args.tls_key), token=token)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from optserve import demo
+    from optserve import demo, experiment
     from optserve.server.main import add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="optserve", description="Optimizer-as-a-service for PyTorch.")
     parser.add_argument("--version", action="version", version=f"optserve {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="run one shard"))
-    status = sub.add_parser("status", help="print each shard's keys, versions, pushes, staleness")
+    status = sub.add_parser("status", help="print each shard's keys, versions, pushes, staleness, checkpoint")
     status.add_argument("addresses", nargs="+", metavar="ADDR", help="shard addresses (host:port)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    health = sub.add_parser("health", help="exit 0 when the shard's grpc.health.v1 status is SERVING")
+    health.add_argument("address", metavar="ADDR")
     ckpt = sub.add_parser("checkpoint", help="make each shard write a checkpoint now")
     ckpt.add_argument("addresses", nargs="+", metavar="ADDR", help="shard addresses (host:port)")
     export = sub.add_parser("export", help="write all parameters (slices reassembled) to a safetensors file")
     export.add_argument("addresses", nargs="+", metavar="ADDR", help="every shard's address (host:port)")
     export.add_argument("--out", required=True, help="the .safetensors file to write")
+    for p in (status, health, ckpt, export):
+        _client_arguments(p)
     demo.add_arguments(sub.add_parser("demo", help="train digits with 2 in-process shards and 4 workers"))
+    experiment.add_arguments(sub.add_parser(
+        "experiment", help="compare sync, async and ssp:S training with worker and shard processes"))
     return parser
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if args.log_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
         if args.command == "serve":
             from optserve.server.main import serve_main
             return serve_main(args)
         if args.command == "status":
             from optserve.client.status import status_main
-            return status_main(args.addresses, args.json, sys.stdout)
+            return status_main(args.addresses, args.json, sys.stdout, _security(args))
+        if args.command == "health":
+            from optserve.client.status import health_main
+            return health_main(args.address, _security(args), sys.stdout)
         if args.command == "checkpoint":
             from optserve.client.export import checkpoint_main
-            return checkpoint_main(args.addresses)
+            return checkpoint_main(args.addresses, _security(args))
         if args.command == "export":
             from optserve.client.export import export_main
-            return export_main(args.addresses, args.out)
+            return export_main(args.addresses, args.out, _security(args))
+        if args.command == "experiment":
+            from optserve import experiment
+            return experiment.main(args)
         from optserve import demo
         return demo.main(args)
     except ValueError as exc:  # configuration errors: say what was wrong, no traceback

@@ -57,7 +57,7 @@ class DemoConfig:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int):
+def torch_threads(n: int):
     """torch's intra-op thread count set to n for the block, then restored."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -81,7 +81,7 @@ def _shard_stats(servers: list[str]) -> list[Any]:
     return out
 
 
-def _require_demo_packages() -> tuple[Any, Any, Any]:
+def require_demo_packages() -> tuple[Any, Any, Any]:
     """(sklearn.datasets, matplotlib.figure.Figure, tqdm) or an ImportError saying how to get them."""
     try:
         import sklearn.datasets
@@ -94,7 +94,7 @@ def _require_demo_packages() -> tuple[Any, Any, Any]:
     return sklearn, Figure, tqdm
 
 
-def _load_digits(sklearn, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits(sklearn, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Digits as float features in [0, 1]; a stratified 25% test split with a fixed seed."""
     data = sklearn.datasets.load_digits()
     x = (data.data / 16.0).astype(np.float32)  # pixel counts are 0..16
@@ -104,7 +104,7 @@ def _load_digits(sklearn, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
             torch.from_numpy(x_test), torch.from_numpy(y_test).long())
 
 
-def _make_model(seed: int) -> nn.Module:
+def make_model(seed: int) -> nn.Module:
     # A private generator, not torch.manual_seed: every replica gets the same weights without
     # touching the process's global RNG (the caller's, and other threads').
     gen = torch.Generator().manual_seed(seed)
@@ -117,7 +117,7 @@ def _make_model(seed: int) -> nn.Module:
     return model
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed: int):
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed: int):
     """`steps` minibatches, reshuffling x at every pass; the last short batch of a pass is dropped."""
     gen = torch.Generator().manual_seed(seed)
     per_pass = max(1, len(x) // batch_size)
@@ -131,11 +131,11 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> float:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> float:
     opt.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(xb), yb)
     loss.backward()
@@ -159,15 +159,15 @@ def _run_optserve(cfg: DemoConfig, x_train, y_train, x_test, y_test, tqdm, progr
         log.info("%d shards on %s", cfg.shards, ", ".join(servers))
         # Replicas and optimizers are built here, in order, so worker 0 registers the (shared) initial
         # weights; the others adopt the shards' values at construction.
-        models = [_make_model(cfg.seed) for _ in range(cfg.workers)]
+        models = [make_model(cfg.seed) for _ in range(cfg.workers)]
         opts = [stack.enter_context(RemoteAdam(m.named_parameters(), servers=servers, **remote)) for m in models]
         bar = stack.enter_context(tqdm(total=cfg.workers * cfg.steps, desc="optserve", unit="step",
                                        disable=not progress, leave=False))
 
         def work(w: int) -> None:
             share = shares[w]
-            for xb, yb in _batches(x_train[share], y_train[share], cfg.batch_size, cfg.steps, cfg.seed + 1 + w):
-                loss = _train_step(models[w], opts[w], xb, yb)
+            for xb, yb in batches(x_train[share], y_train[share], cfg.batch_size, cfg.steps, cfg.seed + 1 + w):
+                loss = train_step(models[w], opts[w], xb, yb)
                 with lock:  # the merged curve: every worker's losses in the order their steps returned
                     losses.append(loss)
                     bar.update()
@@ -182,28 +182,28 @@ def _run_optserve(cfg: DemoConfig, x_train, y_train, x_test, y_test, tqdm, progr
 
         # A fresh replica with different weights: RemoteAdam's construction overwrites them with the
         # shards' final values, so this reads the served model, not any worker's copy.
-        final = _make_model(cfg.seed + 10_000)
+        final = make_model(cfg.seed + 10_000)
         RemoteAdam(final.named_parameters(), servers=servers, **remote).close()
         stats = _shard_stats(servers)
-    return _accuracy(final, x_test, y_test), seconds, losses, stats
+    return accuracy(final, x_test, y_test), seconds, losses, stats
 
 
 def _run_local(cfg: DemoConfig, x_train, y_train, x_test, y_test, tqdm, progress: bool
                ) -> tuple[float, float, list[float]]:
     """torch.optim.Adam on the whole training set, workers * steps steps; returns (accuracy, s, losses)."""
-    model = _make_model(cfg.seed)
+    model = make_model(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, **ADAM_OPTIONS)
     total = cfg.workers * cfg.steps
     losses = []
     start = time.perf_counter()
     with tqdm(total=total, desc="local Adam", unit="step", disable=not progress, leave=False) as bar:
-        for xb, yb in _batches(x_train, y_train, cfg.batch_size, total, cfg.seed + 1):
-            losses.append(_train_step(model, opt, xb, yb))
+        for xb, yb in batches(x_train, y_train, cfg.batch_size, total, cfg.seed + 1):
+            losses.append(train_step(model, opt, xb, yb))
             bar.update()
-    return _accuracy(model, x_test, y_test), time.perf_counter() - start, losses
+    return accuracy(model, x_test, y_test), time.perf_counter() - start, losses
 
 
-def _smooth(values: list[float], window: int) -> np.ndarray:
+def moving_average(values: list[float], window: int) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if len(v) < window:
         return v
@@ -220,7 +220,7 @@ def _plot(Figure: Callable, path: Path, cfg: DemoConfig, remote: list[float], lo
                      f"(all workers' losses in the order their pushes finished)", "tab:blue"),
             (local, "local torch.optim.Adam, 1 process", "tab:orange")):
         ax.plot(np.arange(1, len(values) + 1), values, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(np.arange(window, len(values) + 1), _smooth(values, window), color=color, label=label)
+        ax.plot(np.arange(window, len(values) + 1), moving_average(values, window), color=color, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step (global)")
     ax.set_ylabel(f"training loss (cross-entropy; line: mean of {window})")
@@ -239,14 +239,14 @@ def run_demo(workers: int = 4, shards: int = 2, steps: int = DemoConfig.steps,
     shard applied), staleness_mean (over all shards' keys), steps_local, png (path of the plot).
     """
     cfg = DemoConfig(workers=workers, shards=shards, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    sklearn, Figure, tqdm = _require_demo_packages()
-    x_train, y_train, x_test, y_test = _load_digits(sklearn, cfg.seed)
+    sklearn, Figure, tqdm = require_demo_packages()
+    x_train, y_train, x_test, y_test = load_digits(sklearn, cfg.seed)
     log.info("digits: %d training and %d test images; %d workers x %d steps, batch %d, lr %g",
              len(x_train), len(x_test), cfg.workers, cfg.steps, cfg.batch_size, cfg.lr)
 
     # One intra-op thread: these matmuls are tiny, and on a small shared machine torch's thread pool
     # fights the worker and gRPC threads for cores (the local run was 40x slower with 2 threads here).
-    with _torch_threads(1):
+    with torch_threads(1):
         acc_remote, s_remote, loss_remote, stats = _run_optserve(cfg, x_train, y_train, x_test, y_test, tqdm,
                                                                  progress)
         acc_local, s_local, loss_local = _run_local(cfg, x_train, y_train, x_test, y_test, tqdm, progress)

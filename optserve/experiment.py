@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from optserve.demo import (ADAM_OPTIONS, REMOTE_ONLY_OPTIONS, _accuracy, _batches, _load_digits, _make_model,
-                           _require_demo_packages, _smooth, _torch_threads, _train_step)
+from optserve.demo import (ADAM_OPTIONS, REMOTE_ONLY_OPTIONS, accuracy, batches, load_digits, make_model,
+                           require_demo_packages, moving_average, torch_threads, train_step)
 
 CSV_NAME = "experiment.csv"
 PNG_NAME = "experiment.png"
@@ -83,7 +83,7 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "digits": Task(_make_model, 3e-3, 32, "the demo's MLP 64-128-10 on digits"),
+    "digits": Task(make_model, 3e-3, 32, "the demo's MLP 64-128-10 on digits"),
     "digits-cnn": Task(_make_cnn, 2e-3, 32, "CNN conv16-conv32-pool-fc64-fc10 on 8x8 digits"),
 }
 
@@ -220,13 +220,13 @@ def _run_job(index: int, job: WorkerJob, results, go) -> None:
         # workers a straggler's count lags, and the others must not stop while it still needs W - b.
         limit = job.steps * (MAX_STEPS_PER_VERSION if job.until_version else 1)
         timed_out = False
-        for step, (xb, yb) in enumerate(_batches(x, y, job.batch_size, limit, job.seed + 1 + index), 1):
+        for step, (xb, yb) in enumerate(batches(x, y, job.batch_size, limit, job.seed + 1 + index), 1):
             if job.delay:
                 time.sleep(job.delay)  # a straggler: its gradient is computed from older parameters
             opt.last_staleness.clear()  # so it holds only the keys this step's pushes were applied to
             dropped = opt.dropped_pushes
             try:
-                loss = _train_step(model, opt, xb, yb)
+                loss = train_step(model, opt, xb, yb)
             except ShardError as exc:
                 # With backup workers, a worker's view of the versions can differ between shards (it was
                 # late on one); its last push can then open a step past the end, which the workers that
@@ -385,7 +385,7 @@ def _run_mode(cfg: ExperimentConfig, mode: str, servers: list[str], workers: _Wo
     RemoteAdam(final.named_parameters(), servers=servers, timeout=cfg.timeout).close()
     rows.sort(key=lambda r: (r["worker"], r["step"]))
     return {"rows": rows, "dropped": sum(dropped.values()), "wall_time": max(r["wall_time"] for r in rows),
-            "accuracy": _accuracy(final, x_test, y_test), "ended_on_wait_timeout": timed_out}
+            "accuracy": accuracy(final, x_test, y_test), "ended_on_wait_timeout": timed_out}
 
 
 # -- analysis and outputs ---------------------------------------------------------------------------
@@ -399,7 +399,7 @@ def _loss_over_time(rows: Sequence[dict], workers: int) -> tuple[np.ndarray, np.
     ordered = sorted(rows, key=lambda r: r["wall_time"])
     window = _window(len(ordered), workers)
     return (np.array([r["wall_time"] for r in ordered])[window - 1:],
-            _smooth([r["loss"] for r in ordered], window))
+            moving_average([r["loss"] for r in ordered], window))
 
 
 def _loss_by_step(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -482,7 +482,7 @@ def _plot(Figure: Callable, path: Path, cfg: ExperimentConfig, results: dict[str
         steps, mean = _loss_by_step(r["rows"])
         window = max(1, min(10, len(mean) // 10))
         ax_step.plot(steps, mean, color=colors[mode], alpha=0.2, linewidth=0.8)
-        ax_step.plot(steps[window - 1:], _smooth(list(mean), window), color=colors[mode], label=mode)
+        ax_step.plot(steps[window - 1:], moving_average(list(mean), window), color=colors[mode], label=mode)
     for ax in (ax_time, ax_step):
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
         ax.set_yscale("log")
@@ -523,8 +523,8 @@ def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2, mode
     cfg = ExperimentConfig(task=task, workers=workers, shards=shards, modes=tuple(modes), steps=steps,
                            batch_size=batch_size, lr=lr, seed=seed, delay=parse_delay(delay),
                            backup_workers=backup_workers, stale=stale, target_loss=target_loss, timeout=timeout)
-    sklearn, Figure, tqdm = _require_demo_packages()
-    x_train, y_train, x_test, y_test = _load_digits(sklearn, cfg.seed)
+    sklearn, Figure, tqdm = require_demo_packages()
+    x_train, y_train, x_test, y_test = load_digits(sklearn, cfg.seed)
     # Each worker trains on its own disjoint share of a seeded shuffle of the training set (as the demo).
     shares = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed)).chunk(cfg.workers)
     results: dict[str, dict] = {}
@@ -536,7 +536,7 @@ def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2, mode
         pool = _Workers(cfg.workers)
         deadline = time.monotonic() + START_TIMEOUT
         servers = {m: [s.address(deadline) for s in ss] for m, ss in shard_procs.items()}
-        with _torch_threads(1):  # the evaluation's replica; this process's thread count is put back
+        with torch_threads(1):  # the evaluation's replica; this process's thread count is put back
             for mode in cfg.modes:
                 results[mode] = _run_mode(cfg, mode, servers[mode], pool, shares,
                                           (x_train, y_train, x_test, y_test), tqdm, progress)
@@ -575,7 +575,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"seed of split, weights and shuffles (default {d.seed})")
     parser.add_argument("--delay", default="", metavar="W:SEC[,W:SEC...]",
                         help="stragglers: worker W sleeps SEC seconds before each step, e.g. 3:0.05; -1 is the last "
-                             "worker (default none)")
+                             "worker, written --delay=-1:0.05 (default none)")
     parser.add_argument("--backup-workers", type=int, default=d.backup_workers,
                         help="sync: step after the first workers - b gradients; later ones are dropped (default 0)")
     parser.add_argument("--stale", choices=("reject", "scale"), default=d.stale,

@@ -1,7 +1,8 @@
-"""Shard process lifecycle: build the gRPC server, run it in-process or as `optserve serve`.
+"""Shard process lifecycle: configuration, wiring (`Shard`), checkpoints, `optserve serve`.
 
 `run_server(...)` is a context manager yielding the bound address (port 0 picks a free one), used by
-tests, the demo and the CLI alike. This module wires pieces together; it holds no state of its own.
+tests and the demo; `optserve serve` runs the same `Shard`. This module wires pieces together; it
+does no request handling and no tensor math.
 """
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ from typing import Iterator, Sequence
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from optserve.server.checkpoint import CheckpointData, restore_latest, write_checkpoint
+from optserve.server.auth import TokenInterceptor, is_loopback, load_token, server_credentials
+from optserve.server.metrics import ShardMetrics
 from optserve.server.policy import parse_policy
-from optserve.server.service import ShardInfo, Servicer, generic_handler
+from optserve.server.service import SERVICE_NAME, ShardInfo, Servicer, generic_handler
 from optserve.server.store import Store, StoreLimits
 
 log = logging.getLogger("optserve.server")
@@ -51,6 +56,13 @@ class ServerConfig:
     max_keys: int = StoreLimits.max_keys
     max_tensor_elements: int = StoreLimits.max_tensor_elements
     max_shard_elements: int = StoreLimits.max_shard_elements
+    insecure: bool = False  # allow plaintext on a non-loopback address
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # mutual TLS: clients must present a certificate this CA signed
+    token_file: str = ""  # bearer token (else OPTSERVE_TOKEN); never a command-line value
+    metrics_port: int = -1  # Prometheus /metrics port; -1: off, 0: any free port
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -73,6 +85,15 @@ class ServerConfig:
             raise ValueError("--checkpoint-every needs --checkpoint-dir")
         if not self.wait_timeout > 0:
             raise ValueError(f"wait timeout must be > 0 seconds, got {self.wait_timeout}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if not self.tls_cert and not self.insecure and not is_loopback(self.host):
+            raise ValueError(f"refusing plaintext on {self.host}: give --tls-cert/--tls-key, or --insecure "
+                             f"to accept unencrypted traffic")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in -1..65535, got {self.metrics_port}")
         resolve_device(self.device)
         self.make_policy()
 
@@ -161,51 +182,99 @@ class Checkpointer:
             self._thread.join()
 
 
-def build_server(cfg: ServerConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()
-                 ) -> tuple[grpc.Server, Servicer, int]:
-    """A ready (not yet started) grpc.Server for one shard, its servicer, and the port it bound.
+class Shard:
+    """One shard's process-level pieces, wired: store, policy, servicer, grpc server, health,
+    reflection, checkpoints and metrics. `start()` binds and serves; `stop()` ends it."""
 
-    With a checkpoint directory the newest checkpoint is restored before the port is bound.
-    """
-    store = Store(resolve_device(cfg.device), StoreLimits(cfg.max_keys, cfg.max_tensor_elements,
-                                                          cfg.max_shard_elements),
-                  apply_log=open(cfg.apply_log, "a", encoding="utf-8") if cfg.apply_log else None)
-    policy = cfg.make_policy()
-    checkpointer = Checkpointer(store, policy, cfg) if cfg.checkpoint_dir else None
-    if checkpointer is not None:
-        checkpointer.restore()
-    info = ShardInfo(shard_index=cfg.shard_index, num_shards=cfg.num_shards, policy=policy.name,
-                     chunk_bytes=cfg.chunk_bytes, max_message_bytes=cfg.max_message_bytes,
-                     wait_timeout=cfg.wait_timeout)
-    servicer = Servicer(store, policy, info, checkpointer)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"shard{cfg.shard_index}"),
-        interceptors=list(interceptors),
-        options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
-                 ("grpc.max_send_message_length", cfg.max_message_bytes),
-                 ("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((generic_handler(servicer),))
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    if port == 0:
-        raise OSError(f"could not bind {cfg.host}:{cfg.port}")
-    return server, servicer, port
+    def __init__(self, cfg: ServerConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()):
+        self.cfg = cfg
+        store = Store(resolve_device(cfg.device), StoreLimits(cfg.max_keys, cfg.max_tensor_elements,
+                                                              cfg.max_shard_elements),
+                      apply_log=open(cfg.apply_log, "a", encoding="utf-8") if cfg.apply_log else None)
+        policy = cfg.make_policy()
+        self.checkpointer = Checkpointer(store, policy, cfg) if cfg.checkpoint_dir else None
+        self.metrics = ShardMetrics()
+        info = ShardInfo(shard_index=cfg.shard_index, num_shards=cfg.num_shards, policy=policy.name,
+                         chunk_bytes=cfg.chunk_bytes, max_message_bytes=cfg.max_message_bytes,
+                         wait_timeout=cfg.wait_timeout)
+        self.servicer = Servicer(store, policy, info, self.checkpointer, self.metrics)
+        self.metrics.watch(self.servicer)
+        token = load_token(cfg.token_file)
+        chain = list(interceptors)
+        if token:
+            chain.insert(0, TokenInterceptor(token, lambda method: self.servicer.counters.refused(
+                grpc.StatusCode.UNAUTHENTICATED)))
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"shard{cfg.shard_index}"),
+            interceptors=chain,
+            options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
+                     ("grpc.max_send_message_length", cfg.max_message_bytes),
+                     ("grpc.so_reuseport", 0)])
+        self.server.add_generic_rpc_handlers((generic_handler(self.servicer),))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            self.port = self.server.add_secure_port(
+                address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        self.token = bool(token)
+        self.metrics_port = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        """Serve: health says NOT_SERVING (and calls get UNAVAILABLE) until a checkpoint is restored."""
+        self._set_health(False)
+        self.servicer.ready.clear()
+        self.server.start()
+        if self.cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+        if self.checkpointer is not None:
+            self.checkpointer.restore()
+            self.checkpointer.start()
+        self.servicer.ready.set()
+        self._set_health(True)
+        cfg = self.cfg
+        log.info("shard %d/%d serving on %s (policy %s, device %s, %s, %s%s)", cfg.shard_index, cfg.num_shards,
+                 self.address, self.servicer.policy.name, cfg.device,
+                 ("mutual TLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "PLAINTEXT (no TLS)",
+                 "token required" if self.token else "no token",
+                 f", metrics on {cfg.metrics_host}:{self.metrics_port}" if self.metrics_port else "")
+
+    def stop(self, grace: float | None = None, final_checkpoint: bool = False) -> None:
+        """Stop serving (finishing calls in flight for `grace` seconds); optionally checkpoint last."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.metrics.stop()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
+            if final_checkpoint:
+                self.checkpointer.write()  # after the last call: everything acknowledged is in it
 
 
 @contextlib.contextmanager
 def run_server(port: int = 0, host: str = "127.0.0.1", interceptors: Sequence[grpc.ServerInterceptor] = (),
                **options) -> Iterator[str]:
     """Run one shard in this process; yields its address ("host:port"); stops it on exit."""
-    cfg = ServerConfig(host=host, port=port, **options)
-    server, servicer, bound = build_server(cfg, interceptors)
-    server.start()
-    if servicer.checkpointer is not None:
-        servicer.checkpointer.start()
+    shard = Shard(ServerConfig(host=host, port=port, **options), interceptors)
+    shard.start()
     try:
-        yield f"{host}:{bound}"
+        yield shard.address
     finally:
-        server.stop(grace=None).wait()
-        if servicer.checkpointer is not None:
-            servicer.checkpointer.stop()
+        shard.stop()
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -215,25 +284,22 @@ def serve_main(args: argparse.Namespace) -> int:
                        wait_timeout=args.wait_timeout, checkpoint_dir=args.checkpoint_dir or "",
                        checkpoint_every=args.checkpoint_every, keep=args.keep, apply_log=args.apply_log or "",
                        shard_index=args.shard_index, num_shards=args.num_shards, threads=args.threads,
-                       chunk_bytes=args.chunk_bytes, max_message_bytes=args.max_message_bytes)
+                       chunk_bytes=args.chunk_bytes, max_message_bytes=args.max_message_bytes,
+                       max_keys=args.max_keys, max_tensor_elements=args.max_tensor_elements,
+                       max_shard_elements=args.max_shard_elements, insecure=args.insecure,
+                       tls_cert=args.tls_cert or "", tls_key=args.tls_key or "",
+                       tls_client_ca=args.tls_client_ca or "", token_file=args.token_file or "",
+                       metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    server, servicer, bound = build_server(cfg)
-    server.start()
-    checkpointer = servicer.checkpointer
-    if checkpointer is not None:
-        checkpointer.start()
+    shard = Shard(cfg)
     # The bound port is printed on stdout for whoever started us with --port 0; logs go to stderr.
-    print(f"listening on {cfg.host}:{bound}", flush=True)
-    log.info("shard %d/%d listening on %s:%d (policy %s, device %s, plaintext)", cfg.shard_index,
-             cfg.num_shards, cfg.host, bound, servicer.policy.name, cfg.device)
+    print(f"listening on {shard.address}", flush=True)
+    shard.start()
     stop.wait()
     log.info("stopping: finishing calls in flight (grace 5 s)")
-    server.stop(grace=5).wait()
-    if checkpointer is not None:
-        checkpointer.stop()
-        checkpointer.write()  # after the last call: everything acknowledged is in it
+    shard.stop(grace=5, final_checkpoint=True)
     log.info("stopped")
     return 0
 
@@ -261,6 +327,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-index", type=int, default=0, help="this shard's index, 0-based")
     p.add_argument("--num-shards", type=int, default=1, help="how many shards hold the model")
     p.add_argument("--threads", type=int, default=16, help="gRPC worker threads (default 16)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext on a non-loopback address (loopback is plaintext by default)")
+    p.add_argument("--tls-cert", help="PEM certificate chain of this shard (with --tls-key: TLS)")
+    p.add_argument("--tls-key", help="PEM private key of this shard")
+    p.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, clients need a certificate it signed")
+    p.add_argument("--token-file", help="file holding the bearer token clients must send (else the "
+                                         "OPTSERVE_TOKEN environment variable; none: no token)")
+    p.add_argument("--metrics-port", type=int, default=-1,
+                   help="serve Prometheus metrics on this port (0: any free port; default off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
+    p.add_argument("--max-keys", type=int, default=StoreLimits.max_keys, help="keys per shard (RESOURCE_EXHAUSTED beyond)")
+    p.add_argument("--max-tensor-elements", type=int, default=StoreLimits.max_tensor_elements,
+                   help="elements per key")
+    p.add_argument("--max-shard-elements", type=int, default=StoreLimits.max_shard_elements,
+                   help="elements per shard")
     p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                    help="payload bytes per streamed message sent by the shard (default 4 MiB)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -72,24 +73,37 @@ class _Counters:
     def __init__(self):
         self._lock = threading.Lock()
         self.bytes_in = self.bytes_out = self.rejected = self.duplicates = 0
+        self._rejected: dict[str, int] = {}
 
-    def add(self, bytes_in: int = 0, bytes_out: int = 0, rejected: int = 0, duplicates: int = 0) -> None:
+    def add(self, bytes_in: int = 0, bytes_out: int = 0, duplicates: int = 0) -> None:
         with self._lock:
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
-            self.rejected += rejected
             self.duplicates += duplicates
+
+    def refused(self, code: grpc.StatusCode) -> None:
+        with self._lock:
+            self.rejected += 1
+            self._rejected[code.name] = self._rejected.get(code.name, 0) + 1
+
+    def rejected_by_code(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._rejected)
 
 
 class Servicer:
     """Handlers of optserve.v1.OptServe over one shard's store and policy."""
 
-    def __init__(self, store: Store, policy, info: ShardInfo, checkpointer=None):
+    def __init__(self, store: Store, policy, info: ShardInfo, checkpointer=None, metrics=None):
         self.store = store
         self.policy = policy
         self.info = info
         self.checkpointer = checkpointer  # server.main.Checkpointer, when run with a checkpoint dir
+        self.metrics = metrics  # server.metrics.ShardMetrics
         self.counters = _Counters()
+        # Cleared while a checkpoint is restored: calls get UNAVAILABLE (clients retry) meanwhile.
+        self.ready = threading.Event()
+        self.ready.set()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -251,9 +265,12 @@ class Servicer:
             self.counters.add(duplicates=1)
             return pb.PushReply(versions=earlier.versions, staleness=earlier.staleness,
                                 dropped=earlier.dropped, duplicate=True)
+        start = time.perf_counter()
         try:
             # The store (or the sync policy) records the result under the lock that applies it.
             result = self.policy.submit(self.store, entries, (head.client_id, head.seq))
+            if self.metrics is not None:
+                self.metrics.update_seconds.observe(time.perf_counter() - start)
         except BaseException:
             dedupe.abort(head.client_id, head.seq)
             raise
@@ -380,9 +397,11 @@ def _guard(servicer: Servicer, fn: Callable) -> Callable:
 
     def handler(request, context):
         try:
+            if not servicer.ready.is_set():
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the shard is restoring a checkpoint")
             return fn(request, context)
         except RequestError as exc:
-            servicer.counters.add(rejected=1)
+            servicer.counters.refused(exc.code)
             log.info("refused %s: %s: %s", fn.__name__, exc.code.name, exc.message)
             if exc.reason:
                 context.set_trailing_metadata(((REASON_METADATA, exc.reason),))

@@ -256,6 +256,10 @@ class Store:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"key {name!r} is not registered on this shard")
         return key
 
+    @property
+    def elements(self) -> int:
+        return self._elements
+
     def names(self) -> list[str]:
         return list(self._keys)
 

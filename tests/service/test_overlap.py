@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from optserve import RemoteAdam
-from optserve.server.main import ServerConfig, build_server, run_server
+from optserve.server.main import ServerConfig, Shard, run_server
 
 BUCKET = 2048  # bytes: small enough that the CNN below fills several buckets
 
@@ -73,8 +73,9 @@ def test_a_second_backward_without_no_sync_is_refused(shard):
 
 
 def test_a_bucket_push_reaches_the_shard_before_backward_returns():
-    server, servicer, port = build_server(ServerConfig())
+    shard = Shard(ServerConfig())
     applied = threading.Event()
+    servicer = shard.servicer
     submit = servicer.policy.submit
 
     def observed_submit(*args):
@@ -83,7 +84,7 @@ def test_a_bucket_push_reaches_the_shard_before_backward_returns():
         return result
 
     servicer.policy.submit = observed_submit
-    server.start()
+    shard.start()
     try:
         model = small_cnn()
         seen_during_backward = []
@@ -93,10 +94,10 @@ def test_a_bucket_push_reaches_the_shard_before_backward_returns():
         # has been pushed. Waiting here on the shard's event blocks backward until the push lands,
         # so the push cannot have been sent by step() (the timeout only guards against a hang).
         x.register_hook(lambda g: seen_during_backward.append(applied.wait(timeout=30)))
-        with RemoteAdam(model.named_parameters(), [f"127.0.0.1:{port}"], overlap=True, bucket_bytes=BUCKET) as opt:
+        with RemoteAdam(model.named_parameters(), [shard.address], overlap=True, bucket_bytes=BUCKET) as opt:
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
     finally:
-        server.stop(None).wait()
+        shard.stop()
 
     assert seen_during_backward == [True]

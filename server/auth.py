@@ -1,0 +1,72 @@
+"""Who may call a shard: bearer tokens (an interceptor) and TLS credentials (built once, here).
+
+The token comes from a file or the OPTSERVE_TOKEN environment variable, never from the command line
+(where `ps` would show it). The interceptor compares in constant time and answers UNAUTHENTICATED
+before any handler runs or any request byte is read; the health service stays open so orchestrators
+can probe without the secret. No request handling lives here.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+import grpc
+
+TOKEN_ENV = "OPTSERVE_TOKEN"
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def load_token(token_file: str | None) -> str:
+    """The shard's token: from the file if given, else from OPTSERVE_TOKEN, else "" (no token)."""
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip()
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses every call but health checks unless it carries `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str, on_refused=None):
+        self._expected = f"Bearer {token}".encode()
+        self._on_refused = on_refused  # called with the method name: counts refusals in metrics
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_PREFIXES):
+            return continuation(details)
+        given = next((v for k, v in (details.metadata or ()) if k == "authorization"), "")
+        given = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given, self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        if self._on_refused is not None:
+            self._on_refused(details.method)
+        message = "missing bearer token" if not given else "wrong bearer token"
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        # Same streaming shape as the real method, so grpc never reads the request stream.
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None) -> grpc.ServerCredentials:
+    """TLS for the shard; with a client CA, mutual TLS (clients must present a certificate it signed)."""
+    client_ca = Path(client_ca_file).read_bytes() if client_ca_file else None
+    return grpc.ssl_server_credentials([(Path(key_file).read_bytes(), Path(cert_file).read_bytes())],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
