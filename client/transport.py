@@ -133,13 +133,13 @@ class ShardClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: str, attempt: Callable[[], T]) -> T:
+    def _call(self, method: str, attempt: Callable[[], T], budget: float | None = None) -> T:
         """Run attempt() until it succeeds, retrying UNAVAILABLE and DEADLINE_EXCEEDED with
         exponential backoff and full jitter within the retry budget; any other code fails at once.
 
         Retrying a push is safe: it carries the same (client_id, seq), which the shard applies once.
         """
-        give_up = time.monotonic() + self.retry.budget
+        give_up = time.monotonic() + (self.retry.budget if budget is None else budget)
         delay = self.retry.initial
         while True:
             try:
@@ -160,9 +160,10 @@ class ShardClient:
     # -- calls -----------------------------------------------------------------------------------
 
     def hello(self, wait: float | None = None) -> pb.HelloReply:
-        """Hello; with `wait`, waits up to that many seconds for the shard to come up."""
-        return self._call("Hello", lambda: self._hello(pb.HelloRequest(), timeout=wait or self.timeout,
-                                                       wait_for_ready=wait is not None, metadata=self._md))
+        """Hello; with `wait`, retries for up to that many seconds while the shard comes up (a TLS
+        or token mistake still fails at once)."""
+        return self._call("Hello", lambda: self._hello(pb.HelloRequest(), timeout=self.timeout, metadata=self._md),
+                          budget=wait)
 
     def stats(self) -> pb.StatsReply:
         return self._call("Stats", lambda: self._stats(pb.StatsRequest(), timeout=self.timeout, metadata=self._md))

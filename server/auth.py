@@ -37,7 +37,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_PREFIXES):
             return continuation(details)
-        given = next((v for k, v in (details.metadata or ()) if k == "authorization"), "")
+        given = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), "")
         given = given.encode() if isinstance(given, str) else given
         if hmac.compare_digest(given, self._expected):
             return continuation(details)

@@ -1,0 +1,274 @@
+"""TLS, mutual TLS, bearer tokens, health, reflection and metrics of a shard."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import threading
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
+
+from optserve import RemoteAdam
+from optserve.client.transport import Security, ShardClient, ShardError
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.server import main as server_main
+from optserve.server.main import ServerConfig, Shard, run_server
+
+TOKEN = "s3cret-token"
+
+
+# -- certificates made here ---------------------------------------------------------------------
+
+def _key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem(obj) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _cert(subject: str, key, issuer=None, issuer_key=None, ca=False, server=False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (x509.CertificateBuilder().subject_name(name)
+               .issuer_name(issuer.subject if issuer is not None else name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+class CA:
+    def __init__(self, name: str):
+        self.key = _key()
+        self.cert = _cert(name, self.key, ca=True)
+
+    def issue(self, subject: str, server: bool = False) -> tuple[bytes, bytes]:
+        key = _key()
+        return _pem(_cert(subject, key, self.cert, self.key, server=server)), _pem(key)
+
+    @property
+    def pem(self) -> bytes:
+        return _pem(self.cert)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    ca, other = CA("optserve test CA"), CA("another CA")
+    files = {}
+    for name, (cert, key) in {"server": ca.issue("shard", server=True), "client": ca.issue("worker"),
+                              "stranger": other.issue("stranger")}.items():
+        (d / f"{name}.pem").write_bytes(cert)
+        (d / f"{name}.key").write_bytes(key)
+        files[name] = (cert, key)
+    (d / "ca.pem").write_bytes(ca.pem)
+    return d, ca, files
+
+
+def train_once(address: str, **security) -> int:
+    model = nn.Linear(3, 2)
+    # A refused handshake looks like a shard still starting (UNAVAILABLE): a short connect_timeout
+    # makes the refusal surface quickly.
+    with RemoteAdam(model.named_parameters(), [address], retry_budget=0, connect_timeout=1, **security) as opt:
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        return opt.versions["weight"]
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+def test_tls_round_trip_with_a_generated_ca(pki):
+    d, ca, _ = pki
+    with run_server(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key")) as address:
+        assert train_once(address, root_certificates=ca.pem) == 1
+
+
+def test_a_plaintext_client_cannot_talk_to_a_tls_shard(pki):
+    d, _, _ = pki
+    with run_server(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key")) as address:
+        with pytest.raises(ShardError):
+            train_once(address)
+
+
+def test_mutual_tls_accepts_a_client_certificate_signed_by_its_ca(pki):
+    d, ca, files = pki
+    cert, key = files["client"]
+    with run_server(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"),
+                    tls_client_ca=str(d / "ca.pem")) as address:
+        assert train_once(address, root_certificates=ca.pem, certificate_chain=cert, private_key=key) == 1
+
+
+@pytest.mark.parametrize("client", [None, "stranger"])
+def test_mutual_tls_refuses_a_client_without_a_certificate_or_signed_by_another_ca(pki, client):
+    d, ca, files = pki
+    extra = {} if client is None else dict(certificate_chain=files[client][0], private_key=files[client][1])
+    with run_server(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"),
+                    tls_client_ca=str(d / "ca.pem")) as address:
+        with pytest.raises(ShardError) as err:
+            train_once(address, root_certificates=ca.pem, **extra)
+
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_plaintext_on_a_public_address_needs_insecure():
+    with pytest.raises(ValueError, match="--insecure"):
+        ServerConfig(host="0.0.0.0")
+
+    assert ServerConfig(host="0.0.0.0", insecure=True).insecure
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def token_shard(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    with run_server(token_file=str(token_file)) as address:
+        yield address
+
+
+CALLS = {  # every OptServe method, with a request that would otherwise be answered
+    "Hello": lambda c: c.hello(),
+    "Stats": lambda c: c.stats(),
+    "Checkpoint": lambda c: c.checkpoint(),
+    "Register": lambda c: c.register(pb.RegisterHead(keys=[pb.KeySpec(name="w", shape=[2], dtype=pb.FLOAT32)],
+                                                     num_shards=1)),
+    "Push": lambda c: c.push(pb.PushHead(entries=[pb.PushEntry(key="w")]), [], torch.float32),
+    "PushPull": lambda c: c.push_pull(pb.PushHead(), [], torch.float32, lambda h: {}),
+    "Pull": lambda c: c.pull(pb.PullRequest(keys=["w"]), lambda h: {}),
+    "SetState": lambda c: c.set_state(pb.SetStateHead(), []),
+}
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+@pytest.mark.parametrize("method", sorted(CALLS))
+def test_every_method_without_the_right_token_is_unauthenticated(token_shard, method, token):
+    client = ShardClient(token_shard, security=Security(token=token))
+
+    with pytest.raises(ShardError) as err:
+        CALLS[method](client)
+
+    client.close()
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_stays_open_without_a_token(token_shard):
+    client = ShardClient(token_shard, security=Security())
+
+    assert client.health() == "SERVING"
+    client.close()
+
+
+def test_the_right_token_works(token_shard):
+    assert train_once(token_shard, token=TOKEN) == 1
+
+
+def test_the_token_can_come_from_the_environment(token_shard, monkeypatch):
+    monkeypatch.setenv("OPTSERVE_TOKEN", TOKEN)
+
+    assert train_once(token_shard) == 1
+
+
+# -- health, reflection, metrics ---------------------------------------------------------------
+
+def test_health_is_not_serving_while_a_checkpoint_is_restored_and_serving_after(tmp_path, monkeypatch):
+    release, restoring = threading.Event(), threading.Event()
+    real_restore = server_main.Checkpointer.restore
+
+    def slow_restore(self):
+        restoring.set()
+        release.wait(timeout=30)
+        return real_restore(self)
+
+    monkeypatch.setattr(server_main.Checkpointer, "restore", slow_restore)
+    shard = Shard(ServerConfig(checkpoint_dir=str(tmp_path)))
+    starter = threading.Thread(target=shard.start)
+    starter.start()
+    try:
+        assert restoring.wait(timeout=30)
+        channel = grpc.insecure_channel(shard.address)
+        check = health_pb2_grpc.HealthStub(channel).Check
+        during = check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/optserve.v1.OptServe/Hello")(b"", timeout=10)
+        release.set()
+        starter.join(timeout=30)
+        after = check(health_pb2.HealthCheckRequest(service="optserve.v1.OptServe"), timeout=10).status
+        channel.close()
+    finally:
+        release.set()
+        starter.join(timeout=30)
+        shard.stop()
+
+    assert during == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert after == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service(shard):
+    channel = grpc.insecure_channel(shard)
+
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+
+    channel.close()
+    assert "optserve.v1.OptServe" in services and "grpc.health.v1.Health" in services
+
+
+def test_metrics_after_n_pushes_show_the_counters_and_a_staleness_histogram():
+    shard = Shard(ServerConfig(metrics_port=0))
+    shard.start()
+    try:
+        model = nn.Linear(3, 2)
+        with RemoteAdam(model.named_parameters(), [shard.address]) as opt:
+            for _ in range(5):
+                opt.zero_grad()
+                model(torch.randn(4, 3)).sum().backward()
+                opt.step()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{shard.metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        shard.stop()
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("optserve_pushes_total", ())] == 5
+    assert samples[("optserve_keys", ())] == 2
+    assert samples[("optserve_parameters", ())] == 8
+    assert samples[("optserve_staleness_count", ())] == 10  # two keys per push
+    assert samples[("optserve_staleness_bucket", (("le", "0"),))] == 10
+    assert samples[("optserve_update_seconds_count", ())] == 5
+    assert samples[("optserve_received_bytes_total", ())] > 0
+
+
+def test_refusals_are_counted_by_code(shard):
+    client = ShardClient(shard)
+    with pytest.raises(ShardError):
+        client.pull(pb.PullRequest(keys=["missing"]), lambda h: {})
+
+    stats = client.stats()
+    client.close()
+    assert stats.rejected == 1
+
+
+def test_a_shard_over_its_key_limit_is_resource_exhausted():
+    with run_server(max_keys=1) as address:
+        with pytest.raises(ShardError) as err:
+            RemoteAdam(nn.Linear(3, 2).named_parameters(), [address])
+
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
