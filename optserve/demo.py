@@ -31,6 +31,7 @@ log = logging.getLogger("optserve.demo")
 
 ACCURACY_TARGET = 0.90
 PNG_NAME = "demo_loss.png"
+WIRE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # The update rule both runs use: torch.optim.Adam's textbook form with its default eps. RemoteAdam's
 # own defaults (the labml seed: eps=1e-16 applied as eps_hat, optimized_update=True) differ from it
 # only in eps; setting both here makes the comparison isolate what optserve changes (asynchrony).
@@ -47,6 +48,7 @@ class DemoConfig:
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
+    wire_dtype: str = "float32"  # gradients (and pulled parameters) on the wire: float32, bfloat16, float16
 
     def __post_init__(self):
         for name in ("workers", "shards", "steps", "batch_size"):
@@ -54,6 +56,8 @@ class DemoConfig:
                 raise ValueError(f"demo {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.lr < math.inf:
             raise ValueError(f"demo lr must be > 0 and finite, got {self.lr}")
+        if self.wire_dtype not in WIRE_DTYPE_NAMES:
+            raise ValueError(f"demo wire dtype must be one of {WIRE_DTYPE_NAMES}, got {self.wire_dtype!r}")
 
 
 @contextlib.contextmanager
@@ -149,7 +153,8 @@ def _run_optserve(cfg: DemoConfig, x_train, y_train, x_test, y_test, tqdm, progr
     from optserve.client.remote_adam import RemoteAdam
     from optserve.server.main import run_server
 
-    remote = dict(lr=cfg.lr, **ADAM_OPTIONS, **REMOTE_ONLY_OPTIONS)
+    wire = getattr(torch, cfg.wire_dtype)
+    remote = dict(lr=cfg.lr, **ADAM_OPTIONS, **REMOTE_ONLY_OPTIONS, wire_dtype=wire, pull_dtype=wire)
     # Each worker trains on its own disjoint share of a seeded shuffle of the training set.
     shares = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed)).chunk(cfg.workers)
     losses: list[float] = []
@@ -231,14 +236,16 @@ def _plot(Figure: Callable, path: Path, cfg: DemoConfig, remote: list[float], lo
 
 def run_demo(workers: int = 4, shards: int = 2, steps: int = DemoConfig.steps,
              batch_size: int = DemoConfig.batch_size, lr: float = DemoConfig.lr, seed: int = DemoConfig.seed,
-             out_dir: str | Path = "demo-out", progress: bool = True) -> dict[str, Any]:
+             out_dir: str | Path = "demo-out", progress: bool = True, wire_dtype: str = "float32"
+             ) -> dict[str, Any]:
     """Train with optserve and with local Adam; returns the summary that `main` prints.
 
     Keys: accuracy_optserve, accuracy_local, seconds_optserve, seconds_local (training only, no
     start-up or evaluation), pushes (RemoteAdam steps, all workers), shard_pushes (push requests each
     shard applied), staleness_mean (over all shards' keys), steps_local, png (path of the plot).
     """
-    cfg = DemoConfig(workers=workers, shards=shards, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    cfg = DemoConfig(workers=workers, shards=shards, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                     wire_dtype=wire_dtype)
     sklearn, Figure, tqdm = require_demo_packages()
     x_train, y_train, x_test, y_test = load_digits(sklearn, cfg.seed)
     log.info("digits: %d training and %d test images; %d workers x %d steps, batch %d, lr %g",
@@ -281,16 +288,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed,
                         help=f"seed of split, weights and shuffles (default {d.seed})")
     parser.add_argument("--out", default="demo-out", help="folder for demo_loss.png (default demo-out, created)")
+    parser.add_argument("--wire-dtype", choices=WIRE_DTYPE_NAMES, default=d.wire_dtype,
+                        help="gradients and pulled parameters on the wire (default float32; the shards "
+                             "keep float32 state either way)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo, print the results table; 0 if optserve reached the accuracy target, else 1."""
     r = run_demo(workers=args.workers, shards=args.shards, steps=args.steps, batch_size=args.batch_size,
-                 lr=args.lr, seed=args.seed, out_dir=args.out, progress=not args.no_progress)
-    print(f"{'':<22}{'held-out accuracy':>18}{'train seconds':>15}{'steps':>8}")
-    print(f"{'optserve (async)':<22}{r['accuracy_optserve']:>18.2%}{r['seconds_optserve']:>15.2f}{r['pushes']:>8}")
-    print(f"{'local torch Adam':<22}{r['accuracy_local']:>18.2%}{r['seconds_local']:>15.2f}{r['steps_local']:>8}")
+                 lr=args.lr, seed=args.seed, out_dir=args.out, progress=not args.no_progress,
+                 wire_dtype=args.wire_dtype)
+    print(f"{'':<30}{'held-out accuracy':>18}{'train seconds':>15}{'steps':>8}")
+    print(f"{'optserve (async)' + ('' if args.wire_dtype == 'float32' else ', ' + args.wire_dtype):<30}{r['accuracy_optserve']:>18.2%}{r['seconds_optserve']:>15.2f}{r['pushes']:>8}")
+    print(f"{'local torch Adam':<30}{r['accuracy_local']:>18.2%}{r['seconds_local']:>15.2f}{r['steps_local']:>8}")
     print(f"pushes: {r['pushes']} RemoteAdam steps from {args.workers} workers; push requests per shard "
           f"{r['shard_pushes']}; mean staleness {r['staleness_mean']:.2f} versions")
     print(f"loss curves: {r['png']}")
