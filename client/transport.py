@@ -31,7 +31,9 @@ REASON_METADATA = "optserve-reason"  # as the shard sends it (server/service.py)
 Sink = Callable[[pb.PullHead], dict[tuple[int, int], torch.Tensor]]
 
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED too: optserve never cancels its own calls, so a CANCELLED comes from a shard shutting down
+# with the call in flight; retrying is safe because every push is applied once per (client_id, seq).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 # An UNAVAILABLE that is a failed TLS handshake will not heal by waiting: it is not retried.
 _TLS_FAILURE = ("ssl", "tls", "handshake", "certificate")
 TOKEN_ENV = "OPTSERVE_TOKEN"
@@ -134,7 +136,7 @@ class ShardClient:
         self.channel.close()
 
     def _call(self, method: str, attempt: Callable[[], T], budget: float | None = None) -> T:
-        """Run attempt() until it succeeds, retrying UNAVAILABLE and DEADLINE_EXCEEDED with
+        """Run attempt() until it succeeds, retrying UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED with
         exponential backoff and full jitter within the retry budget; any other code fails at once.
 
         Retrying a push is safe: it carries the same (client_id, seq), which the shard applies once.

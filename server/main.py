@@ -255,7 +255,12 @@ class Shard:
                  f", metrics on {cfg.metrics_host}:{self.metrics_port}" if self.metrics_port else "")
 
     def stop(self, grace: float | None = None, final_checkpoint: bool = False) -> None:
-        """Stop serving (finishing calls in flight for `grace` seconds); optionally checkpoint last."""
+        """Stop serving (finishing calls in flight for `grace` seconds); optionally checkpoint last.
+
+        New calls are refused with UNAVAILABLE from here on (clients retry them against the restarted
+        shard) rather than being cancelled by grpc's shutdown."""
+        self.servicer.not_ready = "the shard is shutting down"
+        self.servicer.ready.clear()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.metrics.stop()

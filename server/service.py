@@ -104,6 +104,7 @@ class Servicer:
         # Cleared while a checkpoint is restored: calls get UNAVAILABLE (clients retry) meanwhile.
         self.ready = threading.Event()
         self.ready.set()
+        self.not_ready = "the shard is restoring a checkpoint"  # what callers are told meanwhile
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -217,7 +218,7 @@ class Servicer:
                                           for n, _, key in specs])
         self.store.check_capacity([(n, s) for n, s, _ in specs])
         expected = {(i, pb.PARAM): Expected(math.prod(s), torch.float32, n) for i, (n, s, _) in enumerate(specs)}
-        dests = {k: torch.empty(e.numel, dtype=torch.float32) for k, e in expected.items()}
+        dests = {k: _allocate(lambda: torch.empty(e.numel, dtype=torch.float32), e) for k, e in expected.items()}
         self._receive(first, data, messages, expected, dests)
         values = []
         for i, (name, shape, _) in enumerate(specs):
@@ -246,7 +247,8 @@ class Servicer:
         expected = {(i, pb.GRAD): Expected(k.numel, wire, k.name) for i, k in enumerate(keys)}
         dests = {}
         for (i, part), e in expected.items():
-            dests[(i, part)] = self.store.buffers.take(e.numel)  # float32: the copy converts bf16/fp16
+            # float32: the copy converts bf16/fp16
+            dests[(i, part)] = _allocate(lambda: self.store.buffers.take(e.numel), e)
             staging.append(dests[(i, part)])
         self._receive(first, data, messages, expected, dests)
         entries = []
@@ -340,7 +342,7 @@ class Servicer:
         configs = [hyper_from_proto(e.hyper, f"key {e.key!r}") if e.HasField("hyper") else None
                    for e in head.entries]
         expected = {(i, p): Expected(k.numel, torch.float32, k.name) for i, k in enumerate(keys) for p in parts}
-        dests = {k: torch.empty(e.numel, dtype=torch.float32) for k, e in expected.items()}
+        dests = {k: _allocate(lambda: torch.empty(e.numel, dtype=torch.float32), e) for k, e in expected.items()}
         self._receive(first, data, messages, expected, dests)
         updates = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
@@ -375,6 +377,15 @@ class Servicer:
                              checkpoint_age=ckpt[1], **totals)
 
 
+def _allocate(make: Callable[[], torch.Tensor], want: Expected) -> torch.Tensor:
+    """Allocate a receive buffer; running out of memory is the request's problem, said as such."""
+    try:
+        return make()
+    except (RuntimeError, MemoryError) as exc:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"key {want.name!r}: cannot allocate {want.numel * 4} bytes for it: {exc}") from None
+
+
 def _unique(names: Sequence[str]) -> None:
     seen = set()
     for n in names:
@@ -398,7 +409,7 @@ def _guard(servicer: Servicer, fn: Callable) -> Callable:
     def handler(request, context):
         try:
             if not servicer.ready.is_set():
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the shard is restoring a checkpoint")
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, servicer.not_ready)
             return fn(request, context)
         except RequestError as exc:
             servicer.counters.refused(exc.code)
