@@ -32,3 +32,9 @@ proto: install
 
 clean:
 	rm -rf $(VENV) demo-out build *.egg-info
+
+# docker/compose.yaml end to end (docker/compose_test.sh says what it does): builds the image,
+# runs 2 shards + 2 workers, restarts a shard mid-run, TLS too; installs/starts docker if needed.
+.PHONY: compose-test
+compose-test:
+	bash docker/compose_test.sh

@@ -1,0 +1,86 @@
+"""A compose worker: trains `optserve demo`'s task (scikit-learn digits, MLP 64-128-10) through
+RemoteAdam against every shard, by service name, asynchronously next to the other workers.
+
+Each worker takes its own share of the training set (the demo's split: a seeded shuffle cut into
+NUM_WORKERS parts), runs STEPS optimizer steps, then pulls the served model into a fresh replica and
+checks its held-out accuracy. Exit 0 when it reaches the demo's target (optserve.demo.ACCURACY_TARGET).
+
+Environment:
+  OPTSERVE_SERVERS     shard addresses in shard-index order, comma-separated (shard0:50051,shard1:50051)
+  WORKER_INDEX         this worker's index, 0-based; NUM_WORKERS: how many (default 2)
+  STEPS                optimizer steps of this worker (default: the demo's)
+  PROGRESS_EVERY       print a progress line every N steps (default 25)
+  OPTSERVE_TOKEN_FILE  file holding the bearer token (a compose secret); or OPTSERVE_TOKEN
+  OPTSERVE_TLS_CA      PEM CA file: TLS to the shards (read by RemoteAdam itself)
+  OPTSERVE_TLS_CERT, OPTSERVE_TLS_KEY   mutual TLS: this worker's certificate and key (PEM files)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from optserve import RemoteAdam, demo
+
+
+def _read(env: str) -> bytes | None:
+    path = os.environ.get(env)
+    return Path(path).read_bytes() if path else None
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    servers = [s.strip() for s in os.environ.get("OPTSERVE_SERVERS", "").split(",") if s.strip()]
+    if not servers:
+        print("worker: set OPTSERVE_SERVERS (shard addresses in shard-index order)", file=sys.stderr)
+        return 2
+    index = int(os.environ.get("WORKER_INDEX", "0"))
+    cfg = demo.DemoConfig(workers=int(os.environ.get("NUM_WORKERS", "2")), shards=len(servers),
+                          steps=int(os.environ.get("STEPS", demo.DemoConfig.steps)))
+    if not 0 <= index < cfg.workers:
+        print(f"worker: WORKER_INDEX must be in 0..{cfg.workers - 1}, got {index}", file=sys.stderr)
+        return 2
+    every = max(1, int(os.environ.get("PROGRESS_EVERY", "25")))
+    token_file = _read("OPTSERVE_TOKEN_FILE")
+    security = dict(token=token_file.decode().strip() if token_file else None,
+                    certificate_chain=_read("OPTSERVE_TLS_CERT"), private_key=_read("OPTSERVE_TLS_KEY"))
+    name = f"worker {index}"
+
+    torch.set_num_threads(1)  # tiny matmuls: as the demo, one intra-op thread
+    sklearn, _, _ = demo.require_demo_packages()
+    x_train, y_train, x_test, y_test = demo.load_digits(sklearn, cfg.seed)
+    # The demo's split: every worker computes the same shuffle and takes its own part.
+    share = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed)).chunk(cfg.workers)[index]
+    remote = dict(lr=cfg.lr, **demo.ADAM_OPTIONS, **demo.REMOTE_ONLY_OPTIONS, **security)
+    print(f"{name}: {len(share)} training images, {cfg.steps} steps of batch {cfg.batch_size} against "
+          f"{', '.join(servers)}", flush=True)
+
+    model = demo.make_model(cfg.seed)  # same initial weights everywhere; the first to register sets them
+    start = time.perf_counter()
+    loss = float("nan")
+    with RemoteAdam(model.named_parameters(), servers=servers, **remote) as opt:
+        batches = demo.batches(x_train[share], y_train[share], cfg.batch_size, cfg.steps, cfg.seed + 1 + index)
+        for step, (xb, yb) in enumerate(batches, 1):
+            loss = demo.train_step(model, opt, xb, yb)
+            if step % every == 0 or step == cfg.steps:
+                print(f"{name}: step {step}/{cfg.steps} loss {loss:.4f}", flush=True)
+    seconds = time.perf_counter() - start
+
+    # A replica with other weights: RemoteAdam's construction overwrites them with the shards' values,
+    # so this measures the served model, not this worker's copy.
+    served = demo.make_model(cfg.seed + 10_000)
+    RemoteAdam(served.named_parameters(), servers=servers, **remote).close()
+    accuracy = demo.accuracy(served, x_test, y_test)
+    ok = accuracy >= demo.ACCURACY_TARGET
+    print(f"{name}: {'OK' if ok else 'FAILED'}: {cfg.steps} steps in {seconds:.1f} s, last loss {loss:.4f}; "
+          f"served model's held-out accuracy {accuracy:.2%} (target {demo.ACCURACY_TARGET:.0%})", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
