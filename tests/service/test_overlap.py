@@ -65,7 +65,7 @@ def test_no_sync_accumulates_micro_batches_like_overlap_off(two_shards):
 
 def test_a_second_backward_without_no_sync_is_refused(shard):
     model = small_cnn()
-    with RemoteAdam(model.named_parameters(), [shard], overlap=True) as opt:
+    with RemoteAdam(model.named_parameters(), [shard], overlap=True):
         loss_of(model, batches(1)[0]).backward()
 
         with pytest.raises(RuntimeError, match="no_sync"):
