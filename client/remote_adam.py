@@ -75,7 +75,8 @@ class RemoteAdam(torch.optim.Optimizer):
     random id), retry_budget (seconds within which UNAVAILABLE and DEADLINE_EXCEEDED are retried
     with backoff: a restarting shard is waited for; pushes are retried safely, each applied once).
     Security: tls=True (or root_certificates=PEM bytes, or OPTSERVE_TLS_CA=path) for TLS;
-    certificate_chain and private_key (PEM) for mutual TLS; token (or OPTSERVE_TOKEN) is sent as
+    certificate_chain and private_key (PEM; or OPTSERVE_TLS_CERT, OPTSERVE_TLS_KEY paths) for mutual
+    TLS; token (or OPTSERVE_TOKEN) is sent as
     `authorization: Bearer <token>` on every call.
     overlap=True sends gradients during backward: a hook on each parameter
     (register_post_accumulate_grad_hook) fills buckets of `bucket_bytes` (25 MiB default) in reverse

@@ -38,6 +38,8 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 _TLS_FAILURE = ("ssl", "tls", "handshake", "certificate")
 TOKEN_ENV = "OPTSERVE_TOKEN"
 TLS_CA_ENV = "OPTSERVE_TLS_CA"
+TLS_CERT_ENV = "OPTSERVE_TLS_CERT"
+TLS_KEY_ENV = "OPTSERVE_TLS_KEY"
 T = TypeVar("T")
 
 
@@ -45,7 +47,8 @@ T = TypeVar("T")
 class Security:
     """How a worker reaches shards: TLS (optionally with a client certificate) and a bearer token.
 
-    `from_env` fills what was not given from OPTSERVE_TOKEN and OPTSERVE_TLS_CA (a PEM file path).
+    `from_env` fills what was not given from OPTSERVE_TOKEN, OPTSERVE_TLS_CA (a PEM file path) and,
+    for mutual TLS, OPTSERVE_TLS_CERT and OPTSERVE_TLS_KEY (PEM file paths).
     """
     tls: bool = False
     root_certificates: bytes | None = None  # PEM CA; None: the system's roots
@@ -57,9 +60,13 @@ class Security:
     def from_env(cls, tls: bool = False, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,
                  token: str | None = None) -> "Security":
-        ca_file = os.environ.get(TLS_CA_ENV)
-        if root_certificates is None and ca_file:
-            root_certificates = Path(ca_file).read_bytes()
+        def from_file(value: bytes | None, env: str) -> bytes | None:
+            path = os.environ.get(env)
+            return Path(path).read_bytes() if value is None and path else value
+
+        root_certificates = from_file(root_certificates, TLS_CA_ENV)
+        certificate_chain = from_file(certificate_chain, TLS_CERT_ENV)
+        private_key = from_file(private_key, TLS_KEY_ENV)
         if (certificate_chain is None) != (private_key is None):
             raise ValueError("a client certificate needs both certificate_chain and private_key")
         return cls(tls=tls or root_certificates is not None or certificate_chain is not None,

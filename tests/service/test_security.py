@@ -115,6 +115,16 @@ def test_mutual_tls_accepts_a_client_certificate_signed_by_its_ca(pki):
         assert train_once(address, root_certificates=ca.pem, certificate_chain=cert, private_key=key) == 1
 
 
+def test_mutual_tls_files_can_come_from_the_environment(pki, monkeypatch):
+    d, _, _ = pki
+    monkeypatch.setenv("OPTSERVE_TLS_CA", str(d / "ca.pem"))
+    monkeypatch.setenv("OPTSERVE_TLS_CERT", str(d / "client.pem"))
+    monkeypatch.setenv("OPTSERVE_TLS_KEY", str(d / "client.key"))
+    with run_server(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"),
+                    tls_client_ca=str(d / "ca.pem")) as address:
+        assert train_once(address) == 1
+
+
 @pytest.mark.parametrize("client", [None, "stranger"])
 def test_mutual_tls_refuses_a_client_without_a_certificate_or_signed_by_another_ca(pki, client):
     d, ca, files = pki
