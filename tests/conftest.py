@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -21,6 +22,31 @@ def two_shards():
     """Two in-process shards (0 and 1 of 2); yields their addresses in index order."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(run_server(shard_index=i, num_shards=2)) for i in range(2)]
+
+
+@pytest.fixture
+def run_threads():
+    """run_threads(target, [args, ...]): one thread per args tuple, all joined; the first exception
+    raised in any of them is raised here, so a failing worker fails the test."""
+
+    def run(target, arg_tuples):
+        errors = []
+
+        def guarded(*args):
+            try:
+                target(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=guarded, args=tuple(a)) for a in arg_tuples]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    return run
 
 
 @pytest.fixture(autouse=True)

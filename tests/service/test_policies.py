@@ -1,7 +1,6 @@
 """Training-mode policies: sync (with backup workers and a wait timeout) and ssp (reject or scale)."""
 from __future__ import annotations
 
-import threading
 
 import grpc
 import pytest
@@ -45,7 +44,7 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
-def test_sync_two_workers_equal_the_seed_adam_on_averaged_gradients():
+def test_sync_two_workers_equal_the_seed_adam_on_averaged_gradients(run_threads):
     steps, lr = 8, 1e-2
     models = [model(), model()]
     grads: dict[int, list[list[torch.Tensor]]] = {s: [None, None] for s in range(steps)}
@@ -62,11 +61,7 @@ def test_sync_two_workers_equal_the_seed_adam_on_averaged_gradients():
                 grads[s][w] = [p.grad.clone() for p in models[w].parameters()]
                 opts[w].step()  # returns once both workers' gradients are applied
 
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(work, [(0,), (1,)])
         for o in opts:
             o.close()
 
@@ -115,7 +110,7 @@ def test_sync_waiting_for_a_missing_worker_turns_into_a_clear_error():
     assert "has 1 of 2 gradients" in err.value.details
 
 
-def test_sync_with_overlap_waits_for_the_step_before_pulling():
+def test_sync_with_overlap_waits_for_the_step_before_pulling(run_threads):
     steps = 4
     models = [model(), model()]
     with run_server(policy="sync", workers=2) as address:
@@ -127,11 +122,7 @@ def test_sync_with_overlap_waits_for_the_step_before_pulling():
                 models[w](torch.randn(8, 12)).pow(2).mean().backward()
                 opts[w].step()
 
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(work, [(0,), (1,)])
         versions = [dict(o.versions) for o in opts]
         for o in opts:
             o.close()

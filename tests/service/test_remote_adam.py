@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import pytest
 import torch
@@ -186,26 +185,14 @@ def test_state_dict_is_torch_format_and_round_trips_to_a_fresh_shard():
         assert torch.equal(p.detach(), e)
 
 
-def test_eight_threads_of_fifty_pushes_give_every_key_exactly_400_steps(two_shards):
+def test_eight_threads_of_fifty_pushes_give_every_key_exactly_400_steps(two_shards, run_threads):
     models = [small_cnn() for _ in range(8)]
     opts = [RemoteAdam(m.named_parameters(), two_shards, slice_elements=200) for m in models]
-    errors = []
 
-    def worker(model, opt):
-        try:
-            train(model, opt, 50)
-        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=mo) for mo in zip(models, opts)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(lambda model, opt: train(model, opt, 50), zip(models, opts))
     for o in opts:
         o.close()
 
-    assert errors == []
     keys = [k for shard in collect(two_shards) for k in shard["keys"]]
     assert len(keys) == len(opts[0].placements)
     assert {(k["version"], k["pushes"]) for k in keys} == {(400, 400)}
