@@ -73,7 +73,9 @@ class RemoteAdam(torch.optim.Optimizer):
     pull_dtype (the same choice for the parameters pulled by step(); the shard keeps float32 state
     either way, and registration and state_dict always travel in float32), client_id (defaults to a
     random id), retry_budget (seconds within which UNAVAILABLE and DEADLINE_EXCEEDED are retried
-    with backoff: a restarting shard is waited for; pushes are retried safely, each applied once).
+    with backoff: a restarting shard is waited for; pushes are retried safely, each applied once),
+    data_channel (True: pushes and pulls use the shard's data channel when it announces one, raw
+    frames over TCP, see docs/ARCHITECTURE.md; False: everything over gRPC).
     Security: tls=True (or root_certificates=PEM bytes, or OPTSERVE_TLS_CA=path) for TLS;
     certificate_chain and private_key (PEM; or OPTSERVE_TLS_CERT, OPTSERVE_TLS_KEY paths) for mutual
     TLS; token (or OPTSERVE_TOKEN) is sent as
@@ -95,7 +97,7 @@ class RemoteAdam(torch.optim.Optimizer):
                  overlap: bool = False, bucket_bytes: int = 25 * 1024 * 1024, retry_budget: float = 60.0,
                  tls: bool = False, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,
-                 token: str | None = None, client_id: str | None = None):
+                 token: str | None = None, client_id: str | None = None, data_channel: bool = True):
         servers = [servers] if isinstance(servers, str) else list(servers)
         if not servers:
             raise ValueError("RemoteAdam needs at least one server address")
@@ -132,7 +134,7 @@ class RemoteAdam(torch.optim.Optimizer):
         retry = RetryPolicy(budget=retry_budget)
         security = Security.from_env(tls, root_certificates, certificate_chain, private_key, token)
         self._shards = [ShardClient(a, timeout=timeout, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes,
-                                    retry=retry, security=security) for a in servers]
+                                    retry=retry, security=security, data_channel=data_channel) for a in servers]
         self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="remote-adam")
         try:
             for i, (shard, hello) in enumerate(zip(self._shards, self._fan_out(

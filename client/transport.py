@@ -18,6 +18,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from optserve.client.data import DataCallError, DataChannel, client_ssl_context
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Expected,
                             Outgoing, chunk_stream, decode, dtype_from_proto)
@@ -116,7 +117,8 @@ class ShardClient:
     def __init__(self, address: str, *, timeout: float = 300.0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 retry: RetryPolicy = RetryPolicy(), security: Security | None = None):
+                 retry: RetryPolicy = RetryPolicy(), security: Security | None = None,
+                 data_channel: bool = True):
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -138,9 +140,23 @@ class ShardClient:
         self._checkpoint = c.unary_unary(_METHOD + "Checkpoint",
                                          request_serializer=pb.CheckpointRequest.SerializeToString,
                                          response_deserializer=pb.CheckpointReply.FromString)
+        # Push, Pull and PushPull go over the shard's data channel when it announces one (and
+        # data_channel is True), else over gRPC; both reach the same handlers (server/data.py).
+        self.data = None
+        if data_channel:
+            tls = client_ssl_context(security.root_certificates, security.certificate_chain,
+                                     security.private_key) if security.tls else None
+            self.data = DataChannel(address, lambda: self._hello(pb.HelloRequest(), timeout=self.timeout,
+                                                                 metadata=self._md),
+                                    timeout, security.token, tls)
 
     def close(self) -> None:
+        if self.data is not None:
+            self.data.close()
         self.channel.close()
+
+    def _either(self, over_data: Callable, over_grpc: Callable[[], T]) -> T:
+        return over_grpc() if self.data is None else self.data.call(over_data, over_grpc)
 
     def _call(self, method: str, attempt: Callable[[], T], budget: float | None = None) -> T:
         """Run attempt() until it succeeds, retrying UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED with
@@ -153,7 +169,7 @@ class ShardClient:
         while True:
             try:
                 return attempt()
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, DataCallError) as exc:
                 code = exc.code()
                 pause = random.uniform(0, delay)
                 tls_failure = any(word in (exc.details() or "").lower() for word in _TLS_FAILURE)
@@ -186,19 +202,25 @@ class ShardClient:
             self._stream(pb.RegisterRequest, head, values, torch.float32), timeout=self.timeout, metadata=self._md))
 
     def push(self, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype) -> pb.PushReply:
-        return self._call("Push", lambda: self._push(
-            self._stream(pb.PushRequest, head, grads, wire_dtype), timeout=self.timeout, metadata=self._md))
+        return self._call("Push", lambda: self._either(
+            lambda conn: self.data.push(conn, head, grads, wire_dtype),
+            lambda: self._push(self._stream(pb.PushRequest, head, grads, wire_dtype), timeout=self.timeout,
+                               metadata=self._md)))
 
     def push_pull(self, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype,
                   sink: Sink) -> pb.PullHead:
         """Push gradients, then receive the fresh parameters into sink's tensors; returns the head."""
-        return self._call("PushPull", lambda: receive(self._push_pull(
-            self._stream(pb.PushRequest, head, grads, wire_dtype), timeout=self.timeout, metadata=self._md), sink))
+        return self._call("PushPull", lambda: self._either(
+            lambda conn: self.data.push_pull(conn, head, grads, wire_dtype, sink),
+            lambda: receive(self._push_pull(self._stream(pb.PushRequest, head, grads, wire_dtype),
+                                            timeout=self.timeout, metadata=self._md), sink)))
 
     def pull(self, request: pb.PullRequest, sink: Sink) -> pb.PullHead:
         if not request.chunk_bytes:
             request.chunk_bytes = self.chunk_bytes
-        return self._call("Pull", lambda: receive(self._pull(request, timeout=self.timeout, metadata=self._md), sink))
+        return self._call("Pull", lambda: self._either(
+            lambda conn: self.data.pull(conn, request, sink),
+            lambda: receive(self._pull(request, timeout=self.timeout, metadata=self._md), sink)))
 
     def set_state(self, head: pb.SetStateHead, items: Sequence[Outgoing]) -> pb.SetStateReply:
         return self._call("SetState", lambda: self._set_state(

@@ -245,9 +245,13 @@ class Assembler:
         self._expected = expected
         self._next = {k: 0 for k in expected}
 
-    def pieces(self, segments: Sequence[pb.Segment], data: memoryview
-               ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
-        """Yield (entry, part, offset, tensor view) for each segment of one message."""
+    def plan(self, segments: Sequence[pb.Segment], nbytes: int) -> list[tuple[pb.Segment, Expected]]:
+        """Validate one message's segments against the head and against its `nbytes` of data.
+
+        Returns (segment, what its key expects) in data order; raises RequestError before anything
+        is read or copied when a segment is undeclared, out of order, out of range, or the byte
+        count does not match.
+        """
         spans = []
         pos = 0
         for seg in segments:
@@ -262,16 +266,23 @@ class Assembler:
             if seg.count > want.numel - at:
                 raise invalid(f"key {want.name!r}: segment [{seg.offset}, {seg.offset + seg.count}) "
                               f"runs past the tensor's {want.numel} elements")
-            nbytes = seg.count * want.dtype.itemsize
-            spans.append((seg, want, pos, nbytes))
-            pos += nbytes
+            spans.append((seg, want))
+            pos += seg.count * want.dtype.itemsize
             self._next[(seg.entry, seg.part)] = at + seg.count
-        if pos != len(data):
-            keys = sorted({want.name for _, want, _, _ in spans})
-            raise invalid(f"data holds {len(data)} bytes but the segments describe {pos} "
+        if pos != nbytes:
+            keys = sorted({want.name for _, want in spans})
+            raise invalid(f"data holds {nbytes} bytes but the segments describe {pos} "
                           f"(keys {', '.join(map(repr, keys)) or 'none'})")
-        for seg, want, start, nbytes in spans:
+        return spans
+
+    def pieces(self, segments: Sequence[pb.Segment], data: memoryview
+               ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        """Yield (entry, part, offset, tensor view) for each segment of one message."""
+        start = 0
+        for seg, want in self.plan(segments, len(data)):
+            nbytes = seg.count * want.dtype.itemsize
             yield seg.entry, seg.part, seg.offset, view_tensor(data[start:start + nbytes], want.dtype)
+            start += nbytes
 
     def copy(self, segments: Sequence[pb.Segment], data: memoryview,
              dests: dict[tuple[int, int], torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import ssl
 from pathlib import Path
 
 import grpc
@@ -66,6 +67,17 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None
     client_ca = Path(client_ca_file).read_bytes() if client_ca_file else None
     return grpc.ssl_server_credentials([(Path(key_file).read_bytes(), Path(cert_file).read_bytes())],
                                        root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:
+    """The same TLS (and mutual TLS) for the data channel (server/data.py) as for gRPC."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    if client_ca_file:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(client_ca_file)
+    return ctx
 
 
 def is_loopback(host: str) -> bool:

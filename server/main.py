@@ -24,7 +24,9 @@ from grpc_reflection.v1alpha import reflection
 
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from optserve.server.checkpoint import CheckpointData, restore_latest, write_checkpoint
-from optserve.server.auth import TokenInterceptor, is_loopback, load_token, server_credentials
+from optserve.server.auth import (TokenInterceptor, is_loopback, load_token, server_credentials,
+                                  server_ssl_context)
+from optserve.server.data import DataServer
 from optserve.server.metrics import ShardMetrics
 from optserve.server.policy import parse_policy
 from optserve.server.service import SERVICE_NAME, ShardInfo, Servicer, generic_handler
@@ -62,6 +64,7 @@ class ServerConfig:
     tls_client_ca: str = ""  # mutual TLS: clients must present a certificate this CA signed
     token_file: str = ""  # bearer token (else OPTSERVE_TOKEN); never a command-line value
     metrics_port: int = -1  # Prometheus /metrics port; -1: off, 0: any free port
+    data_port: int = 0  # data channel port (server/data.py); 0: any free one, -1: none (gRPC only)
     metrics_host: str = "127.0.0.1"
 
     def __post_init__(self):
@@ -94,6 +97,8 @@ class ServerConfig:
                              f"to accept unencrypted traffic")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in -1..65535, got {self.metrics_port}")
+        if not -1 <= self.data_port <= 65535:
+            raise ValueError(f"data port must be in -1..65535, got {self.data_port}")
         resolve_device(self.device)
         self.make_policy()
 
@@ -223,6 +228,12 @@ class Shard:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        self.data = None
+        if cfg.data_port >= 0:
+            ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
+                if cfg.tls_cert else None
+            self.data = DataServer(self.servicer, cfg.host, cfg.data_port, token, ssl_context)
+            self.servicer.data_port = self.data.port
         self.token = bool(token)
         self.metrics_port = None
 
@@ -240,6 +251,8 @@ class Shard:
         self._set_health(False)
         self.servicer.ready.clear()
         self.server.start()
+        if self.data is not None:
+            self.data.start()
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
         if self.checkpointer is not None:
@@ -248,8 +261,9 @@ class Shard:
         self.servicer.ready.set()
         self._set_health(True)
         cfg = self.cfg
-        log.info("shard %d/%d serving on %s (policy %s, device %s, %s, %s%s)", cfg.shard_index, cfg.num_shards,
-                 self.address, self.servicer.policy.name, cfg.device,
+        log.info("shard %d/%d serving on %s%s (policy %s, device %s, %s, %s%s)", cfg.shard_index, cfg.num_shards,
+                 self.address, f", data channel on port {self.data.port}" if self.data else "",
+                 self.servicer.policy.name, cfg.device,
                  ("mutual TLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "PLAINTEXT (no TLS)",
                  "token required" if self.token else "no token",
                  f", metrics on {cfg.metrics_host}:{self.metrics_port}" if self.metrics_port else "")
@@ -262,7 +276,10 @@ class Shard:
         self.servicer.not_ready = "the shard is shutting down"
         self.servicer.ready.clear()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)
+        if self.data is not None:
+            self.data.stop(grace)
+        stopped.wait()
         self.metrics.stop()
         if self.checkpointer is not None:
             self.checkpointer.stop()
@@ -294,7 +311,7 @@ def serve_main(args: argparse.Namespace) -> int:
                        max_shard_elements=args.max_shard_elements, insecure=args.insecure,
                        tls_cert=args.tls_cert or "", tls_key=args.tls_key or "",
                        tls_client_ca=args.tls_client_ca or "", token_file=args.token_file or "",
-                       metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+                       metrics_port=args.metrics_port, metrics_host=args.metrics_host, data_port=args.data_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
@@ -342,6 +359,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=-1,
                    help="serve Prometheus metrics on this port (0: any free port; default off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
+    p.add_argument("--data-port", type=int, default=0,
+                   help="port of the data channel, which carries Push/Pull/PushPull as raw frames over TCP "
+                        "(TLS and token as for gRPC); announced in Hello (default 0: any free port; "
+                        "-1: none, tensors travel over gRPC)")
     p.add_argument("--max-keys", type=int, default=StoreLimits.max_keys, help="keys per shard (RESOURCE_EXHAUSTED beyond)")
     p.add_argument("--max-tensor-elements", type=int, default=StoreLimits.max_tensor_elements,
                    help="elements per key")

@@ -32,6 +32,10 @@ REASON_METADATA = "optserve-reason"  # trailing metadata: why a call was refused
 PROTOCOL = "optserve.v1"
 MAX_NAME_LENGTH = 1024
 _STATE_PARTS = (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ, pb.MAX_EXP_AVG_SQ)
+# How a handler receives a request's tensors, whatever carried them (a gRPC stream, the data
+# channel): receive(expected, dests) validates the segments against `expected` and fills the flat
+# float32 host tensors `dests`, converting from the wire dtype; RequestError when anything is wrong.
+Receive = Callable[[dict[tuple[int, int], Expected], dict[tuple[int, int], torch.Tensor]], None]
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,15 @@ class Servicer:
         self.ready = threading.Event()
         self.ready.set()
         self.not_ready = "the shard is restoring a checkpoint"  # what callers are told meanwhile
+        self.data_port = 0  # the data channel's port, announced in Hello (server/data.py); 0: none
+
+    def check_ready(self) -> None:
+        if not self.ready.is_set():
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, self.not_ready)
+
+    def refused(self, method: str, exc: RequestError) -> None:
+        self.counters.refused(exc.code)
+        log.info("refused %s: %s: %s", method, exc.code.name, exc.message)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -146,11 +159,10 @@ class Servicer:
         # the same stream; torch's caching host allocator keeps the block until it is done.
         return t.to(self.store.device, non_blocking=True)
 
-    def _pull_stream(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
-                     chunk_bytes: int, push: pb.PushReply | None = None) -> Iterator[bytes]:
-        """Snapshot keys (under the store lock), then stream them chunk by chunk outside it."""
-        chunk = chunk_bytes or self.info.chunk_bytes
-        chunk = max(4096, min(chunk, self.info.max_message_bytes - (64 << 10)))
+    def snapshot(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
+                 push: pb.PushReply | None = None) -> tuple[pb.PullHead, list[Outgoing], Callable[[], None]]:
+        """Copy keys' parts under the store lock: the reply's head, its tensors, and a release
+        function that returns the copies to the pool once they are sent (or the send failed)."""
         snap = self.store.snapshot(keys, parts)
         infos = [pb.KeyInfo(key=k.name, shape=k.shape, version=v, step=st,
                             hyper=hyper_to_proto(h) if h else None, param=k.info.get("param", ""),
@@ -158,6 +170,14 @@ class Servicer:
                  for k, v, st, h in zip(snap.keys, snap.versions, snap.steps, snap.hypers)]
         head = pb.PullHead(entries=infos, dtype=dtype_to_proto(dtype), push=push)
         items = [Outgoing(i, part, t) for (i, part), t in snap.parts.items()]
+        return head, items, lambda: self.store.buffers.give(list(snap.parts.values()))
+
+    def _pull_stream(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
+                     chunk_bytes: int, push: pb.PushReply | None = None) -> Iterator[bytes]:
+        """Snapshot keys (under the store lock), then stream them chunk by chunk outside it."""
+        chunk = chunk_bytes or self.info.chunk_bytes
+        chunk = max(4096, min(chunk, self.info.max_message_bytes - (64 << 10)))
+        head, items, release = self.snapshot(keys, parts, dtype, push)
 
         def meta(segments, first):
             msg = pb.PullReply(head=head) if first else pb.PullReply()
@@ -170,7 +190,7 @@ class Servicer:
                     self.counters.add(bytes_out=len(message))
                     yield message
             finally:  # also when the client goes away mid-stream
-                self.store.buffers.give(list(snap.parts.values()))
+                release()
 
         return stream()
 
@@ -185,7 +205,7 @@ class Servicer:
         return pb.HelloReply(
             server_version=__version__, protocol=PROTOCOL, shard_index=i.shard_index,
             num_shards=i.num_shards, policy=i.policy, device=str(self.store.device),
-            num_keys=len(self.store),
+            num_keys=len(self.store), data_port=self.data_port,
             limits=pb.Limits(max_message_bytes=i.max_message_bytes, chunk_bytes=i.chunk_bytes,
                              max_keys=self.store.limits.max_keys,
                              max_tensor_elements=self.store.limits.max_tensor_elements))
@@ -233,10 +253,9 @@ class Servicer:
         return pb.RegisterReply(keys=[pb.KeyStatus(name=key.name, exists=True, created=c, version=key.version)
                                       for key, c in result])
 
-    def _decode_push(self, request_iterator, staging: list[torch.Tensor]) -> tuple[pb.PushHead, list[GradEntry]]:
-        """Read and validate a push; its gradients land in pool buffers appended to `staging`."""
-        messages = self._messages(request_iterator, pb.PushRequest)
-        first, data = next(messages)
+    def _decode_push(self, first: pb.PushRequest, receive: Receive,
+                     staging: list[torch.Tensor]) -> tuple[pb.PushHead, list[GradEntry]]:
+        """Validate a push and receive its gradients into pool buffers appended to `staging`."""
         head = first.head
         wire = dtype_from_proto(head.wire_dtype, default=torch.float32)
         keys = self._keys([e.key for e in head.entries])
@@ -250,7 +269,7 @@ class Servicer:
             # float32: the copy converts bf16/fp16
             dests[(i, part)] = _allocate(lambda: self.store.buffers.take(e.numel), e)
             staging.append(dests[(i, part)])
-        self._receive(first, data, messages, expected, dests)
+        receive(expected, dests)
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
             grad = dests[(i, pb.GRAD)]
@@ -258,6 +277,12 @@ class Servicer:
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
                                      pieces=[(0, self._on_device(grad))]))
         return head, entries
+
+    def _grpc_request(self, request_iterator, message_type) -> tuple:
+        """(first message, receive) of a gRPC request stream: see Receive."""
+        messages = self._messages(request_iterator, message_type)
+        first, data = next(messages)
+        return first, lambda expected, dests: self._receive(first, data, messages, expected, dests)
 
     def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
         """Hand a push to the policy once per (client_id, seq); a retry gets the original's result."""
@@ -287,20 +312,24 @@ class Servicer:
                                f" of key {behind[0].name!r}: {self.policy.describe_wait(behind[0])}",
                                reason="timeout")
 
-    def Push(self, request_iterator, context) -> pb.PushReply:
+    def push(self, first: pb.PushRequest, receive: Receive) -> pb.PushReply:
+        """A push (from gRPC or the data channel): validate, receive, apply once."""
         staging: list[torch.Tensor] = []
         try:
-            head, entries = self._decode_push(request_iterator, staging)
+            head, entries = self._decode_push(first, receive, staging)
             if not entries:
                 raise invalid("a Push must carry at least one key")
             return self._submit(head, entries)
         finally:
             self.store.buffers.give(staging)
 
-    def PushPull(self, request_iterator, context) -> Iterator[bytes]:
+    def push_pull(self, first: pb.PushRequest, receive: Receive
+                  ) -> tuple[list[Key], torch.dtype, pb.PushReply | None]:
+        """A push (possibly of no keys), then what to pull: its keys and `pull_keys`, after the
+        policy's wait (sync: until the step the push joined has been taken)."""
         staging: list[torch.Tensor] = []
         try:
-            head, entries = self._decode_push(request_iterator, staging)
+            head, entries = self._decode_push(first, receive, staging)
             pull_names = list(dict.fromkeys([e.key for e in head.entries] + list(head.pull_keys)))
             pull_keys = [self.store.get(n) for n in pull_names]
             dtype = dtype_from_proto(head.pull_dtype, default=torch.float32)
@@ -312,11 +341,10 @@ class Servicer:
         if reply is not None and self.policy.waits:
             stepped = [e for e in entries if e.key.name not in set(reply.dropped)]
             self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped])
-        return self._pull_stream(pull_keys, [pb.PARAM], dtype, 0, reply)
+        return pull_keys, dtype, reply
 
-    def Pull(self, request: bytes, context) -> Iterator[bytes]:
-        self.counters.add(bytes_in=len(request))
-        request = _parse(request, pb.PullRequest)
+    def pull(self, request: pb.PullRequest) -> tuple[list[Key], list[int], torch.dtype]:
+        """Validate a pull and wait for its min_versions: the keys, parts and dtype to snapshot."""
         keys = self._keys(list(request.keys))
         parts = list(request.parts) or [pb.PARAM]
         if len(set(parts)) != len(parts) or any(p not in _STATE_PARTS for p in parts):
@@ -329,6 +357,19 @@ class Servicer:
             if len(request.min_versions) != len(keys):
                 raise invalid(f"min_versions has {len(request.min_versions)} values for {len(keys)} keys")
             self._wait(keys, list(request.min_versions))
+        return keys, parts, dtype
+
+    def Push(self, request_iterator, context) -> pb.PushReply:
+        return self.push(*self._grpc_request(request_iterator, pb.PushRequest))
+
+    def PushPull(self, request_iterator, context) -> Iterator[bytes]:
+        keys, dtype, reply = self.push_pull(*self._grpc_request(request_iterator, pb.PushRequest))
+        return self._pull_stream(keys, [pb.PARAM], dtype, 0, reply)
+
+    def Pull(self, request: bytes, context) -> Iterator[bytes]:
+        self.counters.add(bytes_in=len(request))
+        request = _parse(request, pb.PullRequest)
+        keys, parts, dtype = self.pull(request)
         return self._pull_stream(keys, parts, dtype, request.chunk_bytes)
 
     def SetState(self, request_iterator, context) -> pb.SetStateReply:
@@ -408,12 +449,10 @@ def _guard(servicer: Servicer, fn: Callable) -> Callable:
 
     def handler(request, context):
         try:
-            if not servicer.ready.is_set():
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, servicer.not_ready)
+            servicer.check_ready()
             return fn(request, context)
         except RequestError as exc:
-            servicer.counters.refused(exc.code)
-            log.info("refused %s: %s: %s", fn.__name__, exc.code.name, exc.message)
+            servicer.refused(fn.__name__, exc)
             if exc.reason:
                 context.set_trailing_metadata(((REASON_METADATA, exc.reason),))
             context.abort(exc.code, exc.message)

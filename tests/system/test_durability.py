@@ -451,27 +451,93 @@ class FailEveryNthReply(grpc.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(push, **options)
 
 
-def _train_two_workers(interceptors: Sequence[FailEveryNthReply | None], steps: int
-                       ) -> tuple[list[dict], list[pb.StatsReply]]:
+class _ReplyLost(ConnectionError):
+    pass
+
+
+class _DropReplies:
+    """A connection stand-in for the shard's data channel: reads from the real socket, and swallows
+    everything the handler writes (the reply is 'lost')."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def recv_into(self, *args):
+        return self._sock.recv_into(*args)
+
+    def sendall(self, data):
+        pass
+
+
+class FailEveryNthDataReply:
+    """The data channel's counterpart of FailEveryNthReply: every `every`-th Push / PushPull runs
+    whole on the shard, its reply is dropped and the connection closed, as when a network fails
+    after the shard has applied a push."""
+
+    def __init__(self, every: int = 3):
+        self.every = every
+        self.injected = 0
+        self._handled = 0
+        self._lock = threading.Lock()
+
+    def install(self, data_server) -> None:
+        from optserve.frames import PUSH, PUSH_PULL
+        handle = data_server._handle
+
+        def faulty(conn, receiver, kind, meta_len, data_len):
+            if kind not in (PUSH, PUSH_PULL):
+                return handle(conn, receiver, kind, meta_len, data_len)
+            with self._lock:
+                self._handled += 1
+                fail = self._handled % self.every == 0
+            if not fail:
+                return handle(conn, receiver, kind, meta_len, data_len)
+            before = data_server.servicer.counters.rejected
+            handle(_DropReplies(conn), receiver, kind, meta_len, data_len)
+            with self._lock:
+                self.injected += data_server.servicer.counters.rejected == before
+            raise _ReplyLost("injected: the reply was lost")  # the shard closes the connection
+
+        data_server._handle = faulty
+
+
+@contextlib.contextmanager
+def _shard_with_faults(transport: str, fault, **options) -> Iterator[str]:
+    """An in-process shard; `fault` (or None) loses replies on the given transport."""
+    from optserve.server.main import ServerConfig, Shard
+    interceptors = [fault] if fault is not None and transport == "grpc" else []
+    shard = Shard(ServerConfig(**options), interceptors)
+    if fault is not None and transport == "data":
+        fault.install(shard.data)
+    shard.start()
+    try:
+        yield shard.address
+    finally:
+        shard.stop()
+
+
+def _train_two_workers(transport: str, faults: Sequence, steps: int) -> tuple[list[dict], list[pb.StatsReply]]:
     """A PushPull worker, then an overlap (Push) worker, `steps` backward steps each, on 2 in-process shards."""
     with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(run_server(shard_index=i, num_shards=2,
-                                                  interceptors=[icp] if icp else ()))
-                   for i, icp in enumerate(interceptors)]
+        servers = [stack.enter_context(_shard_with_faults(transport, fault, shard_index=i, num_shards=2))
+                   for i, fault in enumerate(faults)]
         for overlap in (False, True):
             model = tiny_model()
-            with RemoteAdam(model.named_parameters(), servers, lr=0.01, overlap=overlap) as opt:
+            with RemoteAdam(model.named_parameters(), servers, lr=0.01, overlap=overlap,
+                            data_channel=transport == "data") as opt:
                 for step in range(steps):
                     backward_step(model, opt, step)
         return [shard_state(s) for s in servers], [stats(s) for s in servers]
 
 
-def test_pushes_retried_after_a_lost_reply_are_applied_exactly_once():
+@pytest.mark.parametrize("transport", ["grpc", "data"])
+def test_pushes_retried_after_a_lost_reply_are_applied_exactly_once(transport):
     steps = 30
-    faults = [FailEveryNthReply(every=3), FailEveryNthReply(every=3)]
+    fault = FailEveryNthReply if transport == "grpc" else FailEveryNthDataReply
+    faults = [fault(every=3), fault(every=3)]
 
-    faulty_state, faulty_stats = _train_two_workers(faults, steps)
-    clean_state, clean_stats = _train_two_workers([None, None], steps)
+    faulty_state, faulty_stats = _train_two_workers(transport, faults, steps)
+    clean_state, clean_stats = _train_two_workers(transport, [None, None], steps)
 
     assert all(f.injected > 0 for f in faults)
     assert [s.duplicates for s in faulty_stats] == [f.injected for f in faults]

@@ -100,7 +100,7 @@ class HelloRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("server_version", "protocol", "shard_index", "num_shards", "policy", "device", "limits", "num_keys")
+    __slots__ = ("server_version", "protocol", "shard_index", "num_shards", "policy", "device", "limits", "num_keys", "data_port")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class HelloReply(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     protocol: str
     shard_index: int
@@ -117,7 +118,8 @@ class HelloReply(_message.Message):
     device: str
     limits: Limits
     num_keys: int
-    def __init__(self, server_version: _Optional[str] = ..., protocol: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_keys: _Optional[int] = ...) -> None: ...
+    data_port: int
+    def __init__(self, server_version: _Optional[str] = ..., protocol: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_keys: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class RegisterHead(_message.Message):
     __slots__ = ("keys", "with_values", "shard_index", "num_shards")

@@ -1,0 +1,239 @@
+"""A shard's data channel seen from a client (optserve/frames.py; the shard side is server/data.py).
+
+`DataChannel` learns the port from the shard's Hello, keeps a pool of open connections (one call
+at a time each; a connection goes back to the pool after a call that completed, refused or not) and
+runs Push, Pull and PushPull over them: gradients leave with `sendall` from the gradient's memory,
+pulled parameters land with `recv_into` straight in the model's parameters. Failures are reported
+as `DataCallError`, which reads like a grpc.RpcError, so ShardClient's one retry loop covers both
+paths: a broken connection is UNAVAILABLE (retried: every push carries its (client_id, seq)), a
+timeout DEADLINE_EXCEEDED, a refusal the shard's own code, message and reason.
+
+If the announced port cannot be reached (a firewall, a docker port not published), the client logs
+it once and uses gRPC for FALLBACK_SECONDS before it tries the data channel again.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import grpc
+import torch
+
+from optserve.frames import (AUTH, PULL, PUSH, PUSH_PULL, Receiver, parse_error, read_header, read_meta,
+                             send_header, send_tensor, tune, whole_segments)
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import Assembler, Expected, Outgoing, dtype_from_proto
+
+log = logging.getLogger("optserve.client")
+
+FALLBACK_SECONDS = 30.0
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+T = TypeVar("T")
+
+
+class DataCallError(Exception):
+    """A failed data-channel call, shaped like grpc.RpcError (code(), details(), trailing_metadata())."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str = ""):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details, self._reason = code, details, reason
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self):
+        from optserve.client.transport import REASON_METADATA
+        return ((REASON_METADATA, self._reason),) if self._reason else ()
+
+
+class _Conn:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.receiver = Receiver(sock)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def client_ssl_context(root_certificates: bytes | None, certificate_chain: bytes | None,
+                       private_key: bytes | None) -> ssl.SSLContext:
+    """TLS as grpc.ssl_channel_credentials does it: the given roots (else the system's), the
+    server's name checked, and optionally a client certificate (ssl loads those only from files:
+    they are written to a private temporary directory for the call and removed)."""
+    ctx = ssl.create_default_context(cadata=root_certificates.decode() if root_certificates else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if certificate_chain is not None:
+        with tempfile.TemporaryDirectory(prefix="optserve-tls-") as d:
+            cert, key = Path(d, "cert.pem"), Path(d, "key.pem")
+            cert.write_bytes(certificate_chain)
+            key.touch(mode=0o600)
+            key.write_bytes(private_key)
+            ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """("host", port) of "host:port" or "[v6]:port"; None for grpc target forms it cannot dial."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host or "/" in host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+class DataChannel:
+    def __init__(self, address: str, hello: Callable[[], pb.HelloReply], timeout: float,
+                 token: str | None, ssl_context: ssl.SSLContext | None):
+        self.address = address
+        self._target = split_address(address)
+        self._hello = hello  # one Hello attempt over gRPC (raises grpc.RpcError)
+        self._timeout = timeout
+        self._token = (token or "").encode()
+        self._ssl = ssl_context
+        self._lock = threading.Lock()
+        self._port: int | None = None  # None: not asked yet; 0: the shard has no data channel
+        self._idle: list[_Conn] = []
+        self._fallback_until = 0.0
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def _connection(self) -> _Conn | None:
+        """An open connection for one call, or None: this call goes over gRPC."""
+        if self._target is None or time.monotonic() < self._fallback_until:
+            return None
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            port = self._port
+        if port is None:
+            port = self._hello().data_port
+            with self._lock:
+                self._port = port
+        if not port:
+            return None
+        host = self._target[0]
+        try:
+            sock = socket.create_connection((host, port), timeout=min(self._timeout, 10.0))
+        except OSError as exc:
+            log.warning("data channel of %s (port %d) unreachable: %s; tensors go over gRPC for %.0f s",
+                        self.address, port, exc, FALLBACK_SECONDS)
+            with self._lock:
+                self._port = None
+                self._fallback_until = time.monotonic() + FALLBACK_SECONDS
+            return None
+        try:
+            tune(sock)
+            sock.settimeout(self._timeout)
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=host)
+            conn = _Conn(sock)
+            send_header(conn.sock, AUTH, self._token, 0)
+            self._reply(conn)
+            return conn
+        except BaseException as exc:
+            sock.close()
+            raise self._failure(exc) from None
+
+    def _forget(self) -> None:
+        """After a broken connection: drop pooled ones (the shard may have restarted, perhaps on
+        another port) and ask Hello again on the next call."""
+        with self._lock:
+            idle, self._idle, self._port = self._idle, [], None
+        for conn in idle:
+            conn.close()
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, DataCallError):
+            return exc
+        if isinstance(exc, socket.timeout):
+            return DataCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"data channel: no answer within "
+                                                                     f"{self._timeout:g} s")
+        if isinstance(exc, ssl.SSLError):
+            return DataCallError(grpc.StatusCode.UNAVAILABLE, f"data channel: TLS handshake failed: {exc}")
+        if isinstance(exc, OSError):
+            self._forget()
+            return DataCallError(grpc.StatusCode.UNAVAILABLE, f"data channel: {exc}")
+        return exc
+
+    def call(self, fn: Callable[[_Conn], T], over_grpc: Callable[[], T]) -> T:
+        """fn over a data connection, or over_grpc() when there is none to use."""
+        conn = self._connection()
+        if conn is None:
+            return over_grpc()
+        try:
+            result = fn(conn)
+        except DataCallError as exc:  # the shard refused the call: the connection is fine
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                conn.close()  # the shard is going away (or broke): do not reuse
+            else:
+                with self._lock:
+                    self._idle.append(conn)
+            raise
+        except BaseException as exc:
+            conn.close()
+            raise self._failure(exc) from None
+        with self._lock:
+            self._idle.append(conn)
+        return result
+
+    def close(self) -> None:
+        self._forget()
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def _reply(self, conn: _Conn) -> tuple[bytes, int]:
+        status, meta_len, data_len = read_header(conn.sock)
+        meta = read_meta(conn.sock, meta_len)
+        if status != grpc.StatusCode.OK.value[0]:
+            message, reason = parse_error(meta)
+            code = _CODES.get(status, grpc.StatusCode.UNKNOWN)
+            raise DataCallError(code, message, reason)
+        return meta, data_len
+
+    def _send(self, conn: _Conn, kind: int, message, items: Sequence[Outgoing], wire_dtype: torch.dtype) -> None:
+        segments, nbytes = whole_segments(items, wire_dtype, pb.Segment)
+        message.segments.extend(segments)
+        send_header(conn.sock, kind, message.SerializeToString(), nbytes)
+        for item in items:
+            send_tensor(conn.sock, item.tensor.reshape(-1), wire_dtype)
+
+    def _receive_pull(self, conn: _Conn, sink) -> pb.PullHead:
+        meta, data_len = self._reply(conn)
+        reply = pb.PullReply.FromString(meta)
+        if not reply.HasField("head"):
+            raise ValueError(f"shard {self.address} sent a pull reply without a head")
+        head = reply.head
+        dests = sink(head)
+        param_dtype = dtype_from_proto(head.dtype, default=torch.float32)
+        assembler = Assembler({k: Expected(t.numel(), param_dtype if k[1] == pb.PARAM else torch.float32,
+                                           head.entries[k[0]].key) for k, t in dests.items()})
+        spans = assembler.plan(reply.segments, data_len)
+        assembler.finish()
+        for seg, want in spans:
+            conn.receiver.into(dests[(seg.entry, seg.part)][seg.offset:seg.offset + seg.count], want.dtype)
+        return head
+
+    def push(self, conn: _Conn, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype) -> pb.PushReply:
+        self._send(conn, PUSH, pb.PushRequest(head=head), grads, wire_dtype)
+        meta, _ = self._reply(conn)
+        return pb.PushReply.FromString(meta)
+
+    def push_pull(self, conn: _Conn, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype,
+                  sink) -> pb.PullHead:
+        self._send(conn, PUSH_PULL, pb.PushRequest(head=head), grads, wire_dtype)
+        return self._receive_pull(conn, sink)
+
+    def pull(self, conn: _Conn, request: pb.PullRequest, sink) -> pb.PullHead:
+        send_header(conn.sock, PULL, request.SerializeToString(), 0)
+        return self._receive_pull(conn, sink)

@@ -1,0 +1,171 @@
+"""The data channel's framing, shared by shard (server/data.py) and client (client/data.py).
+
+gRPC stays the control plane (Hello, Register, SetState, Stats, Checkpoint, health, reflection) and a
+complete fallback; the tensor-carrying calls Push, Pull and PushPull can also travel over a plain TCP
+connection (TLS when the shard has a certificate) to the port a shard announces in `Hello.data_port`.
+The reason is cost per byte: gRPC Python copies every payload byte into and out of its own buffers
+and through HTTP/2 framing; here bytes go from the sender's tensor to the kernel to the receiver's
+tensor (`sendall` / `recv_into` on tensor memory), which is what raw TCP reaches.
+
+A frame is a 20-byte header, `meta` and `data`:
+
+    magic "OSD1" | kind or status (u8) | 3 zero bytes | meta length (u32) | data length (u64)
+
+- A connection opens with an AUTH frame (meta: the bearer token, UTF-8, possibly empty); the shard
+  answers OK or UNAUTHENTICATED (then closes).
+- Requests: PUSH and PUSHPULL carry a serialized PushRequest (head and segments, no `data` field) as
+  meta and the segments' bytes as data, in segment order; PULL carries a PullRequest and no data.
+- Replies carry a gRPC status code in place of the kind. OK: PushReply (PUSH) or PullReply (head and
+  segments) and its bytes. Not OK: meta is JSON {"message": ..., "reason": ...}, no data.
+- The shard always reads a whole request before it answers (on an error it discards the rest), so
+  a connection stays usable after a refused call; one call at a time per connection.
+
+Segments mean what they mean on gRPC (serde.Assembler validates them); payload bytes are the
+little-endian elements of the wire dtype, so the same codec rules hold on both paths.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import torch
+
+
+MAGIC = b"OSD1"
+HEADER = struct.Struct("<4sB3xIQ")
+AUTH, PUSH, PULL, PUSH_PULL = 1, 2, 3, 4
+KINDS = {AUTH: "Auth", PUSH: "Push", PULL: "Pull", PUSH_PULL: "PushPull"}
+MAX_META_BYTES = 64 << 20  # a head of ~1 M keys; more is refused by closing the connection
+LOOPBACK_BUFFER_BYTES = 256 << 10  # see tune()
+CONVERT_ELEMENTS = 1 << 20  # bf16/fp16 payloads are converted through a scratch tensor this long
+
+
+class ProtocolError(ConnectionError):
+    """The peer broke the framing (bad magic, oversized meta): the connection cannot be trusted."""
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from the socket (ConnectionError when the peer closes first)."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("the peer closed the connection mid-frame")
+        got += k
+
+
+def read_header(sock: socket.socket, eof_ok: bool = False) -> tuple[int, int, int] | None:
+    """(kind or status, meta length, data length); None on a clean close before a frame when eof_ok."""
+    buf = bytearray(HEADER.size)
+    view = memoryview(buf)
+    first = sock.recv_into(view)
+    if first == 0:
+        if eof_ok:
+            return None
+        raise ConnectionError("the peer closed the connection")
+    recv_exact(sock, view[first:])
+    magic, kind, meta_len, data_len = HEADER.unpack(buf)
+    if magic != MAGIC:
+        raise ProtocolError(f"not an optserve data frame (magic {bytes(magic)!r})")
+    if meta_len > MAX_META_BYTES:
+        raise ProtocolError(f"frame meta of {meta_len} bytes is over the limit of {MAX_META_BYTES}")
+    return kind, meta_len, data_len
+
+
+def read_meta(sock: socket.socket, meta_len: int) -> bytes:
+    buf = bytearray(meta_len)
+    recv_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def send_header(sock: socket.socket, kind: int, meta: bytes, data_len: int) -> None:
+    sock.sendall(HEADER.pack(MAGIC, kind, len(meta), data_len) + meta)
+
+
+def error_meta(message: str, reason: str = "") -> bytes:
+    return json.dumps({"message": message, "reason": reason}).encode()
+
+
+def parse_error(meta: bytes) -> tuple[str, str]:
+    try:
+        d = json.loads(meta.decode())
+        return str(d.get("message", "")), str(d.get("reason", ""))
+    except (ValueError, AttributeError):
+        return meta.decode(errors="replace"), ""
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def send_tensor(sock: socket.socket, flat: torch.Tensor, wire_dtype: torch.dtype) -> None:
+    """Send a flat tensor's elements as `wire_dtype`: straight from its memory when it already is a
+    contiguous host tensor of that dtype, else converted piece by piece (a GPU tensor is copied to
+    the host first, through pinned memory)."""
+    if flat.numel() == 0:
+        return
+    if flat.device.type == "cpu" and flat.dtype == wire_dtype and flat.is_contiguous():
+        sock.sendall(_byte_view(flat))
+        return
+    from optserve.serde import host_copy
+    step = CONVERT_ELEMENTS
+    for start in range(0, flat.numel(), step):
+        piece = host_copy(flat[start:start + step], wire_dtype).contiguous()
+        sock.sendall(_byte_view(piece))
+
+
+class Receiver:
+    """Reads payload bytes into destination tensors, converting through one reused scratch tensor
+    when the destination is not a contiguous host tensor of the wire dtype."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+
+    def into(self, dest: torch.Tensor, wire_dtype: torch.dtype) -> None:
+        n = dest.numel()
+        if n == 0:
+            return
+        if dest.device.type == "cpu" and dest.dtype == wire_dtype and dest.is_contiguous():
+            recv_exact(self.sock, _byte_view(dest))
+            return
+        scratch = self._scratch.get(wire_dtype)
+        if scratch is None:
+            scratch = self._scratch[wire_dtype] = torch.empty(CONVERT_ELEMENTS, dtype=wire_dtype)
+        for start in range(0, n, CONVERT_ELEMENTS):
+            k = min(CONVERT_ELEMENTS, n - start)
+            recv_exact(self.sock, _byte_view(scratch[:k]))
+            dest[start:start + k].copy_(scratch[:k])
+
+    def discard(self, nbytes: int) -> None:
+        """Read and drop `nbytes` (the rest of a refused request)."""
+        buf = memoryview(bytearray(min(nbytes, 1 << 20) or 1))
+        while nbytes > 0:
+            k = min(nbytes, len(buf))
+            recv_exact(self.sock, buf[:k])
+            nbytes -= k
+
+
+def whole_segments(items, wire_dtype: torch.dtype, segment_type) -> tuple[list, int]:
+    """One segment per non-empty item (the whole tensor), and the payload's byte count."""
+    segments, nbytes = [], 0
+    for item in items:
+        n = item.tensor.numel()
+        if n:
+            segments.append(segment_type(entry=item.entry, part=item.part, offset=0, count=n))
+            nbytes += n * wire_dtype.itemsize
+    return segments, nbytes
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay (heads are small writes). On loopback, small kernel buffers: there "bandwidth"
+    is the kernel copying between two processes' memory, and a buffer that stays in the CPU cache
+    beats a large one (64+64 MiB round trip on the 2-core machine: 48 ms with the kernel's autotuned
+    buffers, 37 ms with 256 KiB; docs/ARCHITECTURE.md). Between hosts the kernel's autotuning, which
+    sizes buffers to the path's bandwidth-delay product, is left alone."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    peer = sock.getpeername()[0]
+    if peer.startswith("127.") or peer in ("::1", "::ffff:127.0.0.1"):
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, LOOPBACK_BUFFER_BYTES)
