@@ -138,7 +138,7 @@ class DataServer:
 
     def _handle(self, conn, receiver: Receiver, kind: int, meta_len: int, data_len: int) -> None:
         meta = read_meta(conn, meta_len)
-        self.servicer.counters.add(bytes_in=HEADER.size + meta_len + data_len)
+        self.servicer.counters.add(bytes_in=HEADER.size + meta_len + data_len, data_calls=1)
         left = [data_len]  # payload bytes not read yet; discarded when the request is refused
         method = KINDS.get(kind, f"kind {kind}")
         try:

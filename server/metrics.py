@@ -55,6 +55,8 @@ class _ShardCollector(Collector):
                                   value=c.duplicates)
         yield CounterMetricFamily("optserve_received_bytes", "Request bytes received", value=c.bytes_in)
         yield CounterMetricFamily("optserve_sent_bytes", "Reply payload bytes sent", value=c.bytes_out)
+        yield CounterMetricFamily("optserve_data_channel_calls", "Push / Pull / PushPull calls served over "
+                                  "the data channel (the rest came over gRPC)", value=c.data_calls)
         rejected = CounterMetricFamily("optserve_rejected_requests", "Requests refused, by gRPC code",
                                        labels=["code"])
         for code, n in sorted(c.rejected_by_code().items()):

@@ -77,10 +77,12 @@ class _Counters:
     def __init__(self):
         self._lock = threading.Lock()
         self.bytes_in = self.bytes_out = self.rejected = self.duplicates = 0
+        self.data_calls = 0  # Push / Pull / PushPull requests that came over the data channel
         self._rejected: dict[str, int] = {}
 
-    def add(self, bytes_in: int = 0, bytes_out: int = 0, duplicates: int = 0) -> None:
+    def add(self, bytes_in: int = 0, bytes_out: int = 0, duplicates: int = 0, data_calls: int = 0) -> None:
         with self._lock:
+            self.data_calls += data_calls
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
             self.duplicates += duplicates

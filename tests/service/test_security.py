@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import threading
+import socket
 import urllib.request
 
 import grpc
@@ -20,6 +21,7 @@ from torch import nn
 
 from optserve import RemoteAdam
 from optserve.client.transport import Security, ShardClient, ShardError
+from optserve.frames import AUTH, HEADER, MAGIC
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.server import main as server_main
 from optserve.server.main import ServerConfig, Shard, run_server
@@ -98,6 +100,29 @@ def test_tls_round_trip_with_a_generated_ca(pki):
     d, ca, _ = pki
     with run_server(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key")) as address:
         assert train_once(address, root_certificates=ca.pem) == 1
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tensors_travel_over_the_tls_data_channel_and_plaintext_is_refused_there(pki, mutual):
+    d, ca, files = pki
+    extra = dict(tls_client_ca=str(d / "ca.pem")) if mutual else {}
+    client = dict(certificate_chain=files["client"][0], private_key=files["client"][1]) if mutual else {}
+    shard = Shard(ServerConfig(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"), **extra))
+    shard.start()
+    try:
+        assert train_once(shard.address, root_certificates=ca.pem, **client) == 1
+        plain = socket.create_connection(("127.0.0.1", shard.data.port), timeout=10)
+        plain.sendall(HEADER.pack(MAGIC, AUTH, 0, 0))  # a plaintext AUTH frame is no TLS hello
+        try:
+            answer = plain.recv(64)  # the handshake fails: a TLS alert, or the connection reset
+        except ConnectionResetError:
+            answer = b""
+        plain.close()
+    finally:
+        shard.stop()
+
+    assert shard.servicer.counters.data_calls == 2  # the pull after registration, the step's PushPull
+    assert MAGIC not in answer  # nothing of the protocol answers a plaintext peer
 
 
 def test_a_plaintext_client_cannot_talk_to_a_tls_shard(pki):

@@ -92,9 +92,10 @@ def test_training_on_several_shards_is_bitwise_identical_to_one_shard(num_shards
 
 @pytest.mark.parametrize("num_shards", [2, 3])
 def test_keys_split_across_messages_train_bitwise_identically_on_several_shards(num_shards):
-    one = trained(1, three_layer_model, chunk_bytes=4096)
+    # gRPC streams in messages of chunk_bytes; the data channel sends one frame (compared below)
+    one = trained(1, three_layer_model, chunk_bytes=4096, data_channel=False)
 
-    several = trained(num_shards, three_layer_model, chunk_bytes=4096)
+    several = trained(num_shards, three_layer_model, chunk_bytes=4096, data_channel=False)
 
     assert bitwise_equal(several, one), f"max abs difference {max_abs_diff(several, one):.3g}"
 
@@ -117,11 +118,23 @@ def test_training_with_slicing_is_bitwise_identical_to_training_without():
 
 
 def test_training_with_small_chunks_is_bitwise_identical_to_the_default_chunks():
-    default = trained(2, wide_model)
+    default = trained(2, wide_model, data_channel=False)
 
-    small = trained(2, wide_model, chunk_bytes=4096)
+    small = trained(2, wide_model, chunk_bytes=4096, data_channel=False)
 
     assert bitwise_equal(small, default), f"max abs difference {max_abs_diff(small, default):.3g}"
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+@pytest.mark.parametrize("wire_dtype, pull_dtype", [(torch.float32, torch.float32),
+                                                    (torch.bfloat16, torch.float16)])
+def test_the_data_channel_trains_bitwise_identically_to_grpc(num_shards, wire_dtype, pull_dtype):
+    over_grpc = trained(num_shards, slice_elements=SLICE, wire_dtype=wire_dtype, pull_dtype=pull_dtype,
+                        chunk_bytes=4096, data_channel=False)
+
+    over_data = trained(num_shards, slice_elements=SLICE, wire_dtype=wire_dtype, pull_dtype=pull_dtype)
+
+    assert bitwise_equal(over_data, over_grpc), f"max abs difference {max_abs_diff(over_data, over_grpc):.3g}"
 
 
 def test_training_was_not_a_no_op():

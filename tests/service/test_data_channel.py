@@ -1,0 +1,297 @@
+"""The data channel (server/data.py, client/data.py): used when announced, refused like gRPC, robust
+to broken frames, authenticated, and replaced by gRPC when it cannot be reached.
+
+Numbers over both paths are compared bitwise in test_slices_and_wire.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from optserve import RemoteAdam
+from optserve.client.transport import Security, ShardClient, ShardError
+from optserve.frames import (AUTH, HEADER, MAGIC, PULL, PUSH, parse_error, read_header, read_meta,
+                             send_header)
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import Outgoing
+from optserve.server.main import ServerConfig, Shard
+
+TOKEN = "data-channel-secret"
+
+
+@contextlib.contextmanager
+def running(**options):
+    shard = Shard(ServerConfig(**options))
+    shard.start()
+    try:
+        yield shard
+    finally:
+        shard.stop()
+
+
+def train(address: str, steps: int = 3, **options) -> nn.Module:
+    torch.manual_seed(3)
+    model = nn.Linear(5, 3)
+    with RemoteAdam(model.named_parameters(), [address], lr=0.01, **options) as opt:
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(4, 5)).square().sum().backward()
+            opt.step()
+    return model
+
+
+def register(client: ShardClient, name: str = "w", numel: int = 8) -> torch.Tensor:
+    value = torch.arange(numel, dtype=torch.float32)
+    client.register(pb.RegisterHead(keys=[pb.KeySpec(name=name, shape=[numel], dtype=pb.FLOAT32)],
+                                    num_shards=1, with_values=True), [Outgoing(0, pb.PARAM, value)])
+    return value
+
+
+def push_head(name: str = "w", seq: int = 1) -> pb.PushHead:
+    return pb.PushHead(client_id="test", seq=seq, wire_dtype=pb.FLOAT32, hyper=[pb.HyperParams(lr=0.1, beta1=0.9,
+                       beta2=0.999, eps=1e-8)], entries=[pb.PushEntry(key=name, version_read=0, hyper=0)])
+
+
+def pull_value(client: ShardClient, name: str = "w", numel: int = 8) -> tuple[torch.Tensor, int]:
+    out = torch.empty(numel)
+    head = client.pull(pb.PullRequest(keys=[name]), lambda h: {(0, pb.PARAM): out})
+    return out, head.entries[0].version
+
+
+def raw_connection(port: int, token: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    send_header(sock, AUTH, token, 0)
+    status, meta_len, _ = read_header(sock)
+    read_meta(sock, meta_len)
+    assert status == 0
+    return sock
+
+
+def reply(sock: socket.socket) -> tuple[grpc.StatusCode, str]:
+    status, meta_len, data_len = read_header(sock)
+    meta = read_meta(sock, meta_len)
+    sock.recv(data_len, socket.MSG_WAITALL) if data_len else None
+    code = next(c for c in grpc.StatusCode if c.value[0] == status)
+    return code, (parse_error(meta)[0] if status else "")
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+# -- used when announced -----------------------------------------------------------------------
+
+
+def test_a_shard_announces_its_data_port_and_steps_travel_over_it():
+    with running() as shard:
+        client = ShardClient(shard.address)
+        assert client.hello().data_port == shard.data.port != 0
+        client.close()
+
+        train(shard.address, steps=3)
+
+        # the pull that follows registration (values another worker may have set), then one PushPull a step
+        assert shard.servicer.counters.data_calls == 1 + 3
+        assert shard.servicer.store.pushes == 3
+
+
+def test_without_a_data_port_everything_travels_over_grpc():
+    with running(data_port=-1) as shard:
+        client = ShardClient(shard.address)
+        assert client.hello().data_port == 0
+        client.close()
+
+        train(shard.address, steps=3)
+
+        assert shard.data is None
+        assert shard.servicer.counters.data_calls == 0
+        assert shard.servicer.store.pushes == 3
+
+
+def test_a_client_can_keep_to_grpc_with_data_channel_false():
+    with running() as shard:
+        train(shard.address, steps=2, data_channel=False)
+
+        assert shard.servicer.counters.data_calls == 0
+        assert shard.servicer.store.pushes == 2
+
+
+def test_an_unreachable_data_port_falls_back_to_grpc_with_a_warning(caplog):
+    with running() as shard:
+        shard.data.stop()  # still announced, no longer listening: connections are refused
+
+        with caplog.at_level(logging.WARNING, logger="optserve.client"):
+            model = train(shard.address, steps=2)
+
+        assert shard.servicer.store.pushes == 2
+        assert shard.servicer.counters.data_calls == 0
+        assert any("unreachable" in r.getMessage() and "gRPC" in r.getMessage() for r in caplog.records)
+        assert torch.isfinite(model.weight).all()
+
+
+# -- refusals: the same codes as gRPC, nothing changed, the connection kept ---------------------
+
+
+def test_refusals_over_the_data_channel_change_nothing_and_keep_the_connection():
+    with running() as shard:
+        client = ShardClient(shard.address)
+        before = register(client)
+
+        with pytest.raises(ShardError) as unknown:
+            client.push(push_head("nope"), [Outgoing(0, pb.GRAD, torch.ones(8))], torch.float32)
+        with pytest.raises(ShardError) as nan:
+            client.push(push_head(), [Outgoing(0, pb.GRAD, torch.tensor([1.0] * 7 + [float("nan")]))],
+                        torch.float32)
+        with pytest.raises(ShardError) as short:
+            client.push(push_head(), [Outgoing(0, pb.GRAD, torch.ones(7))], torch.float32)
+        value, version = pull_value(client)
+        connections = len(shard.data._conns)
+        client.close()
+
+    assert (unknown.value.code, nan.value.code, short.value.code) == (
+        grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "NaN" in nan.value.details
+    assert "stream ended after 7 of 8" in short.value.details
+    assert version == 0 and torch.equal(value, before)
+    assert shard.servicer.counters.data_calls == 4
+    assert connections == 1  # every refusal left the connection usable
+
+
+def test_a_push_over_the_data_channel_is_applied_once_per_seq():
+    with running() as shard:
+        client = ShardClient(shard.address)
+        register(client)
+        grads = [Outgoing(0, pb.GRAD, torch.ones(8))]
+
+        first = client.push(push_head(seq=1), grads, torch.float32)
+        again = client.push(push_head(seq=1), grads, torch.float32)
+        _, version = pull_value(client)
+        client.close()
+
+    assert (first.duplicate, again.duplicate) == (False, True)
+    assert list(first.versions) == list(again.versions) == [1]
+    assert version == 1
+
+
+# -- broken frames ----------------------------------------------------------------------------
+
+
+def test_a_frame_declaring_more_data_than_its_segments_is_refused_and_drained():
+    with running() as shard:
+        client = ShardClient(shard.address)
+        register(client)
+        sock = raw_connection(shard.data.port)
+        request = pb.PushRequest(head=push_head(), segments=[pb.Segment(entry=0, part=pb.GRAD, offset=0, count=8)])
+        send_header(sock, PUSH, request.SerializeToString(), 8 * 4 + 100)
+        sock.sendall(bytes(8 * 4 + 100))
+
+        code, message = reply(sock)
+        send_header(sock, PULL, pb.PullRequest(keys=["w"]).SerializeToString(), 0)
+        after, _ = reply(sock)
+        _, version = pull_value(client)
+        sock.close()
+        client.close()
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "132 bytes" in message
+    assert after == grpc.StatusCode.OK  # the 132 bytes were read and dropped: framing intact
+    assert version == 0
+
+
+def test_a_frame_cut_one_byte_short_applies_nothing():
+    with running() as shard:
+        client = ShardClient(shard.address)
+        register(client)
+        sock = raw_connection(shard.data.port)
+        request = pb.PushRequest(head=push_head(), segments=[pb.Segment(entry=0, part=pb.GRAD, offset=0, count=8)])
+        send_header(sock, PUSH, request.SerializeToString(), 32)
+        sock.sendall(bytes(31))
+        sock.shutdown(socket.SHUT_WR)
+
+        assert closed_by_peer(sock)
+        value, version = pull_value(client)
+        sock.close()
+        client.close()
+
+    assert version == 0 and shard.servicer.store.pushes == 0
+
+
+@pytest.mark.parametrize("opening", [
+    HEADER.pack(b"GET ", 0, 0, 0),  # not our protocol at all
+    HEADER.pack(MAGIC, PUSH, 0, 0),  # a request before AUTH
+    HEADER.pack(MAGIC, AUTH, 0xFFFFFFFF, 0),  # an absurd meta length
+])
+def test_a_connection_that_breaks_the_framing_is_closed_and_the_shard_serves_on(opening):
+    with running() as shard:
+        sock = socket.create_connection(("127.0.0.1", shard.data.port), timeout=10)
+        sock.sendall(opening)
+
+        assert closed_by_peer(sock)
+        sock.close()
+        train(shard.address, steps=1)
+        assert shard.servicer.store.pushes == 1
+
+
+def test_a_pull_frame_carrying_data_is_refused():
+    with running() as shard:
+        sock = raw_connection(shard.data.port)
+        send_header(sock, PULL, pb.PullRequest(keys=["w"]).SerializeToString(), 4)
+        sock.sendall(bytes(4))
+
+        code, message = reply(sock)
+        sock.close()
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "carries no data" in message
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given", [b"", b"wrong"])
+def test_the_data_channel_needs_the_shards_token(tmp_path, given):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    with running(token_file=str(token_file)) as shard:
+        sock = socket.create_connection(("127.0.0.1", shard.data.port), timeout=10)
+        send_header(sock, AUTH, given, 0)
+
+        code, message = reply(sock)
+        refused_then_closed = closed_by_peer(sock)
+        sock.close()
+        raw_connection(shard.data.port, TOKEN.encode()).close()  # the right one is let in
+        train(shard.address, steps=1, token=TOKEN)
+        calls = shard.servicer.counters.data_calls
+
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert message == ("missing bearer token" if not given else "wrong bearer token")
+    assert refused_then_closed
+    assert calls == 2  # the pull after registration and one PushPull
+
+
+def test_a_shard_client_without_the_token_is_unauthenticated_on_the_data_channel(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    with running(token_file=str(token_file)) as shard:
+        good = ShardClient(shard.address, security=Security(token=TOKEN))
+        register(good)
+        # The data port is known (as if learnt before the token changed): only the data channel
+        # can refuse this client.
+        bad = ShardClient(shard.address, security=Security(token="stolen?"))
+        bad.data._port = shard.data.port
+
+        with pytest.raises(ShardError) as err:
+            bad.push(push_head(), [Outgoing(0, pb.GRAD, torch.ones(8))], torch.float32)
+        _, version = pull_value(good)
+        good.close()
+        bad.close()
+
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert version == 0
