@@ -123,27 +123,33 @@ class DataChannel:
         if not port:
             return None
         host = self._target[0]
+        sock = None
         try:
             sock = socket.create_connection((host, port), timeout=min(self._timeout, 10.0))
-        except OSError as exc:
-            log.warning("data channel of %s (port %d) unreachable: %s; tensors go over gRPC for %.0f s",
-                        self.address, port, exc, FALLBACK_SECONDS)
-            with self._lock:
-                self._port = None
-                self._fallback_until = time.monotonic() + FALLBACK_SECONDS
-            return None
-        try:
             tune(sock)
             sock.settimeout(self._timeout)
             if self._ssl is not None:
                 sock = self._ssl.wrap_socket(sock, server_hostname=host)
             conn = _Conn(sock)
             send_header(conn.sock, AUTH, self._token, 0)
-            self._reply(conn)
+            self._reply(conn)  # DataCallError(UNAUTHENTICATED) when the token is refused
             return conn
-        except BaseException as exc:
+        except ssl.SSLError as exc:  # a TLS failure is an error, as it is on gRPC
             sock.close()
             raise self._failure(exc) from None
+        except OSError as exc:  # refused, timed out, or not an optserve data port
+            if sock is not None:
+                sock.close()
+            log.warning("data channel of %s (port %d) unreachable: %s; tensors go over gRPC for %.0f s",
+                        self.address, port, exc, FALLBACK_SECONDS)
+            with self._lock:
+                self._port = None
+                self._fallback_until = time.monotonic() + FALLBACK_SECONDS
+            return None
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
 
     def _forget(self) -> None:
         """After a broken connection: drop pooled ones (the shard may have restarted, perhaps on

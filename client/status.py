@@ -52,6 +52,8 @@ def render(shards: list[dict], out: TextIO) -> None:
         print(f"  keys {len(s['keys'])}  pushes {s['pushes']}  pulls {s['pulls']}  "
               f"bytes in {s['bytes_in']}  out {s['bytes_out']}  rejected {s['rejected']}  "
               f"duplicates {s['duplicates']}  dropped {s['dropped']}", file=out)
+        print(f"  data channel: " + (f"port {h['data_port']}, {s['data_calls']} calls"
+                                     if h["data_port"] else "none (tensors over gRPC)"), file=out)
         hist = s["staleness"]["histogram"]
         top = max((i for i, n in enumerate(hist) if n), default=0)
         print(f"  staleness: {st['count']} pushes, mean {st['mean']:.2f}, max {st['max']}, histogram "

@@ -416,7 +416,8 @@ class Servicer:
         c = self.counters
         ckpt = self.checkpointer.last() if self.checkpointer else ("", 0.0)
         return pb.StatsReply(shard=self.hello(), keys=keys, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
-                             rejected=c.rejected, duplicates=c.duplicates, checkpoint=ckpt[0],
+                             rejected=c.rejected, duplicates=c.duplicates, data_calls=c.data_calls,
+                             checkpoint=ckpt[0],
                              checkpoint_age=ckpt[1], **totals)
 
 

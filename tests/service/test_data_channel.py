@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 
 import grpc
 import pytest
@@ -295,3 +296,28 @@ def test_a_shard_client_without_the_token_is_unauthenticated_on_the_data_channel
 
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert version == 0
+
+
+def test_a_port_that_does_not_speak_the_protocol_falls_back_to_grpc(caplog):
+    imposter = socket.create_server(("127.0.0.1", 0))  # accepts, then says something else entirely
+
+    def answer():
+        conn, _ = imposter.accept()
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" + bytes(HEADER.size))
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    with running() as shard:
+        client = ShardClient(shard.address)
+        register(client)
+        client.data._port = imposter.getsockname()[1]  # as if the shard had announced it
+
+        with caplog.at_level(logging.WARNING, logger="optserve.client"):
+            client.push(push_head(), [Outgoing(0, pb.GRAD, torch.ones(8))], torch.float32)
+        _, version = pull_value(client)
+        client.close()
+    imposter.close()
+
+    assert version == 1
+    assert shard.servicer.counters.data_calls == 0
+    assert any("not an optserve data frame" in r.getMessage() for r in caplog.records)

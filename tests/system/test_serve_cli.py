@@ -53,6 +53,9 @@ def test_serve_process_trains_reports_status_and_stops_cleanly_on_sigterm():
     assert {k["key"]: (k["shape"], k["version"], k["pushes"]) for k in shards[0]["keys"]} == {
         "weight": ([2, 4], 3, 3), "bias": ([2], 3, 3)}
     assert shards[0]["pushes"] == 3
+    data_port = shards[0]["shard"]["data_port"]
+    assert data_port and shards[0]["data_calls"] == 1 + 3  # the pull after registering, 3 PushPulls
+    assert f"data channel: port {data_port}, 4 calls" in table.stdout
     assert code == 0
     assert "stopped" in stderr
 

@@ -340,7 +340,7 @@ class KeyStats(_message.Message):
     def __init__(self, key: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., pushes: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("shard", "keys", "pushes", "pulls", "bytes_in", "bytes_out", "rejected", "duplicates", "staleness", "dropped", "checkpoint", "checkpoint_age")
+    __slots__ = ("shard", "keys", "pushes", "pulls", "bytes_in", "bytes_out", "rejected", "duplicates", "staleness", "dropped", "checkpoint", "checkpoint_age", "data_calls")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +353,7 @@ class StatsReply(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_AGE_FIELD_NUMBER: _ClassVar[int]
+    DATA_CALLS_FIELD_NUMBER: _ClassVar[int]
     shard: HelloReply
     keys: _containers.RepeatedCompositeFieldContainer[KeyStats]
     pushes: int
@@ -365,7 +366,8 @@ class StatsReply(_message.Message):
     dropped: int
     checkpoint: str
     checkpoint_age: float
-    def __init__(self, shard: _Optional[_Union[HelloReply, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeyStats, _Mapping]]] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ..., dropped: _Optional[int] = ..., checkpoint: _Optional[str] = ..., checkpoint_age: _Optional[float] = ...) -> None: ...
+    data_calls: int
+    def __init__(self, shard: _Optional[_Union[HelloReply, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeyStats, _Mapping]]] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness: _Optional[_Union[StalenessStats, _Mapping]] = ..., dropped: _Optional[int] = ..., checkpoint: _Optional[str] = ..., checkpoint_age: _Optional[float] = ..., data_calls: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()
