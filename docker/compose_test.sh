@@ -215,9 +215,9 @@ say "in the image: $(docker run --rm --entrypoint sh "$IMAGE" -c 'echo "user $(i
 container() { dc ps -q "$1"; }
 health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$1"; }
 running() { [[ $(docker inspect -f '{{.State.Running}}' "$1") == true ]]; }
-shard1_stats() {  # "<sum of shard1's key versions (Adam steps applied)> <pushes since its start>"
+shard1_stats() {  # "<sum of shard1's key versions (Adam steps applied)> <pushes since its start> <data channel calls>"
     dc exec -T shard1 optserve --log-level WARNING status --json --token-file /run/secrets/optserve_token \
-        localhost:50051 | "$HOSTPY" -c 'import json, sys; [s] = json.load(sys.stdin); print(sum(k["version"] for k in s["keys"]), s["pushes"])'
+        localhost:50051 | "$HOSTPY" -c 'import json, sys; [s] = json.load(sys.stdin); print(sum(k["version"] for k in s["keys"]), s["pushes"], s["data_calls"])'
 }
 wait_workers() {  # both workers exited 0 with the accuracy line, within $1 s
     local ids code w out line
@@ -265,11 +265,13 @@ ckpt_restored=$(grep -o '/data/ckpt-[0-9]*' <<<"$restored")
 [[ -n $ckpt_final && $ckpt_final == "$ckpt_restored" ]] || die "shard1 did not restore the checkpoint its SIGTERM wrote"
 
 wait_workers 300
-read -r versions pushes <<<"$(shard1_stats)"
+read -r versions pushes data_calls <<<"$(shard1_stats)"
 say "  shard1 at the end: its key went through $versions Adam steps (2 workers x $STEPS steps: none lost or"
 say "    repeated across the restart), $pushes of them pushed after the restart"
 [[ $versions == $((2 * STEPS)) ]] || die "shard1's key has $versions steps, expected $((2 * STEPS))"
 [[ $pushes -gt 0 ]] || die "no push reached shard1 after its restart"
+say "  $data_calls calls since the restart came over shard1's data channel (port 50052)"
+[[ $data_calls -ge $pushes ]] || die "the workers' pushes did not use the data channel ($data_calls calls, $pushes pushes)"
 refused=$(dc exec -T shard0 optserve --log-level WARNING status localhost:50051 2>&1 || true)
 [[ $refused == *UNAUTHENTICATED* ]] || die "a call without the token was not refused: $refused"
 say "  a call without the token: refused (UNAUTHENTICATED)"
@@ -289,6 +291,7 @@ if [[ ${COMPOSE_TEST_TLS:-1} == 1 ]]; then
     logs=$(docker logs "$(container shard0)" 2>&1)
     grep -m1 "serving on" <<<"$logs" | sed 's/^.* INFO /  shard0: /' || true
     [[ $logs == *"mutual TLS"* ]] || die "shard0 does not serve mutual TLS"
+    [[ $logs == *"data channel on port 50052"* ]] || die "shard0 has no data channel under TLS"
     wait_workers 300
     say "stack 2 passed in $((SECONDS - t)) s"
 fi

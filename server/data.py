@@ -30,6 +30,7 @@ from optserve.server.service import Servicer, _parse
 log = logging.getLogger("optserve.server")
 
 _OK = grpc.StatusCode.OK.value[0]
+AUTH_SECONDS = 10.0
 
 
 class DataServer:
@@ -90,12 +91,14 @@ class DataServer:
         raw = conn
         try:
             tune(conn)
+            # Until the peer has shown the token, it gets AUTH_SECONDS: connections that never
+            # authenticate do not hold threads (or the connection limit) for long.
+            conn.settimeout(AUTH_SECONDS)
             if self._ssl is not None:
-                conn.settimeout(30)  # a handshake that stalls does not keep a thread forever
                 conn = self._ssl.wrap_socket(conn, server_side=True)
-                conn.settimeout(None)
             if not self._authenticate(conn):
                 return
+            conn.settimeout(None)  # an authenticated worker may keep its connection idle
             receiver = Receiver(conn)
             while True:
                 header = read_header(conn, eof_ok=True)

@@ -192,10 +192,14 @@ class BufferPool:
     out of one has finished; `give` is then a no-op.
     """
 
-    def __init__(self, device: torch.device, keep: int = 8):
+    def __init__(self, device: torch.device, budget: Callable[[], int] = lambda: 1 << 30):
         self._pinned = device.type == "cuda"
-        self._keep = keep  # spare buffers kept per size: enough for that many concurrent calls
+        # Free buffers are kept up to this many elements in all (asked at each give): the store
+        # passes twice its parameter count, one whole push's staging plus one whole pull's snapshot,
+        # so a worker's steady state never allocates, however many same-sized slices it has.
+        self._budget = budget
         self._free: dict[int, list[torch.Tensor]] = {}
+        self._kept = 0  # elements in _free
         self._lock = threading.Lock()
 
     def take(self, numel: int) -> torch.Tensor:
@@ -204,17 +208,19 @@ class BufferPool:
         with self._lock:
             free = self._free.get(numel)
             if free:
+                self._kept -= numel
                 return free.pop()
         return torch.empty(numel, dtype=torch.float32)
 
     def give(self, buffers: Sequence[torch.Tensor]) -> None:
         if self._pinned:
             return
+        budget = self._budget()
         with self._lock:
             for t in buffers:
-                free = self._free.setdefault(t.numel(), [])
-                if len(free) < self._keep:
-                    free.append(t)
+                if self._kept + t.numel() <= budget:
+                    self._free.setdefault(t.numel(), []).append(t)
+                    self._kept += t.numel()
 
 
 @dataclass(frozen=True)
@@ -239,7 +245,7 @@ class Store:
         self.limits = limits
         self._keys: dict[str, Key] = {}
         self._elements = 0
-        self.buffers = BufferPool(self.device)
+        self.buffers = BufferPool(self.device, lambda: 2 * self._elements)
         self.dedupe = Dedupe()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified whenever versions change

@@ -321,3 +321,13 @@ def test_a_port_that_does_not_speak_the_protocol_falls_back_to_grpc(caplog):
     assert version == 1
     assert shard.servicer.counters.data_calls == 0
     assert any("not an optserve data frame" in r.getMessage() for r in caplog.records)
+
+
+def test_a_connection_that_never_authenticates_is_dropped(monkeypatch):
+    from optserve.server import data
+    monkeypatch.setattr(data, "AUTH_SECONDS", 0.2)
+    with running() as shard:
+        sock = socket.create_connection(("127.0.0.1", shard.data.port), timeout=10)
+
+        assert closed_by_peer(sock)  # after AUTH_SECONDS of silence
+        sock.close()
