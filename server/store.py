@@ -12,6 +12,7 @@ no update is lost under concurrent clients), and the copies that snapshot keys f
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import math
 import threading
@@ -117,6 +118,7 @@ class Dedupe:
         self._lock = threading.Lock()
         self._clients: dict[str, dict[int, PushResult | threading.Event]] = {}
         self._floor: dict[str, int] = {}  # per client: the newest seq dropped from the window
+        self._done: dict[str, list[int]] = {}  # per client: a min-heap of the seqs with results
 
     def begin(self, client_id: str, seq: int) -> PushResult | None:
         """None: the caller applies the push, then calls finish or abort. Else: the original result."""
@@ -144,8 +146,10 @@ class Dedupe:
             seen = self._clients[client_id]
             event = seen[seq]
             seen[seq] = result
-            done = sorted(k for k, v in seen.items() if isinstance(v, PushResult))
-            for old in done[:max(0, len(done) - self.window)]:
+            done = self._done.setdefault(client_id, [])
+            heapq.heappush(done, seq)
+            while len(done) > self.window:  # forget the oldest results beyond the window
+                old = heapq.heappop(done)
                 del seen[old]
                 self._floor[client_id] = max(self._floor.get(client_id, 0), old)
         event.set()
@@ -173,6 +177,7 @@ class Dedupe:
             self._clients = {c: {int(s): PushResult(list(r["versions"]), list(r["staleness"]), list(r["dropped"]))
                                  for s, r in seen.items()}
                              for c, seen in data.get("clients", {}).items()}
+            self._done = {c: sorted(seen) for c, seen in self._clients.items()}  # a sorted list is a heap
 
 
 @dataclass(frozen=True)
