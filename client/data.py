@@ -25,14 +25,17 @@ from typing import Callable, Sequence, TypeVar
 import grpc
 import torch
 
-from optserve.frames import (AUTH, PULL, PUSH, PUSH_PULL, Receiver, parse_error, read_header, read_meta,
-                             send_header, send_tensor, tune, whole_segments)
+from optserve.frames import (AUTH, MAX_REPLY_META_BYTES, PULL, PUSH, PUSH_PULL, ProtocolError, Receiver,
+                             parse_error, read_header, read_meta, send_header, send_tensor, tune,
+                             whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import Assembler, Expected, Outgoing, dtype_from_proto
 
 log = logging.getLogger("optserve.client")
 
 FALLBACK_SECONDS = 30.0
+FALLBACK_MAX_SECONDS = 600.0
+CONNECT_SECONDS = 3.0
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 T = TypeVar("T")
 
@@ -105,6 +108,7 @@ class DataChannel:
         self._port: int | None = None  # None: not asked yet; 0: the shard has no data channel
         self._idle: list[_Conn] = []
         self._fallback_until = 0.0
+        self._fallback_seconds = FALLBACK_SECONDS
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -125,7 +129,7 @@ class DataChannel:
         host = self._target[0]
         sock = None
         try:
-            sock = socket.create_connection((host, port), timeout=min(self._timeout, 10.0))
+            sock = socket.create_connection((host, port), timeout=min(self._timeout, CONNECT_SECONDS))
             tune(sock)
             sock.settimeout(self._timeout)
             if self._ssl is not None:
@@ -133,23 +137,35 @@ class DataChannel:
             conn = _Conn(sock)
             send_header(conn.sock, AUTH, self._token, 0)
             self._reply(conn)  # DataCallError(UNAUTHENTICATED) when the token is refused
-            return conn
-        except ssl.SSLError as exc:  # a TLS failure is an error, as it is on gRPC
-            sock.close()
-            raise self._failure(exc) from None
+        except ssl.SSLError as exc:
+            if sock is not None:
+                sock.close()
+            if not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                # certificates or protocol: an error, as it is on gRPC (not retried)
+                raise DataCallError(grpc.StatusCode.UNAVAILABLE, f"data channel: TLS handshake failed: {exc}") from None
+            return self._unreachable(port, exc)  # the peer hung up mid-handshake
         except OSError as exc:  # refused, timed out, or not an optserve data port
             if sock is not None:
                 sock.close()
-            log.warning("data channel of %s (port %d) unreachable: %s; tensors go over gRPC for %.0f s",
-                        self.address, port, exc, FALLBACK_SECONDS)
-            with self._lock:
-                self._port = None
-                self._fallback_until = time.monotonic() + FALLBACK_SECONDS
-            return None
+            return self._unreachable(port, exc)
         except BaseException:
             if sock is not None:
                 sock.close()
             raise
+        with self._lock:
+            self._fallback_seconds = FALLBACK_SECONDS
+        return conn
+
+    def _unreachable(self, port: int, exc: BaseException) -> None:
+        """Use gRPC for a while: 30 s, doubling while the port stays unreachable (up to 10 min)."""
+        with self._lock:
+            wait = self._fallback_seconds
+            self._fallback_seconds = min(FALLBACK_MAX_SECONDS, wait * 2)
+            self._port = None
+            self._fallback_until = time.monotonic() + wait
+        log.warning("data channel of %s (port %d) unreachable: %s; tensors go over gRPC for %.0f s",
+                    self.address, port, exc, wait)
+        return None
 
     def _forget(self) -> None:
         """After a broken connection: drop pooled ones (the shard may have restarted, perhaps on
@@ -160,16 +176,18 @@ class DataChannel:
             conn.close()
 
     def _failure(self, exc: BaseException) -> BaseException:
+        """What a call that failed on an open connection raises."""
         if isinstance(exc, DataCallError):
             return exc
         if isinstance(exc, socket.timeout):
+            self._forget()
             return DataCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"data channel: no answer within "
                                                                      f"{self._timeout:g} s")
-        if isinstance(exc, ssl.SSLError):
-            return DataCallError(grpc.StatusCode.UNAVAILABLE, f"data channel: TLS handshake failed: {exc}")
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError):  # ssl errors too: after the handshake they mean a broken link
             self._forget()
-            return DataCallError(grpc.StatusCode.UNAVAILABLE, f"data channel: {exc}")
+            # Worded without "TLS"/"SSL": ShardClient does not retry what reads like a handshake failure.
+            return DataCallError(grpc.StatusCode.UNAVAILABLE, f"data channel: the connection broke "
+                                                              f"({exc.errno or type(exc).__name__.replace('SSL', '')})")
         return exc
 
     def call(self, fn: Callable[[_Conn], T], over_grpc: Callable[[], T]) -> T:
@@ -180,8 +198,8 @@ class DataChannel:
         try:
             result = fn(conn)
         except DataCallError as exc:  # the shard refused the call: the connection is fine
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                conn.close()  # the shard is going away (or broke): do not reuse
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                conn.close()  # the shard is going away (or failed): do not reuse
             else:
                 with self._lock:
                     self._idle.append(conn)
@@ -200,6 +218,8 @@ class DataChannel:
 
     def _reply(self, conn: _Conn) -> tuple[bytes, int]:
         status, meta_len, data_len = read_header(conn.sock)
+        if meta_len > MAX_REPLY_META_BYTES:
+            raise ProtocolError(f"a reply head of {meta_len} bytes")
         meta = read_meta(conn.sock, meta_len)
         if status != grpc.StatusCode.OK.value[0]:
             message, reason = parse_error(meta)

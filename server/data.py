@@ -17,34 +17,46 @@ import logging
 import socket
 import ssl
 import threading
+import time
 
 import grpc
 
-from optserve.frames import (AUTH, HEADER, KINDS, PULL, PUSH, PUSH_PULL, ProtocolError, Receiver,
-                             error_meta, read_header, read_meta, send_header, send_tensor, tune,
+from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PUSH_PULL, ProtocolError,
+                             Receiver, error_meta, read_header, read_meta, send_header, send_tensor, tune,
                              whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import Assembler, RequestError, invalid
+from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES, Assembler, RequestError, invalid
 from optserve.server.service import Servicer, _parse
 
 log = logging.getLogger("optserve.server")
 
 _OK = grpc.StatusCode.OK.value[0]
-AUTH_SECONDS = 10.0
+AUTH_SECONDS = 10.0  # from accept to an accepted token (TLS handshake included), at most
+MAX_PENDING = 64  # connections not yet authenticated; more are closed at once
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class DataServer:
     def __init__(self, servicer: Servicer, host: str, port: int, token: str = "",
-                 ssl_context: ssl.SSLContext | None = None, max_connections: int = 256):
+                 ssl_context: ssl.SSLContext | None = None, max_connections: int = 256,
+                 max_meta_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.servicer = servicer
         self._token = token.encode()
         self._ssl = ssl_context
         self._max_connections = max_connections
+        self._max_meta = max_meta_bytes  # a request's head, bounded like a gRPC message
         family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
         self._sock = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
         self.port = self._sock.getsockname()[1]
         self._lock = threading.Condition()
-        self._conns: set[socket.socket] = set()
+        self._conns: set[socket.socket] = set()  # as served: the TLS socket once wrapped
+        self._pending = 0  # accepted, not yet authenticated
         self._in_flight = 0
         self._closing = False
         self._thread = threading.Thread(target=self._accept, name="data-accept", daemon=True)
@@ -53,22 +65,20 @@ class DataServer:
         self._thread.start()
 
     def stop(self, grace: float | None = None) -> None:
+        """Stop accepting; wait up to `grace` s for requests in flight; shut every connection.
+
+        After this returns no reply can leave: an acknowledgement either went out before, or the
+        client sees a broken connection and retries (exactly once, against the restarted shard)."""
         with self._lock:
             self._closing = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        except OSError:
-            pass
+        _shutdown(self._sock)  # wakes the blocked accept()
         self._sock.close()
         self._thread.join()
         with self._lock:
             self._lock.wait_for(lambda: self._in_flight == 0, timeout=grace or 0)
             conns = list(self._conns)
         for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(conn)
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -76,29 +86,57 @@ class DataServer:
         while True:
             try:
                 conn, peer = self._sock.accept()
-            except OSError:
-                return  # stop() shut the socket
+            except OSError as exc:
+                if self._closing:
+                    return
+                log.warning("data channel: accept failed: %s; retrying", exc)  # EMFILE, ENOBUFS...
+                time.sleep(0.1)
+                continue
             with self._lock:
-                if self._closing or len(self._conns) >= self._max_connections:
-                    log.warning("data channel: refusing a connection from %s (%s)", peer,
-                                "shutting down" if self._closing else f"{len(self._conns)} connections open")
+                full = len(self._conns) >= self._max_connections or self._pending >= MAX_PENDING
+                if self._closing or full:
+                    if not self._closing:
+                        log.warning("data channel: refusing a connection from %s (%d open, %d not yet "
+                                    "authenticated)", peer, len(self._conns), self._pending)
                     conn.close()
                     continue
                 self._conns.add(conn)
+                self._pending += 1
             threading.Thread(target=self._serve, args=(conn, peer), name="data-conn", daemon=True).start()
 
-    def _serve(self, conn: socket.socket, peer) -> None:
-        raw = conn
+    def _open(self, box: list[socket.socket]) -> bool:
+        """TLS handshake and AUTH, within AUTH_SECONDS in all (a deadline, not a per-read timeout).
+
+        box[0] is the accepted socket; it is replaced by the TLS socket once wrapped. True: the
+        peer showed the token (or none is needed)."""
+        raw = box[0]
+        timer = threading.Timer(AUTH_SECONDS, _shutdown, (raw,))
+        timer.start()
         try:
-            tune(conn)
-            # Until the peer has shown the token, it gets AUTH_SECONDS: connections that never
-            # authenticate do not hold threads (or the connection limit) for long.
-            conn.settimeout(AUTH_SECONDS)
+            tune(raw)
+            raw.settimeout(AUTH_SECONDS)
             if self._ssl is not None:
-                conn = self._ssl.wrap_socket(conn, server_side=True)
-            if not self._authenticate(conn):
+                box[0] = self._ssl.wrap_socket(raw, server_side=True)
+                with self._lock:  # stop() must reach the socket that is served from now on
+                    self._conns.discard(raw)
+                    self._conns.add(box[0])
+                    if self._closing:
+                        _shutdown(box[0])
+            if not self._authenticate(box[0]):
+                return False
+            box[0].settimeout(None)  # an authenticated worker may keep its connection idle
+            return True
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._pending -= 1
+
+    def _serve(self, raw: socket.socket, peer) -> None:
+        box = [raw]
+        try:
+            if not self._open(box):
                 return
-            conn.settimeout(None)  # an authenticated worker may keep its connection idle
+            conn = box[0]
             receiver = Receiver(conn)
             while True:
                 header = read_header(conn, eof_ok=True)
@@ -114,19 +152,22 @@ class DataServer:
                         self._lock.notify_all()
         except ProtocolError as exc:
             log.warning("data channel: closing the connection from %s: %s", peer, exc)
-        except (OSError, ConnectionError) as exc:  # the peer went away, or stop() closed us
+        except OSError as exc:  # the peer went away, a deadline passed, or stop() closed us
             log.debug("data channel: connection from %s ended: %s", peer, exc)
         except Exception:  # noqa: BLE001 - a bug must not kill the shard; it is logged whole
             log.exception("data channel: connection from %s failed", peer)
         finally:
             with self._lock:
                 self._conns.discard(raw)
-            conn.close()
+                self._conns.discard(box[0])
+            box[0].close()
 
     def _authenticate(self, conn) -> bool:
         kind, meta_len, data_len = read_header(conn)
         if kind != AUTH or data_len:
             raise ProtocolError(f"a connection must open with an AUTH frame, got kind {kind}")
+        if meta_len > MAX_AUTH_BYTES:
+            raise ProtocolError(f"an AUTH frame of {meta_len} bytes (at most {MAX_AUTH_BYTES})")
         given = read_meta(conn, meta_len)
         if self._token and not hmac.compare_digest(given, self._token):
             exc = RequestError(grpc.StatusCode.UNAUTHENTICATED,
@@ -140,10 +181,17 @@ class DataServer:
     # -- requests --------------------------------------------------------------------------------
 
     def _handle(self, conn, receiver: Receiver, kind: int, meta_len: int, data_len: int) -> None:
-        meta = read_meta(conn, meta_len)
         self.servicer.counters.add(bytes_in=HEADER.size + meta_len + data_len, data_calls=1)
         left = [data_len]  # payload bytes not read yet; discarded when the request is refused
         method = KINDS.get(kind, f"kind {kind}")
+        if meta_len > self._max_meta:  # as grpc refuses a message over max_message_bytes
+            left[0] += meta_len
+            exc = RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request head of {meta_len} bytes is "
+                               f"over this shard's max_message_bytes ({self._max_meta})")
+            self.servicer.refused(method, exc)
+            self._refuse(conn, receiver, left, exc.code, exc.message)
+            return
+        meta = read_meta(conn, meta_len)
         try:
             self.servicer.check_ready()
             if kind in (PUSH, PUSH_PULL):
@@ -170,17 +218,18 @@ class DataServer:
                 reply = None
             else:
                 raise invalid(f"unknown request kind {kind}")
+            head, items, release = self.servicer.snapshot(keys, parts, dtype, reply)
         except RequestError as exc:
             self.servicer.refused(method, exc)
             self._refuse(conn, receiver, left, exc.code, exc.message, exc.reason)
             return
-        except Exception as exc:  # noqa: BLE001 - answered as INTERNAL, like grpc does, and logged
-            if isinstance(exc, (OSError, ConnectionError)):
-                raise
+        except OSError:
+            raise  # the connection broke: nothing can be answered on it
+        except Exception as exc:  # noqa: BLE001 - answered UNKNOWN, as grpc answers a handler's exception
             log.exception("data channel: %s failed", method)
-            self._refuse(conn, receiver, left, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._refuse(conn, receiver, left, grpc.StatusCode.UNKNOWN,
+                         f"Exception calling application: {type(exc).__name__}: {exc}")
             return
-        head, items, release = self.servicer.snapshot(keys, parts, dtype, reply)
         try:
             segments, nbytes = whole_segments(items, dtype, pb.Segment)
             out = pb.PullReply(head=head, segments=segments).SerializeToString()

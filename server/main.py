@@ -232,7 +232,8 @@ class Shard:
         if cfg.data_port >= 0:
             ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
                 if cfg.tls_cert else None
-            self.data = DataServer(self.servicer, cfg.host, cfg.data_port, token, ssl_context)
+            self.data = DataServer(self.servicer, cfg.host, cfg.data_port, token, ssl_context,
+                                   max_meta_bytes=cfg.max_message_bytes)
             self.servicer.data_port = self.data.port
         self.token = bool(token)
         self.metrics_port = None

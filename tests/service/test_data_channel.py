@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
+import time
 
 import grpc
 import pytest
@@ -331,3 +333,99 @@ def test_a_connection_that_never_authenticates_is_dropped(monkeypatch):
 
         assert closed_by_peer(sock)  # after AUTH_SECONDS of silence
         sock.close()
+
+
+# -- limits on peers, and stopping -------------------------------------------------------------
+
+
+def test_a_request_head_over_max_message_bytes_is_resource_exhausted_and_drained():
+    with running(max_message_bytes=256 << 10, chunk_bytes=128 << 10) as shard:
+        sock = raw_connection(shard.data.port)
+        send_header(sock, PULL, bytes(300 << 10), 0)
+
+        code, message = reply(sock)
+        send_header(sock, PULL, pb.PullRequest(keys=[]).SerializeToString(), 0)
+        after, _ = reply(sock)
+        sock.close()
+
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_message_bytes" in message
+    assert after == grpc.StatusCode.OK
+
+
+def test_authentication_has_a_deadline_that_trickling_bytes_does_not_extend(monkeypatch):
+    from optserve.server import data
+    monkeypatch.setattr(data, "AUTH_SECONDS", 0.5)
+    with running() as shard:
+        sock = socket.create_connection(("127.0.0.1", shard.data.port), timeout=10)
+        header = HEADER.pack(MAGIC, AUTH, 100, 0)
+        closed = False
+        for i in range(40):  # one byte every 0.05 s: each read is quick, the whole is too slow
+            try:
+                sock.sendall(header[i:i + 1] if i < len(header) else b"x")
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)
+        closed = closed or closed_by_peer(sock)
+        sock.close()
+
+    assert closed
+
+
+def test_connections_that_have_not_authenticated_are_capped(monkeypatch):
+    from optserve.server import data
+    monkeypatch.setattr(data, "MAX_PENDING", 2)
+    with running() as shard:
+        waiting = [socket.create_connection(("127.0.0.1", shard.data.port), timeout=10) for _ in range(2)]
+        time.sleep(0.2)  # both accepted and waiting for their AUTH
+        third = socket.create_connection(("127.0.0.1", shard.data.port), timeout=10)
+
+        assert closed_by_peer(third)
+        for sock in waiting:
+            send_header(sock, AUTH, b"", 0)
+            assert read_header(sock)[0] == 0  # the pending ones are still served
+            sock.close()
+        third.close()
+
+
+def test_the_accept_loop_survives_an_accept_error():
+    from optserve.server.data import DataServer
+
+    class FailsOnce:
+        def __init__(self, sock):
+            self.sock, self.failed = sock, False
+
+        def accept(self):
+            if not self.failed:
+                self.failed = True
+                raise OSError(24, "Too many open files")
+            return self.sock.accept()
+
+        def __getattr__(self, name):
+            return getattr(self.sock, name)
+
+    with running(data_port=-1) as shard:
+        server = DataServer(shard.servicer, "127.0.0.1", 0)
+        server._sock = FailsOnce(server._sock)
+        server.start()
+        try:
+            raw_connection(server.port).close()  # served after the failed accept
+        finally:
+            server.stop()
+
+    assert server._sock.failed
+
+
+@pytest.mark.parametrize("broken", [ssl.SSLEOFError(8, "EOF occurred in violation of protocol (_ssl.c:2427)"),
+                                    BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset")])
+def test_a_connection_broken_after_the_handshake_is_retried_not_called_a_tls_failure(broken):
+    from optserve.client.data import DataChannel
+    from optserve.client.transport import RETRYABLE, _TLS_FAILURE
+    channel = DataChannel("127.0.0.1:1", hello=lambda: None, timeout=5, token=None, ssl_context=None)
+    channel._port = 1234
+
+    err = channel._failure(broken)
+
+    assert err.code() in RETRYABLE
+    assert not any(word in err.details().lower() for word in _TLS_FAILURE)
+    assert channel._port is None  # asked again: a restarted shard may listen elsewhere

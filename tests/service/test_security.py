@@ -5,6 +5,7 @@ import datetime
 import ipaddress
 import threading
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -20,9 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from optserve import RemoteAdam
-from optserve.client.transport import Security, ShardClient, ShardError
+from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
 from optserve.frames import AUTH, HEADER, MAGIC
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import Outgoing
 from optserve.server import main as server_main
 from optserve.server.main import ServerConfig, Shard, run_server
 
@@ -307,3 +309,54 @@ def test_a_shard_over_its_key_limit_is_resource_exhausted():
             RemoteAdam(nn.Linear(3, 2).named_parameters(), [address])
 
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _tls_shard(d, **options) -> Shard:
+    shard = Shard(ServerConfig(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key"), **options))
+    shard.start()
+    return shard
+
+
+def _push(client: ShardClient, seq: int) -> pb.PushReply:
+    head = pb.PushHead(client_id="tls-worker", seq=seq, wire_dtype=pb.FLOAT32, hyper=[pb.HyperParams(
+        lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)], entries=[pb.PushEntry(key="w", version_read=seq - 1)])
+    return client.push(head, [Outgoing(0, pb.GRAD, torch.ones(8))], torch.float32)
+
+
+def test_stopping_a_tls_shard_closes_its_data_connections(pki):
+    d, ca, _ = pki
+    shard = _tls_shard(d)
+    client = ShardClient(shard.address, security=Security(tls=True, root_certificates=ca.pem))
+    client.register(pb.RegisterHead(keys=[pb.KeySpec(name="w", shape=[8], dtype=pb.FLOAT32)], num_shards=1,
+                                    with_values=True), [Outgoing(0, pb.PARAM, torch.zeros(8))])
+    _push(client, 1)  # leaves a TLS connection open in the client's pool
+    assert len(shard.data._conns) == 1
+
+    shard.stop(grace=0.2)
+
+    deadline = time.monotonic() + 5
+    while shard.data._conns and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.close()
+    assert not shard.data._conns  # its thread saw the shutdown: no reply can leave after stop()
+
+
+def test_a_tls_worker_retries_across_a_shard_restart(pki, tmp_path):
+    d, ca, _ = pki
+    first = _tls_shard(d, checkpoint_dir=str(tmp_path))
+    client = ShardClient(first.address, security=Security(tls=True, root_certificates=ca.pem),
+                         retry=RetryPolicy(budget=20))
+    client.register(pb.RegisterHead(keys=[pb.KeySpec(name="w", shape=[8], dtype=pb.FLOAT32)], num_shards=1,
+                                    with_values=True), [Outgoing(0, pb.PARAM, torch.zeros(8))])
+    assert list(_push(client, 1).versions) == [1]
+    port, data_port = first.port, first.data.port
+    first.stop(grace=1, final_checkpoint=True)
+    second = _tls_shard(d, checkpoint_dir=str(tmp_path), port=port, data_port=data_port)
+    try:
+        reply = _push(client, 2)  # the pooled connection is dead: broken, retried, reconnected
+    finally:
+        client.close()
+        second.stop()
+
+    assert list(reply.versions) == [2] and not reply.duplicate
+    assert second.servicer.counters.data_calls == 1

@@ -89,15 +89,6 @@ def test_a_frame_with_another_magic_is_a_protocol_error():
             read_header(b)
 
 
-def test_an_oversized_meta_is_a_protocol_error():
-    a, b = socket.socketpair()
-    with a, b:
-        a.sendall(HEADER.pack(MAGIC, PUSH, 0xFFFFFFFF, 0))
-
-        with pytest.raises(ProtocolError, match="over the limit"):
-            read_header(b)
-
-
 @pytest.mark.parametrize("cut", [1, HEADER.size - 1])
 def test_a_header_cut_short_is_a_closed_connection(cut):
     a, b = socket.socketpair()
