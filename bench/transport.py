@@ -7,6 +7,8 @@ Variants, interleaved round-robin:
   the time of opt.step(): push, Adam on the shard, pull into the parameter in place;
 - `optserve ShardClient.push_pull`: the same round trip one layer down (no RemoteAdam bookkeeping),
   on a second key of the same shard;
+- `optserve RemoteAdam.step, gRPC only`: RemoteAdam with data_channel=False on a third key: the
+  tensors travel in gRPC streams (what a worker gets when the data port cannot be reached);
 - `raw TCP ping-pong` (anchor): 64 MiB each way between two Python processes (bench/anchors.py);
 - `torch.distributed.rpc PS` (anchor): TensorPipe over TCP, fused torch Adam on the PS (anchors.py);
   its rows also give the PS's Adam step time.
@@ -29,6 +31,7 @@ TARGET_VS_RPC = 1.7
 
 STEP = "optserve RemoteAdam.step"
 PUSH_PULL = "optserve ShardClient.push_pull"
+STEP_GRPC = "optserve RemoteAdam.step, gRPC only"
 TCP = "raw TCP ping-pong (anchor)"
 RPC = "torch.distributed.rpc PS, fused Adam (anchor)"
 
@@ -87,6 +90,11 @@ def run(settings: Settings) -> dict:
         opt = RemoteAdam([("bench.transport.step", param)], servers=addrs, slice_elements=2 * NUMEL,
                          timeout=120)
         stack.callback(opt.close)
+        grpc_param = torch.nn.Parameter(torch.randn(NUMEL) * 0.01)
+        grpc_param.grad = torch.randn(NUMEL) * 1e-3
+        opt_grpc = RemoteAdam([("bench.transport.step_grpc", grpc_param)], servers=addrs,
+                              slice_elements=2 * NUMEL, timeout=120, data_channel=False)
+        stack.callback(opt_grpc.close)
         pp = _PushPull(addrs[0])
         stack.callback(pp.close)
         trainer.wait_ready()
@@ -97,6 +105,7 @@ def run(settings: Settings) -> dict:
 
         variants = {STEP: lambda: {"s": timed(opt.step)},
                     PUSH_PULL: lambda: {"s": pp.round_trip()},
+                    STEP_GRPC: lambda: {"s": timed(opt_grpc.step)},
                     TCP: lambda: {"s": tcp.round_trip()},
                     RPC: rpc_sample}
         with CpuLoad() as load:
@@ -113,7 +122,8 @@ def run(settings: Settings) -> dict:
     med = {n: r["gb_s"]["median"] for n, r in rows.items()}
     return {"bytes_each_way": NBYTES, "rows": rows,
             "ratios": {"step_vs_tcp": med[STEP] / med[TCP], "step_vs_rpc": med[STEP] / med[RPC],
-                       "push_pull_vs_tcp": med[PUSH_PULL] / med[TCP]},
+                       "push_pull_vs_tcp": med[PUSH_PULL] / med[TCP],
+                       "grpc_step_vs_tcp": med[STEP_GRPC] / med[TCP]},
             "tcp_gb_s": med[TCP], "other_cpu_pct": load.other_pct}
 
 
@@ -126,7 +136,8 @@ def report(res: dict) -> tuple[str, list[dict]]:
     ra = res["ratios"]
     text += (f"\n  ratios (medians): RemoteAdam.step / TCP = {ra['step_vs_tcp']:.2f}, "
              f"RemoteAdam.step / torch rpc = {ra['step_vs_rpc']:.2f}, "
-             f"ShardClient.push_pull / TCP = {ra['push_pull_vs_tcp']:.2f}")
+             f"ShardClient.push_pull / TCP = {ra['push_pull_vs_tcp']:.2f}, "
+             f"RemoteAdam.step over gRPC only / TCP = {ra['grpc_step_vs_tcp']:.2f}")
     targets = [
         {"id": "b/tcp", "ok": ra["step_vs_tcp"] >= TARGET_VS_TCP,
          "line": f"(b) RemoteAdam.step 64+64 MiB = {ra['step_vs_tcp']:.2f}x raw TCP (target >= {TARGET_VS_TCP}x)"},
