@@ -163,8 +163,8 @@ class Servicer:
 
     def snapshot(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
                  push: pb.PushReply | None = None) -> tuple[pb.PullHead, list[Outgoing], Callable[[], None]]:
-        """Copy keys' parts under the store lock: the reply's head, its tensors, and a release
-        function that returns the copies to the pool once they are sent (or the send failed)."""
+        """Keys' parts as of one instant (Store.snapshot: copy on write): the reply's head, its
+        tensors, and a release function to call once they are sent (or the send failed)."""
         snap = self.store.snapshot(keys, parts)
         infos = [pb.KeyInfo(key=k.name, shape=k.shape, version=v, step=st,
                             hyper=hyper_to_proto(h) if h else None, param=k.info.get("param", ""),
@@ -172,7 +172,7 @@ class Servicer:
                  for k, v, st, h in zip(snap.keys, snap.versions, snap.steps, snap.hypers)]
         head = pb.PullHead(entries=infos, dtype=dtype_to_proto(dtype), push=push)
         items = [Outgoing(i, part, t) for (i, part), t in snap.parts.items()]
-        return head, items, lambda: self.store.buffers.give(list(snap.parts.values()))
+        return head, items, lambda: self.store.release(snap)
 
     def _pull_stream(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
                      chunk_bytes: int, push: pb.PushReply | None = None) -> Iterator[bytes]:

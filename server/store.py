@@ -86,6 +86,9 @@ class Key:
             return self.max_exp_avg_sq
         raise invalid(f"key {self.name!r}: part {part} is not a tensor of a key")
 
+    def replace_part(self, part: int, tensor: torch.Tensor) -> None:
+        setattr(self, _PART_NAMES[part], tensor)
+
 
 @dataclass(frozen=True)
 class GradEntry:
@@ -187,6 +190,10 @@ class StoreLimits:
     max_shard_elements: int = 1 << 36
 
 
+_PART_NAMES = {pb.PARAM: "param", pb.EXP_AVG: "exp_avg", pb.EXP_AVG_SQ: "exp_avg_sq",
+               pb.MAX_EXP_AVG_SQ: "max_exp_avg_sq"}
+
+
 class BufferPool:
     """Reusable flat float32 host buffers, by size: staging for pushed gradients and pull snapshots.
 
@@ -235,7 +242,9 @@ class Snapshot:
     versions: list[int]
     steps: list[int]
     hypers: list[AdamConfig | None]
-    parts: dict[tuple[int, int], torch.Tensor]  # (entry, part) -> flat float32 host copy (pool buffers)
+    # (entry, part) -> flat float32 host tensor, unchanging until Store.release: on a CPU shard the
+    # key's own tensor, leased (copy on write); on a GPU shard a copy in a host buffer
+    parts: dict[tuple[int, int], torch.Tensor]
 
 
 class Store:
@@ -251,6 +260,7 @@ class Store:
         self._keys: dict[str, Key] = {}
         self._elements = 0
         self.buffers = BufferPool(self.device, lambda: 2 * self._elements)
+        self._leases: dict[int, list] = {}  # id(tensor) -> [tensor, snapshots reading it, retired]
         self.dedupe = Dedupe()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified whenever versions change
@@ -362,6 +372,11 @@ class Store:
                 e.key.pushes += 1
                 e.key.hyper = cfg
                 groups.setdefault(cfg, []).append(e)
+            if self._leases:  # a pull is sending some tensors from their keys: never write those
+                for e in entries:
+                    for part in (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ) + ((pb.MAX_EXP_AVG_SQ,)
+                                                                        if e.key.max_exp_avg_sq is not None else ()):
+                        self._own(e.key, part)
             for cfg, group in groups.items():
                 _adam_step(group, cfg)
             self.pushes += 1
@@ -392,14 +407,61 @@ class Store:
     # -- snapshots and state ----------------------------------------------------------------------
 
     def snapshot(self, keys: Sequence[Key], parts: Sequence[int]) -> Snapshot:
-        """Copy the keys' parts into pool buffers while no push can change them (give them back after)."""
-        buffers = {(i, part): self.buffers.take(k.numel) for i, k in enumerate(keys) for part in parts}
+        """The keys' parts as they are now, unchanging until `release(snapshot)`.
+
+        CPU shard: copy on write. The snapshot leases the keys' own tensors; a push (or SetState)
+        that must change a leased tensor first moves the key onto a copy (`_own`), and the leased
+        tensor, no longer any key's, goes to the buffer pool when its last lease ends. A pull with
+        no push racing it therefore copies nothing; one that races pays the copy it always paid.
+        GPU shard: the parts are copied to host buffers (the network needs host memory anyway)."""
+        if self.device.type != "cpu":
+            buffers = {(i, part): self.buffers.take(k.numel) for i, k in enumerate(keys) for part in parts}
         with self._lock:
-            for (i, part), buf in buffers.items():
-                buf.copy_(keys[i].part(part))  # to host; from a GPU this copy is synchronous
+            if self.device.type == "cpu":
+                views = {}
+                for i, k in enumerate(keys):
+                    for part in parts:
+                        t = k.part(part)
+                        lease = self._leases.setdefault(id(t), [t, 0, False])  # tensor, leases, retired
+                        lease[1] += 1
+                        views[(i, part)] = t
+            else:
+                views = buffers
+                for (i, part), buf in buffers.items():
+                    buf.copy_(keys[i].part(part))  # to host; from a GPU this copy is synchronous
             self.pulls += 1
             return Snapshot(list(keys), [k.version for k in keys], [k.step for k in keys],
-                            [k.hyper for k in keys], buffers)
+                            [k.hyper for k in keys], views)
+
+    def release(self, snapshot: Snapshot) -> None:
+        """The snapshot's tensors are no longer read (sent, or the send failed)."""
+        if self.device.type != "cpu":
+            self.buffers.give(list(snapshot.parts.values()))
+            return
+        retired = []
+        with self._lock:
+            for t in snapshot.parts.values():
+                lease = self._leases[id(t)]
+                lease[1] -= 1
+                if lease[1] == 0:
+                    del self._leases[id(t)]
+                    if lease[2]:
+                        retired.append(t)
+        self.buffers.give(retired)
+
+    def _own(self, key: Key, part: int, keep_values: bool = True) -> None:
+        """(Under the lock, before `part` of `key` changes in place.) Copy on write: if a snapshot
+        holds the tensor, move the key onto a copy (or a blank buffer, when every value is about to
+        be overwritten) and retire the leased one."""
+        t = key.part(part)
+        lease = self._leases.get(id(t))
+        if lease is None:
+            return
+        fresh = self.buffers.take(t.numel())
+        if keep_values:
+            fresh.copy_(t)
+        key.replace_part(part, fresh)
+        lease[2] = True
 
     def set_state(self, updates: Sequence[tuple[Key, int, AdamConfig | None, dict[int, torch.Tensor]]]
                   ) -> list[int]:
@@ -407,6 +469,7 @@ class Store:
         with self._lock:
             for key, step, cfg, parts in updates:
                 for part, value in parts.items():
+                    self._own(key, part, keep_values=False)
                     key.part(part).copy_(value)
                 key.step = step
                 if cfg is not None:

@@ -429,3 +429,52 @@ def test_a_connection_broken_after_the_handshake_is_retried_not_called_a_tls_fai
     assert err.code() in RETRYABLE
     assert not any(word in err.details().lower() for word in _TLS_FAILURE)
     assert channel._port is None  # asked again: a restarted shard may listen elsewhere
+
+
+@pytest.mark.parametrize("data_channel", [True, False])
+def test_pulls_racing_pushes_always_see_one_whole_version(data_channel, run_threads):
+    """A pusher applies 60 known gradients in order while a puller pulls as fast as it can: every
+    pulled value must be, bit for bit, the parameter after exactly the version it is labelled with
+    (copy on write must never let a push change a tensor that is being sent)."""
+    from optserve.hyper import AdamConfig
+    from optserve.server.adam import adam_fast
+    from optserve.server.service import hyper_to_proto
+    numel, pushes, cfg = 1 << 20, 60, AdamConfig(lr=0.01)
+    grads = [torch.randn(numel, generator=torch.Generator().manual_seed(t)) for t in range(pushes)]
+    start = torch.randn(numel, generator=torch.Generator().manual_seed(99))
+    trajectory = [start.clone()]
+    p, m, v = start.clone(), torch.zeros(numel), torch.zeros(numel)
+    for t, g in enumerate(grads, 1):
+        adam_fast([p], [g], [m], [v], None, [t], cfg)
+        trajectory.append(p.clone())
+    seen = []
+
+    with running() as shard:
+        setup = ShardClient(shard.address, data_channel=data_channel)
+        setup.register(pb.RegisterHead(keys=[pb.KeySpec(name="w", shape=[numel], dtype=pb.FLOAT32)],
+                                       num_shards=1, with_values=True), [Outgoing(0, pb.PARAM, start)])
+        setup.close()
+        done = threading.Event()
+
+        def pusher():
+            client = ShardClient(shard.address, data_channel=data_channel)
+            for t, g in enumerate(grads):
+                head = pb.PushHead(client_id="pusher", seq=t + 1, wire_dtype=pb.FLOAT32, hyper=[hyper_to_proto(cfg)],
+                                   entries=[pb.PushEntry(key="w", version_read=t)])
+                client.push(head, [Outgoing(0, pb.GRAD, g)], torch.float32)
+            client.close()
+            done.set()
+
+        def puller():
+            client = ShardClient(shard.address, data_channel=data_channel)
+            while not done.is_set():
+                out = torch.empty(numel)
+                head = client.pull(pb.PullRequest(keys=["w"]), lambda h: {(0, pb.PARAM): out})
+                seen.append((head.entries[0].version, out))
+            client.close()
+
+        run_threads(lambda role: role(), [(pusher,), (puller,)])
+
+    assert len({version for version, _ in seen}) > 5  # the pulls did race the pushes
+    for version, value in seen:
+        assert torch.equal(value, trajectory[version]), f"pulled version {version} is not whole"
