@@ -1,6 +1,7 @@
 """The CUDA path: a shard with --device cuda keeps params, m, v on the GPU and equals the reference.
 
-Marked `gpu`: skipped where CUDA is absent (CI has none); run on a lent GPU machine (see README).
+Marked `gpu`: skipped where CUDA is absent (CI has none); run on a lent GPU machine with
+bench/device_check.sh (with the kernel benchmark, in one call).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def test_cuda_fast_kernel_equals_the_reference_kernel(cfg):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
 
 
-def test_cuda_shard_trains_like_the_reference_on_cpu():
+@pytest.mark.parametrize("data_channel", [True, False])
+def test_cuda_shard_trains_like_the_reference_on_cpu(data_channel):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 5))
     ref = [p.detach().clone() for p in model.parameters()]
@@ -47,7 +49,8 @@ def test_cuda_shard_trains_like_the_reference_on_cpu():
     vs = [torch.zeros_like(p) for p in ref]
     cfg = AdamConfig(lr=3e-3)
     with run_server(device="cuda") as address, RemoteAdam(model.named_parameters(), [address], lr=3e-3,
-                                                           slice_elements=500, chunk_bytes=8192) as opt:
+                                                           slice_elements=500, chunk_bytes=8192,
+                                                           data_channel=data_channel) as opt:
         for t in range(1, 31):
             loss = model(torch.randn(16, 30)).pow(2).mean()
             opt.zero_grad()
