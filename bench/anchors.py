@@ -22,17 +22,9 @@ import time
 import warnings
 
 from bench.common import HOST, free_port
+from optserve.frames import recv_exact  # the loop optserve's data channel reads with
 
 _HEADER = struct.Struct("<Q")
-
-
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got, n = 0, len(view)
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionError("peer closed the connection")
-        got += k
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,9 +60,9 @@ class TcpEcho:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 while True:
-                    _recv_exact(conn, memoryview(head))
+                    recv_exact(conn, memoryview(head))
                     (n,) = _HEADER.unpack(head)
-                    _recv_exact(conn, view[:n])
+                    recv_exact(conn, view[:n])
                     conn.sendall(view[:n])
             except (ConnectionError, OSError):
                 return
@@ -97,7 +89,7 @@ class TcpPingPong:
         t0 = time.perf_counter()
         self.sock.sendall(_HEADER.pack(self.n))
         self.sock.sendall(self.src_view)
-        _recv_exact(self.sock, self.dst_view)
+        recv_exact(self.sock, self.dst_view)
         return time.perf_counter() - t0
 
     def close(self) -> None:

@@ -76,6 +76,14 @@ def raw_connection(port: int, token: bytes = b"") -> socket.socket:
     return sock
 
 
+def send_push_of_8(sock: socket.socket, declared: int, sent: int) -> None:
+    """A PUSH frame whose one segment is key "w"'s 8 gradients, declaring `declared` bytes of data
+    and sending `sent` zero bytes."""
+    request = pb.PushRequest(head=push_head(), segments=[pb.Segment(entry=0, part=pb.GRAD, offset=0, count=8)])
+    send_header(sock, PUSH, request.SerializeToString(), declared)
+    sock.sendall(bytes(sent))
+
+
 def reply(sock: socket.socket) -> tuple[grpc.StatusCode, str]:
     status, meta_len, data_len = read_header(sock)
     meta = read_meta(sock, meta_len)
@@ -193,9 +201,7 @@ def test_a_frame_declaring_more_data_than_its_segments_is_refused_and_drained():
         client = ShardClient(shard.address)
         register(client)
         sock = raw_connection(shard.data.port)
-        request = pb.PushRequest(head=push_head(), segments=[pb.Segment(entry=0, part=pb.GRAD, offset=0, count=8)])
-        send_header(sock, PUSH, request.SerializeToString(), 8 * 4 + 100)
-        sock.sendall(bytes(8 * 4 + 100))
+        send_push_of_8(sock, declared=8 * 4 + 100, sent=8 * 4 + 100)
 
         code, message = reply(sock)
         send_header(sock, PULL, pb.PullRequest(keys=["w"]).SerializeToString(), 0)
@@ -214,9 +220,7 @@ def test_a_frame_cut_one_byte_short_applies_nothing():
         client = ShardClient(shard.address)
         register(client)
         sock = raw_connection(shard.data.port)
-        request = pb.PushRequest(head=push_head(), segments=[pb.Segment(entry=0, part=pb.GRAD, offset=0, count=8)])
-        send_header(sock, PUSH, request.SerializeToString(), 32)
-        sock.sendall(bytes(31))
+        send_push_of_8(sock, declared=32, sent=31)
         sock.shutdown(socket.SHUT_WR)
 
         assert closed_by_peer(sock)
