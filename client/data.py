@@ -26,7 +26,7 @@ import grpc
 import torch
 
 from optserve.frames import (AUTH, MAX_REPLY_META_BYTES, PULL, PUSH, PUSH_PULL, ProtocolError, Receiver,
-                             parse_error, read_header, read_meta, send_header, send_tensor, tune,
+                             parse_error, read_header, read_meta, send_frame, send_header, tune,
                              whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import Assembler, Expected, Outgoing, dtype_from_proto
@@ -228,11 +228,10 @@ class DataChannel:
         return meta, data_len
 
     def _send(self, conn: _Conn, kind: int, message, items: Sequence[Outgoing], wire_dtype: torch.dtype) -> None:
-        segments, nbytes = whole_segments(items, wire_dtype, pb.Segment)
+        segments, _ = whole_segments(items, wire_dtype, pb.Segment)
         message.segments.extend(segments)
-        send_header(conn.sock, kind, message.SerializeToString(), nbytes)
-        for item in items:
-            send_tensor(conn.sock, item.tensor.reshape(-1), wire_dtype)
+        send_frame(conn.sock, kind, message.SerializeToString(), [item.tensor.reshape(-1) for item in items],
+                   wire_dtype)
 
     def _receive_pull(self, conn: _Conn, sink) -> pb.PullHead:
         meta, data_len = self._reply(conn)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 
 import torch
@@ -40,6 +41,7 @@ MAX_AUTH_BYTES = 4096  # the AUTH frame's token; a longer one closes the connect
 MAX_REPLY_META_BYTES = 1 << 30  # a client's sanity bound on a shard's reply head
 LOOPBACK_BUFFER_BYTES = 256 << 10  # see tune()
 CONVERT_ELEMENTS = 1 << 20  # bf16/fp16 payloads are converted through a scratch tensor this long
+_IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
 
 
 class ProtocolError(ConnectionError):
@@ -114,6 +116,32 @@ def send_tensor(sock: socket.socket, flat: torch.Tensor, wire_dtype: torch.dtype
     for start in range(0, flat.numel(), step):
         piece = host_copy(flat[start:start + step], wire_dtype).contiguous()
         sock.sendall(_byte_view(piece))
+
+
+def send_frame(sock: socket.socket, kind: int, meta: bytes, flats: list[torch.Tensor],
+               wire_dtype: torch.dtype) -> None:
+    """A whole frame: header, meta, then the flat tensors' elements as `wire_dtype`, in order.
+
+    When every tensor can go from its own memory and the socket is plain TCP, the frame leaves in
+    one `sendmsg` (scatter-gather; a loop only for partial sends): one system call and one release
+    of the GIL instead of one per tensor, which counts when many small pushes share a shard."""
+    nbytes = sum(t.numel() for t in flats) * wire_dtype.itemsize
+    head = HEADER.pack(MAGIC, kind, len(meta), nbytes) + meta
+    direct = all(t.device.type == "cpu" and t.dtype == wire_dtype and t.is_contiguous() for t in flats)
+    if not direct or isinstance(sock, ssl.SSLSocket):  # ssl sockets have no sendmsg
+        sock.sendall(head)
+        for t in flats:
+            send_tensor(sock, t, wire_dtype)
+        return
+    views = [memoryview(head)] + [_byte_view(t) for t in flats if t.numel()]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i:i + _IOV_MAX])
+        while i < len(views) and sent >= len(views[i]):
+            sent -= len(views[i])
+            i += 1
+        if sent:
+            views[i] = views[i][sent:]
 
 
 class Receiver:

@@ -22,7 +22,7 @@ import time
 import grpc
 
 from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PUSH_PULL, ProtocolError,
-                             Receiver, error_meta, read_header, read_meta, send_header, send_tensor, tune,
+                             Receiver, error_meta, read_header, read_meta, send_frame, send_header, tune,
                              whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES, Assembler, RequestError, invalid
@@ -145,7 +145,8 @@ class DataServer:
                 with self._lock:
                     self._in_flight += 1
                 try:
-                    self._handle(conn, receiver, *header)
+                    with self.servicer.slots.held():
+                        self._handle(conn, receiver, *header)
                 finally:
                     with self._lock:
                         self._in_flight -= 1
@@ -233,9 +234,7 @@ class DataServer:
         try:
             segments, nbytes = whole_segments(items, dtype, pb.Segment)
             out = pb.PullReply(head=head, segments=segments).SerializeToString()
-            send_header(conn, _OK, out, nbytes)
-            for item in items:
-                send_tensor(conn, item.tensor.reshape(-1), dtype)
+            send_frame(conn, _OK, out, [item.tensor.reshape(-1) for item in items], dtype)
             self.servicer.counters.add(bytes_out=HEADER.size + len(out) + nbytes)
         finally:
             release()

@@ -7,8 +7,10 @@ codec of serde.py, wire-identical to protobuf); the others use the generated pro
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -73,6 +75,43 @@ def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
                           f"non-finite values are rejected")
 
 
+class RequestSlots:
+    """How many requests the data channel works on at once (server/data.py): one thread per
+    connection, but on CPython the handlers share one GIL, and many threads passing it to and fro
+    cost more than they overlap (8 workers on a 2-core shard: 1,057 steps/s unlimited, 1,449 with 2
+    slots; docs/ARCHITECTURE.md). A request holds a slot from its header to its reply, except while
+    it waits on other requests (a sync round, min_versions, a retry's original): then the slot is
+    lent out (`lent`), so waiting can never starve the requests it waits for. Threads that hold no
+    slot (gRPC's) pass through `lent` unchanged."""
+
+    def __init__(self, slots: int):
+        self._sem = threading.BoundedSemaphore(slots)
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def held(self):
+        self._sem.acquire()
+        self._local.held = True
+        try:
+            yield
+        finally:
+            self._local.held = False
+            self._sem.release()
+
+    @contextlib.contextmanager
+    def lent(self):
+        if not getattr(self._local, "held", False):
+            yield
+            return
+        self._local.held = False
+        self._sem.release()
+        try:
+            yield
+        finally:
+            self._sem.acquire()
+            self._local.held = True
+
+
 class _Counters:
     def __init__(self):
         self._lock = threading.Lock()
@@ -112,6 +151,7 @@ class Servicer:
         self.ready.set()
         self.not_ready = "the shard is restoring a checkpoint"  # what callers are told meanwhile
         self.data_port = 0  # the data channel's port, announced in Hello (server/data.py); 0: none
+        self.slots = RequestSlots(max(2, os.cpu_count() or 2))  # held by data-channel requests only
 
     def check_ready(self) -> None:
         if not self.ready.is_set():
@@ -289,7 +329,7 @@ class Servicer:
     def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
         """Hand a push to the policy once per (client_id, seq); a retry gets the original's result."""
         dedupe = self.store.dedupe
-        earlier = dedupe.begin(head.client_id, head.seq)
+        earlier = dedupe.begin(head.client_id, head.seq, self.slots.lent)
         if earlier is not None:
             self.counters.add(duplicates=1)
             return pb.PushReply(versions=earlier.versions, staleness=earlier.staleness,
@@ -307,7 +347,9 @@ class Servicer:
 
     def _wait(self, keys: Sequence[Key], minimum: Sequence[int]) -> None:
         """Block until the keys reach these versions (a sync step); ABORTED after the wait timeout."""
-        if not self.store.wait_versions(keys, minimum, self.info.wait_timeout):
+        with self.slots.lent():
+            reached = self.store.wait_versions(keys, minimum, self.info.wait_timeout)
+        if not reached:
             behind = [k for k, m in zip(keys, minimum) if k.version < m]
             raise RequestError(grpc.StatusCode.ABORTED,
                                f"waited {self.info.wait_timeout:g} s for version {minimum[keys.index(behind[0])]}"

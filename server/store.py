@@ -11,6 +11,7 @@ no update is lost under concurrent clients), and the copies that snapshot keys f
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import json
@@ -123,8 +124,11 @@ class Dedupe:
         self._floor: dict[str, int] = {}  # per client: the newest seq dropped from the window
         self._done: dict[str, list[int]] = {}  # per client: a min-heap of the seqs with results
 
-    def begin(self, client_id: str, seq: int) -> PushResult | None:
-        """None: the caller applies the push, then calls finish or abort. Else: the original result."""
+    def begin(self, client_id: str, seq: int, waiting=contextlib.nullcontext) -> PushResult | None:
+        """None: the caller applies the push, then calls finish or abort. Else: the original result.
+
+        `waiting()` is entered around the wait for an original still in flight (the data channel
+        lends its request slot meanwhile: see service.RequestSlots)."""
         if not client_id or not seq:
             return None
         while True:
@@ -140,7 +144,8 @@ class Dedupe:
                     return None
                 if isinstance(entry, PushResult):
                     return entry
-            entry.wait()  # the original is in flight: its outcome decides
+            with waiting():
+                entry.wait()  # the original is in flight: its outcome decides
 
     def finish(self, client_id: str, seq: int, result: PushResult) -> None:
         if not client_id or not seq:

@@ -482,3 +482,50 @@ def test_pulls_racing_pushes_always_see_one_whole_version(data_channel, run_thre
     assert len({version for version, _ in seen}) > 5  # the pulls did race the pushes
     for version, value in seen:
         assert torch.equal(value, trajectory[version]), f"pulled version {version} is not whole"
+
+
+def test_request_slots_are_lent_while_a_request_waits_on_others():
+    from optserve.server.service import RequestSlots
+    slots = RequestSlots(1)
+    order = []
+    inside = threading.Event()
+
+    def waiter():
+        with slots.held():
+            with slots.lent():  # as while waiting for a sync round
+                inside.set()
+                time.sleep(0.2)
+                order.append("waiter woke")
+            order.append("waiter holds again")
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    inside.wait()
+    with slots.held():  # the only slot is free while the waiter waits
+        order.append("other served")
+    t.join()
+    with slots.lent():  # a thread that holds none (a gRPC handler) passes through
+        order.append("no slot")
+
+    assert order == ["other served", "waiter woke", "waiter holds again", "no slot"]
+
+
+def test_sync_rounds_over_the_data_channel_need_no_more_slots_than_one(run_threads):
+    """Three sync workers, one request slot: each push waits for the round holding no slot."""
+    from optserve.server.service import RequestSlots
+    with running(policy="sync", workers=3, wait_timeout=20) as shard:
+        shard.servicer.slots = RequestSlots(1)
+
+        def worker(i):
+            torch.manual_seed(i)
+            model = nn.Linear(5, 3)
+            with RemoteAdam(model.named_parameters(), [shard.address], lr=0.01, client_id=f"w{i}") as opt:
+                for _ in range(4):
+                    opt.zero_grad()
+                    model(torch.randn(4, 5)).square().sum().backward()
+                    opt.step()
+
+        run_threads(worker, [(i,) for i in range(3)])
+        versions = {shard.servicer.store.get(n).version for n in shard.servicer.store.names()}
+
+    assert versions == {4}  # four rounds of three gradients each, none timed out

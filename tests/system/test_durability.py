@@ -468,6 +468,9 @@ class _DropReplies:
     def sendall(self, data):
         pass
 
+    def sendmsg(self, buffers):
+        return sum(len(memoryview(b).cast("B")) for b in buffers)
+
 
 class FailEveryNthDataReply:
     """The data channel's counterpart of FailEveryNthReply: every `every`-th Push / PushPull runs
