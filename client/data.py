@@ -120,7 +120,8 @@ class DataChannel:
             if self._idle:
                 return self._idle.pop()
             port = self._port
-        if port is None:
+        fresh = port is None
+        if fresh:
             port = self._hello().data_port
             with self._lock:
                 self._port = port
@@ -147,7 +148,13 @@ class DataChannel:
         except OSError as exc:  # refused, timed out, or not an optserve data port
             if sock is not None:
                 sock.close()
-            return self._unreachable(port, exc)
+            # A port learnt earlier, or one whose shard has since gone (Hello fails, or names
+            # another port): the shard restarted; retry, asking Hello again. Announced by a shard
+            # that still announces it, yet unreachable: a firewall, say: use gRPC for a while.
+            if fresh and self._hello().data_port == port:
+                return self._unreachable(port, exc)
+            self._forget()
+            raise DataCallError(grpc.StatusCode.UNAVAILABLE, f"data channel: port {port}: {exc}") from None
         except BaseException:
             if sock is not None:
                 sock.close()
@@ -200,6 +207,8 @@ class DataChannel:
         except DataCallError as exc:  # the shard refused the call: the connection is fine
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
                 conn.close()  # the shard is going away (or failed): do not reuse
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._forget()  # it may come back on another port: ask Hello again
             else:
                 with self._lock:
                     self._idle.append(conn)

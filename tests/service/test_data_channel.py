@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from optserve import RemoteAdam
-from optserve.client.transport import Security, ShardClient, ShardError
+from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
 from optserve.frames import (AUTH, HEADER, MAGIC, PULL, PUSH, parse_error, read_header, read_meta,
                              send_header)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
@@ -56,9 +56,9 @@ def register(client: ShardClient, name: str = "w", numel: int = 8) -> torch.Tens
     return value
 
 
-def push_head(name: str = "w", seq: int = 1) -> pb.PushHead:
+def push_head(name: str = "w", seq: int = 1, version_read: int = 0) -> pb.PushHead:
     return pb.PushHead(client_id="test", seq=seq, wire_dtype=pb.FLOAT32, hyper=[pb.HyperParams(lr=0.1, beta1=0.9,
-                       beta2=0.999, eps=1e-8)], entries=[pb.PushEntry(key=name, version_read=0, hyper=0)])
+                       beta2=0.999, eps=1e-8)], entries=[pb.PushEntry(key=name, version_read=version_read, hyper=0)])
 
 
 def pull_value(client: ShardClient, name: str = "w", numel: int = 8) -> tuple[torch.Tensor, int]:
@@ -316,7 +316,7 @@ def test_a_port_that_does_not_speak_the_protocol_falls_back_to_grpc(caplog):
     with running() as shard:
         client = ShardClient(shard.address)
         register(client)
-        client.data._port = imposter.getsockname()[1]  # as if the shard had announced it
+        client.data._hello = lambda: pb.HelloReply(data_port=imposter.getsockname()[1])  # announced
 
         with caplog.at_level(logging.WARNING, logger="optserve.client"):
             client.push(push_head(), [Outgoing(0, pb.GRAD, torch.ones(8))], torch.float32)
@@ -529,3 +529,31 @@ def test_sync_rounds_over_the_data_channel_need_no_more_slots_than_one(run_threa
         versions = {shard.servicer.store.get(n).version for n in shard.servicer.store.names()}
 
     assert versions == {4}  # four rounds of three gradients each, none timed out
+
+
+def test_a_worker_follows_a_restarted_shard_to_its_new_data_port(tmp_path):
+    """The shard restarts (same gRPC port, another data port) while the worker holds the old port
+    and no open connection: the refused connection makes it ask Hello again, not give up on the
+    data channel."""
+    first = Shard(ServerConfig(checkpoint_dir=str(tmp_path)))
+    first.start()
+    client = ShardClient(first.address, retry=RetryPolicy(budget=20))
+    register(client)
+    client.push(push_head(seq=1), [Outgoing(0, pb.GRAD, torch.ones(8))], torch.float32)
+    for conn in client.data._idle:  # as after the shard refused a call while shutting down
+        conn.close()
+    client.data._idle.clear()
+    old_port = client.data._port
+    first.stop(grace=1, final_checkpoint=True)
+    second = Shard(ServerConfig(checkpoint_dir=str(tmp_path), port=first.port))
+    second.start()
+    try:
+        reply = client.push(push_head(seq=2, version_read=1), [Outgoing(0, pb.GRAD, torch.ones(8))], torch.float32)
+        new_port = client.data._port
+    finally:
+        client.close()
+        second.stop()
+
+    assert list(reply.versions) == [2]
+    assert new_port == second.data.port != old_port
+    assert second.servicer.counters.data_calls == 1  # over the data channel, not a fallback to gRPC
