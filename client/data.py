@@ -188,8 +188,8 @@ class DataChannel:
             return exc
         if isinstance(exc, socket.timeout):
             self._forget()
-            return DataCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"data channel: no answer within "
-                                                                     f"{self._timeout:g} s")
+            return DataCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"data channel: the call did not "
+                                                                     f"finish within {self._timeout:g} s")
         if isinstance(exc, OSError):  # ssl errors too: after the handshake they mean a broken link
             self._forget()
             # Worded without "TLS"/"SSL": ShardClient does not retry what reads like a handshake failure.
@@ -202,6 +202,10 @@ class DataChannel:
         conn = self._connection()
         if conn is None:
             return over_grpc()
+        # One deadline for the whole call, as gRPC has: sends (sendall, sendmsg) get the time left,
+        # and so does every read (frames.recv_exact).
+        conn.receiver.deadline = time.monotonic() + self._timeout
+        conn.sock.settimeout(self._timeout)
         try:
             result = fn(conn)
         except DataCallError as exc:  # the shard refused the call: the connection is fine
@@ -226,10 +230,11 @@ class DataChannel:
     # -- calls -----------------------------------------------------------------------------------
 
     def _reply(self, conn: _Conn) -> tuple[bytes, int]:
-        status, meta_len, data_len = read_header(conn.sock)
+        deadline = conn.receiver.deadline
+        status, meta_len, data_len = read_header(conn.sock, deadline=deadline)
         if meta_len > MAX_REPLY_META_BYTES:
             raise ProtocolError(f"a reply head of {meta_len} bytes")
-        meta = read_meta(conn.sock, meta_len)
+        meta = read_meta(conn.sock, meta_len, deadline)
         if status != grpc.StatusCode.OK.value[0]:
             message, reason = parse_error(meta)
             code = _CODES.get(status, grpc.StatusCode.UNKNOWN)

@@ -29,6 +29,7 @@ import json
 import socket
 import ssl
 import struct
+import time
 
 import torch
 
@@ -48,37 +49,43 @@ class ProtocolError(ConnectionError):
     """The peer broke the framing (bad magic, oversized meta): the connection cannot be trusted."""
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill `view` from the socket (ConnectionError when the peer closes first)."""
+def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill `view` from the socket (ConnectionError when the peer closes first). With a deadline
+    (time.monotonic()), every read may take only the time left: socket.timeout once it is past."""
     got, n = 0, len(view)
     while got < n:
+        if deadline is not None:
+            sock.settimeout(max(1e-3, deadline - time.monotonic()))
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ConnectionError("the peer closed the connection mid-frame")
         got += k
 
 
-def read_header(sock: socket.socket, eof_ok: bool = False) -> tuple[int, int, int] | None:
+def read_header(sock: socket.socket, eof_ok: bool = False,
+                deadline: float | None = None) -> tuple[int, int, int] | None:
     """(kind or status, meta length, data length); None on a clean close before a frame when eof_ok.
 
     The lengths are the peer's word: the caller bounds them before reading or allocating anything."""
     buf = bytearray(HEADER.size)
     view = memoryview(buf)
+    if deadline is not None:
+        sock.settimeout(max(1e-3, deadline - time.monotonic()))
     first = sock.recv_into(view)
     if first == 0:
         if eof_ok:
             return None
         raise ConnectionError("the peer closed the connection")
-    recv_exact(sock, view[first:])
+    recv_exact(sock, view[first:], deadline)
     magic, kind, meta_len, data_len = HEADER.unpack(buf)
     if magic != MAGIC:
         raise ProtocolError(f"not an optserve data frame (magic {bytes(magic)!r})")
     return kind, meta_len, data_len
 
 
-def read_meta(sock: socket.socket, meta_len: int) -> bytes:
+def read_meta(sock: socket.socket, meta_len: int, deadline: float | None = None) -> bytes:
     buf = bytearray(meta_len)
-    recv_exact(sock, memoryview(buf))
+    recv_exact(sock, memoryview(buf), deadline)
     return bytes(buf)
 
 
@@ -150,6 +157,7 @@ class Receiver:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self.deadline: float | None = None  # the current call's (a client's); None: no limit
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
 
     def into(self, dest: torch.Tensor, wire_dtype: torch.dtype) -> None:
@@ -157,14 +165,14 @@ class Receiver:
         if n == 0:
             return
         if dest.device.type == "cpu" and dest.dtype == wire_dtype and dest.is_contiguous():
-            recv_exact(self.sock, _byte_view(dest))
+            recv_exact(self.sock, _byte_view(dest), self.deadline)
             return
         scratch = self._scratch.get(wire_dtype)
         if scratch is None:
             scratch = self._scratch[wire_dtype] = torch.empty(CONVERT_ELEMENTS, dtype=wire_dtype)
         for start in range(0, n, CONVERT_ELEMENTS):
             k = min(CONVERT_ELEMENTS, n - start)
-            recv_exact(self.sock, _byte_view(scratch[:k]))
+            recv_exact(self.sock, _byte_view(scratch[:k]), self.deadline)
             dest[start:start + k].copy_(scratch[:k])
 
     def discard(self, nbytes: int) -> None:
@@ -172,7 +180,7 @@ class Receiver:
         buf = memoryview(bytearray(min(nbytes, 1 << 20) or 1))
         while nbytes > 0:
             k = min(nbytes, len(buf))
-            recv_exact(self.sock, buf[:k])
+            recv_exact(self.sock, buf[:k], self.deadline)
             nbytes -= k
 
 

@@ -557,3 +557,41 @@ def test_a_worker_follows_a_restarted_shard_to_its_new_data_port(tmp_path):
     assert list(reply.versions) == [2]
     assert new_port == second.data.port != old_port
     assert second.servicer.counters.data_calls == 1  # over the data channel, not a fallback to gRPC
+
+
+def test_the_client_timeout_bounds_the_whole_call_not_each_read():
+    """A peer that trickles its reply a byte every 50 ms never lets one read wait 0.5 s, yet the
+    call must end at its 0.5 s deadline, as a gRPC call would."""
+    fake = socket.create_server(("127.0.0.1", 0))
+    head = pb.PullHead(entries=[pb.KeyInfo(key="w", shape=[8], version=1)])
+    meta = pb.PullReply(head=head, segments=[pb.Segment(entry=0, part=pb.PARAM, offset=0, count=8)]).SerializeToString()
+
+    def trickle():
+        conn, _ = fake.accept()
+        with conn:
+            kind, meta_len, _ = read_header(conn)
+            read_meta(conn, meta_len)
+            send_header(conn, 0, b"", 0)  # AUTH accepted
+            kind, meta_len, _ = read_header(conn)
+            read_meta(conn, meta_len)
+            send_header(conn, 0, meta, 32)
+            try:
+                for _ in range(32):
+                    time.sleep(0.05)
+                    conn.sendall(b"\0")
+            except OSError:
+                pass  # the client gave up
+
+    threading.Thread(target=trickle, daemon=True).start()
+    client = ShardClient("127.0.0.1:1", timeout=0.5, retry=RetryPolicy(budget=0))
+    client.data._hello = lambda: pb.HelloReply(data_port=fake.getsockname()[1])
+    start = time.monotonic()
+
+    with pytest.raises(ShardError) as err:
+        client.pull(pb.PullRequest(keys=["w"]), lambda h: {(0, pb.PARAM): torch.empty(8)})
+
+    took = time.monotonic() - start
+    client.close()
+    fake.close()
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert took < 1.2  # the trickle would take 1.6 s
