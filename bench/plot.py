@@ -43,13 +43,21 @@ def _kernel(ax, res: dict) -> None:
     ax.legend(fontsize=7)
 
 
+def _transport_color(name: str) -> str:
+    """Anchors in the colours of their target lines; optserve's gRPC-only row apart from the rest."""
+    if "TCP" in name:
+        return "tab:gray"
+    if "rpc" in name:
+        return "tab:orange"
+    return "tab:purple" if "gRPC only" in name else "tab:blue"
+
+
 def _transport(ax, res: dict) -> None:
     rows = res["rows"]
     names = list(rows)
     short = [n.replace("optserve ", "").replace(" (anchor)", "\n(anchor)").replace(", fused Adam", "")
-             for n in names]
-    colors = ["tab:blue", "tab:cyan", "tab:gray", "tab:orange"][:len(names)]
-    _bars(ax, short, [rows[n]["gb_s"] for n in names], colors=colors)
+             .replace(", gRPC only", "\n(gRPC only)").replace("raw TCP ping-pong", "raw TCP") for n in names]
+    _bars(ax, short, [rows[n]["gb_s"] for n in names], colors=[_transport_color(n) for n in names])
     tcp = next((rows[n]["gb_s"]["median"] for n in names if "TCP" in n), None)
     rpc = next((rows[n]["gb_s"]["median"] for n in names if "rpc" in n), None)
     if tcp:
