@@ -78,7 +78,7 @@ def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
 class RequestSlots:
     """How many requests the data channel works on at once (server/data.py): one thread per
     connection, but on CPython the handlers share one GIL, and many threads passing it to and fro
-    cost more than they overlap (8 workers on a 2-core shard: 1,057 steps/s unlimited, 1,449 with 2
+    cost more than they overlap (8 workers on a 2-core shard: 1,057 steps/s unlimited, 1,321 with 2
     slots; docs/ARCHITECTURE.md). A request holds a slot from its header to its reply, except while
     it waits on other requests (a sync round, min_versions, a retry's original): then the slot is
     lent out (`lent`), so waiting can never starve the requests it waits for. Threads that hold no
