@@ -6,9 +6,10 @@ batch 8, loss = mean(out^2). Side by side, not stacked: in a 48-deep ReLU stack 
 gradients vanish to ~1e-24, Adam's v then underflows into subnormal floats, and subnormal arithmetic
 made the local fused Adam step itself 2.2x slower per parameter at 50M than at 10M (74 ms against
 the 33 ms of the same tensors with normal gradients) -- a property of that model, not of any
-optimizer. Summed branches give every layer a gradient of the same scale. Shards are separate processes (1-shard and 2-shard sets, restarted per size so their
-memory is freed). Variants, interleaved round-robin, each doing forward + backward + step per sample
-(forward, backward and step timed separately):
+optimizer. Summed branches give every layer a gradient of the same scale. Shards are separate
+processes (1-shard and 2-shard sets, restarted per size so their memory is freed). Variants,
+interleaved round-robin, each doing forward + backward + step per sample (forward, backward and step
+timed separately):
 - `RemoteAdam, N shard(s)`, overlap off; and overlap on when RemoteAdam has an `overlap` option
   (then backward may already push, and `iter` = fwd + bwd + step is the figure to compare);
 - `local torch Adam fused`: torch.optim.Adam(fused=True).step() on the same parameters;
