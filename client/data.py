@@ -29,7 +29,7 @@ from optserve.frames import (AUTH, MAX_REPLY_META_BYTES, PULL, PUSH, PUSH_PULL, 
                              parse_error, read_header, read_meta, send_frame, send_header, tune,
                              whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import Assembler, Expected, Outgoing, dtype_from_proto
+from optserve.serde import Outgoing, pull_expected
 
 log = logging.getLogger("optserve.client")
 
@@ -242,10 +242,8 @@ class DataChannel:
         return meta, data_len
 
     def _send(self, conn: _Conn, kind: int, message, items: Sequence[Outgoing], wire_dtype: torch.dtype) -> None:
-        segments, _ = whole_segments(items, wire_dtype, pb.Segment)
-        message.segments.extend(segments)
-        send_frame(conn.sock, kind, message.SerializeToString(), [item.tensor.reshape(-1) for item in items],
-                   wire_dtype)
+        message.segments.extend(whole_segments(items))
+        send_frame(conn.sock, kind, message.SerializeToString(), items, wire_dtype)
 
     def _receive_pull(self, conn: _Conn, sink) -> pb.PullHead:
         meta, data_len = self._reply(conn)
@@ -254,13 +252,7 @@ class DataChannel:
             raise ValueError(f"shard {self.address} sent a pull reply without a head")
         head = reply.head
         dests = sink(head)
-        param_dtype = dtype_from_proto(head.dtype, default=torch.float32)
-        assembler = Assembler({k: Expected(t.numel(), param_dtype if k[1] == pb.PARAM else torch.float32,
-                                           head.entries[k[0]].key) for k, t in dests.items()})
-        spans = assembler.plan(reply.segments, data_len)
-        assembler.finish()
-        for seg, want in spans:
-            conn.receiver.into(dests[(seg.entry, seg.part)][seg.offset:seg.offset + seg.count], want.dtype)
+        conn.receiver.segments(pull_expected(head, dests), reply.segments, data_len, dests)
         return head
 
     def push(self, conn: _Conn, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype) -> pb.PushReply:

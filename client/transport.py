@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client.data import DataCallError, DataChannel, client_ssl_context
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Expected,
-                            Outgoing, chunk_stream, decode, dtype_from_proto)
+from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Outgoing,
+                            chunk_stream, decode, pull_expected)
 
 log = logging.getLogger("optserve.client")
 
@@ -146,9 +146,7 @@ class ShardClient:
         if data_channel:
             tls = client_ssl_context(security.root_certificates, security.certificate_chain,
                                      security.private_key) if security.tls else None
-            self.data = DataChannel(address, lambda: self._hello(pb.HelloRequest(), timeout=self.timeout,
-                                                                 metadata=self._md),
-                                    timeout, security.token, tls)
+            self.data = DataChannel(address, self._hello_once, timeout, security.token, tls)
 
     def close(self) -> None:
         if self.data is not None:
@@ -187,8 +185,10 @@ class ShardClient:
     def hello(self, wait: float | None = None) -> pb.HelloReply:
         """Hello; with `wait`, retries for up to that many seconds while the shard comes up (a TLS
         or token mistake still fails at once)."""
-        return self._call("Hello", lambda: self._hello(pb.HelloRequest(), timeout=self.timeout, metadata=self._md),
-                          budget=wait)
+        return self._call("Hello", self._hello_once, budget=wait)
+
+    def _hello_once(self) -> pb.HelloReply:
+        return self._hello(pb.HelloRequest(), timeout=self.timeout, metadata=self._md)
 
     def stats(self) -> pb.StatsReply:
         return self._call("Stats", lambda: self._stats(pb.StatsRequest(), timeout=self.timeout, metadata=self._md))
@@ -253,9 +253,7 @@ def receive(responses: Iterable[bytes], sink: Sink) -> pb.PullHead:
                 raise ValueError("shard sent a pull stream without a head")
             head = meta.head
             dests = sink(head)
-            param_dtype = dtype_from_proto(head.dtype, default=torch.float32)
-            assembler = Assembler({k: Expected(t.numel(), param_dtype if k[1] == pb.PARAM else torch.float32,
-                                               head.entries[k[0]].key) for k, t in dests.items()})
+            assembler = Assembler(pull_expected(head, dests))
         assembler.copy(meta.segments, data, dests)
     if head is None:
         raise ValueError("shard sent an empty pull stream")

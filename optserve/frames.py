@@ -30,9 +30,12 @@ import socket
 import ssl
 import struct
 import time
+from typing import Sequence
 
 import torch
 
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import Assembler, Expected, Outgoing, host_copy, tensor_bytes
 
 MAGIC = b"OSD1"
 HEADER = struct.Struct("<4sB3xIQ")
@@ -49,13 +52,18 @@ class ProtocolError(ConnectionError):
     """The peer broke the framing (bad magic, oversized meta): the connection cannot be trusted."""
 
 
+def _time_left(sock: socket.socket, deadline: float | None) -> None:
+    """Let the next read take only the time left before `deadline` (time.monotonic()); none: as set."""
+    if deadline is not None:
+        sock.settimeout(max(1e-3, deadline - time.monotonic()))
+
+
 def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
     """Fill `view` from the socket (ConnectionError when the peer closes first). With a deadline
     (time.monotonic()), every read may take only the time left: socket.timeout once it is past."""
     got, n = 0, len(view)
     while got < n:
-        if deadline is not None:
-            sock.settimeout(max(1e-3, deadline - time.monotonic()))
+        _time_left(sock, deadline)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ConnectionError("the peer closed the connection mid-frame")
@@ -69,8 +77,7 @@ def read_header(sock: socket.socket, eof_ok: bool = False,
     The lengths are the peer's word: the caller bounds them before reading or allocating anything."""
     buf = bytearray(HEADER.size)
     view = memoryview(buf)
-    if deadline is not None:
-        sock.settimeout(max(1e-3, deadline - time.monotonic()))
+    _time_left(sock, deadline)
     first = sock.recv_into(view)
     if first == 0:
         if eof_ok:
@@ -105,10 +112,6 @@ def parse_error(meta: bytes) -> tuple[str, str]:
         return meta.decode(errors="replace"), ""
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.view(torch.uint8).numpy())
-
-
 def send_tensor(sock: socket.socket, flat: torch.Tensor, wire_dtype: torch.dtype) -> None:
     """Send a flat tensor's elements as `wire_dtype`: straight from its memory when it already is a
     contiguous host tensor of that dtype, else converted piece by piece (a GPU tensor is copied to
@@ -116,22 +119,23 @@ def send_tensor(sock: socket.socket, flat: torch.Tensor, wire_dtype: torch.dtype
     if flat.numel() == 0:
         return
     if flat.device.type == "cpu" and flat.dtype == wire_dtype and flat.is_contiguous():
-        sock.sendall(_byte_view(flat))
+        sock.sendall(tensor_bytes(flat))
         return
-    from optserve.serde import host_copy
     step = CONVERT_ELEMENTS
     for start in range(0, flat.numel(), step):
         piece = host_copy(flat[start:start + step], wire_dtype).contiguous()
-        sock.sendall(_byte_view(piece))
+        sock.sendall(tensor_bytes(piece))
 
 
-def send_frame(sock: socket.socket, kind: int, meta: bytes, flats: list[torch.Tensor],
-               wire_dtype: torch.dtype) -> None:
-    """A whole frame: header, meta, then the flat tensors' elements as `wire_dtype`, in order.
+def send_frame(sock: socket.socket, kind: int, meta: bytes, items: Sequence[Outgoing],
+               wire_dtype: torch.dtype) -> int:
+    """A whole frame: header, meta (which holds `whole_segments(items)`), then the items' elements
+    as `wire_dtype`, in order; returns the data's byte count.
 
     When every tensor can go from its own memory and the socket is plain TCP, the frame leaves in
     one `sendmsg` (scatter-gather; a loop only for partial sends): one system call and one release
     of the GIL instead of one per tensor, which counts when many small pushes share a shard."""
+    flats = [item.tensor.reshape(-1) for item in items]
     nbytes = sum(t.numel() for t in flats) * wire_dtype.itemsize
     head = HEADER.pack(MAGIC, kind, len(meta), nbytes) + meta
     direct = all(t.device.type == "cpu" and t.dtype == wire_dtype and t.is_contiguous() for t in flats)
@@ -139,8 +143,8 @@ def send_frame(sock: socket.socket, kind: int, meta: bytes, flats: list[torch.Te
         sock.sendall(head)
         for t in flats:
             send_tensor(sock, t, wire_dtype)
-        return
-    views = [memoryview(head)] + [_byte_view(t) for t in flats if t.numel()]
+        return nbytes
+    views = [memoryview(head)] + [tensor_bytes(t) for t in flats if t.numel()]
     i = 0
     while i < len(views):
         sent = sock.sendmsg(views[i:i + _IOV_MAX])
@@ -149,6 +153,7 @@ def send_frame(sock: socket.socket, kind: int, meta: bytes, flats: list[torch.Te
             i += 1
         if sent:
             views[i] = views[i][sent:]
+    return nbytes
 
 
 class Receiver:
@@ -165,15 +170,25 @@ class Receiver:
         if n == 0:
             return
         if dest.device.type == "cpu" and dest.dtype == wire_dtype and dest.is_contiguous():
-            recv_exact(self.sock, _byte_view(dest), self.deadline)
+            recv_exact(self.sock, tensor_bytes(dest), self.deadline)
             return
         scratch = self._scratch.get(wire_dtype)
         if scratch is None:
             scratch = self._scratch[wire_dtype] = torch.empty(CONVERT_ELEMENTS, dtype=wire_dtype)
         for start in range(0, n, CONVERT_ELEMENTS):
             k = min(CONVERT_ELEMENTS, n - start)
-            recv_exact(self.sock, _byte_view(scratch[:k]), self.deadline)
+            recv_exact(self.sock, tensor_bytes(scratch[:k]), self.deadline)
             dest[start:start + k].copy_(scratch[:k])
+
+    def segments(self, expected: dict[tuple[int, int], Expected], segments, nbytes: int,
+                 dests: dict[tuple[int, int], torch.Tensor]) -> None:
+        """A frame's data: its segments are checked against `expected` (serde.Assembler: order,
+        ranges, completeness, byte count) before a byte is read, then read into flat `dests`."""
+        assembler = Assembler(expected)
+        spans = assembler.plan(segments, nbytes)
+        assembler.finish()
+        for seg, want in spans:
+            self.into(dests[(seg.entry, seg.part)][seg.offset:seg.offset + seg.count], want.dtype)
 
     def discard(self, nbytes: int) -> None:
         """Read and drop `nbytes` (the rest of a refused request)."""
@@ -184,15 +199,10 @@ class Receiver:
             nbytes -= k
 
 
-def whole_segments(items, wire_dtype: torch.dtype, segment_type) -> tuple[list, int]:
-    """One segment per non-empty item (the whole tensor), and the payload's byte count."""
-    segments, nbytes = [], 0
-    for item in items:
-        n = item.tensor.numel()
-        if n:
-            segments.append(segment_type(entry=item.entry, part=item.part, offset=0, count=n))
-            nbytes += n * wire_dtype.itemsize
-    return segments, nbytes
+def whole_segments(items: Sequence[Outgoing]) -> list[pb.Segment]:
+    """One segment per non-empty item: the whole tensor."""
+    return [pb.Segment(entry=item.entry, part=item.part, offset=0, count=item.tensor.numel())
+            for item in items if item.tensor.numel()]
 
 
 def tune(sock: socket.socket) -> None:

@@ -298,6 +298,14 @@ class Assembler:
                               f"of {pb.Part.Name(key[1])}")
 
 
+def pull_expected(head: pb.PullHead, dests: dict[tuple[int, int], torch.Tensor]
+                  ) -> dict[tuple[int, int], Expected]:
+    """What a pull reply carries for each destination: PARAM in the head's dtype, state in float32."""
+    param_dtype = dtype_from_proto(head.dtype, default=torch.float32)
+    return {k: Expected(t.numel(), param_dtype if k[1] == pb.PARAM else torch.float32, head.entries[k[0]].key)
+            for k, t in dests.items()}
+
+
 def view_tensor(data: memoryview, dtype: torch.dtype) -> torch.Tensor:
     """A 1-D tensor over `data` without copying (copied once only if its address is misaligned)."""
     if len(data) == 0:

@@ -25,7 +25,7 @@ from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PU
                              Receiver, error_meta, read_header, read_meta, send_frame, send_header, tune,
                              whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES, Assembler, RequestError, invalid
+from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES, RequestError, invalid
 from optserve.server.service import Servicer, _parse
 
 log = logging.getLogger("optserve.server")
@@ -199,12 +199,8 @@ class DataServer:
                 first = _parse(meta, pb.PushRequest)
 
                 def receive(expected, dests):
-                    assembler = Assembler(expected)
-                    spans = assembler.plan(first.segments, left[0])
-                    assembler.finish()
-                    for seg, want in spans:
-                        receiver.into(dests[(seg.entry, seg.part)][seg.offset:seg.offset + seg.count], want.dtype)
-                        left[0] -= seg.count * want.dtype.itemsize
+                    receiver.segments(expected, first.segments, left[0], dests)
+                    left[0] = 0
 
                 if kind == PUSH:
                     reply = self.servicer.push(first, receive)
@@ -232,9 +228,8 @@ class DataServer:
                          f"Exception calling application: {type(exc).__name__}: {exc}")
             return
         try:
-            segments, nbytes = whole_segments(items, dtype, pb.Segment)
-            out = pb.PullReply(head=head, segments=segments).SerializeToString()
-            send_frame(conn, _OK, out, [item.tensor.reshape(-1) for item in items], dtype)
+            out = pb.PullReply(head=head, segments=whole_segments(items)).SerializeToString()
+            nbytes = send_frame(conn, _OK, out, items, dtype)
             self.servicer.counters.add(bytes_out=HEADER.size + len(out) + nbytes)
         finally:
             release()

@@ -50,6 +50,11 @@ class StalenessStats:
         return pb.StalenessStats(count=self.count, mean=mean, max=self.max, histogram=self.histogram)
 
 
+# A key's tensors by wire part (Key.part, Key.replace_part).
+_PART_NAMES = {pb.PARAM: "param", pb.EXP_AVG: "exp_avg", pb.EXP_AVG_SQ: "exp_avg_sq",
+               pb.MAX_EXP_AVG_SQ: "max_exp_avg_sq"}
+
+
 @dataclass
 class Key:
     """One key's tensors, flat and float32 on the shard's device. Its version is its step count."""
@@ -75,17 +80,12 @@ class Key:
         return self.step
 
     def part(self, part: int) -> torch.Tensor:
-        if part == pb.PARAM:
-            return self.param
-        if part == pb.EXP_AVG:
-            return self.exp_avg
-        if part == pb.EXP_AVG_SQ:
-            return self.exp_avg_sq
-        if part == pb.MAX_EXP_AVG_SQ:
-            if self.max_exp_avg_sq is None:
-                self.max_exp_avg_sq = torch.zeros_like(self.param)
-            return self.max_exp_avg_sq
-        raise invalid(f"key {self.name!r}: part {part} is not a tensor of a key")
+        name = _PART_NAMES.get(part)
+        if name is None:
+            raise invalid(f"key {self.name!r}: part {part} is not a tensor of a key")
+        if part == pb.MAX_EXP_AVG_SQ and self.max_exp_avg_sq is None:
+            self.max_exp_avg_sq = torch.zeros_like(self.param)
+        return getattr(self, name)
 
     def replace_part(self, part: int, tensor: torch.Tensor) -> None:
         setattr(self, _PART_NAMES[part], tensor)
@@ -193,10 +193,6 @@ class StoreLimits:
     max_keys: int = 1 << 20
     max_tensor_elements: int = 1 << 34
     max_shard_elements: int = 1 << 36
-
-
-_PART_NAMES = {pb.PARAM: "param", pb.EXP_AVG: "exp_avg", pb.EXP_AVG_SQ: "exp_avg_sq",
-               pb.MAX_EXP_AVG_SQ: "max_exp_avg_sq"}
 
 
 class BufferPool:
