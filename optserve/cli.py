@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="run one shard"))
-    status = sub.add_parser("status", help="print each shard's keys, versions, pushes, staleness, checkpoint")
+    status = sub.add_parser("status", help="print each shard's keys, versions, pushes, staleness, checkpoint, data channel")
     status.add_argument("addresses", nargs="+", metavar="ADDR", help="shard addresses (host:port)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     health = sub.add_parser("health", help="exit 0 when the shard's grpc.health.v1 status is SERVING")
