@@ -145,8 +145,7 @@ class DataServer:
                 with self._lock:
                     self._in_flight += 1
                 try:
-                    with self.servicer.slots.held():
-                        self._handle(conn, receiver, *header)
+                    self._handle(conn, receiver, *header)
                 finally:
                     with self._lock:
                         self._in_flight -= 1
@@ -193,29 +192,35 @@ class DataServer:
             self._refuse(conn, receiver, left, exc.code, exc.message)
             return
         meta = read_meta(conn, meta_len)
+        slots = self.servicer.slots
         try:
-            self.servicer.check_ready()
-            if kind in (PUSH, PUSH_PULL):
-                first = _parse(meta, pb.PushRequest)
+            # A request holds a slot while the shard works on it, never while it waits on its peer:
+            # a worker that stalls mid-request (stopped, paused, on a slow link) keeps no slot from
+            # the others. Receiving the payload and sending the reply lend it out.
+            with slots.held():
+                self.servicer.check_ready()
+                if kind in (PUSH, PUSH_PULL):
+                    first = _parse(meta, pb.PushRequest)
 
-                def receive(expected, dests):
-                    receiver.segments(expected, first.segments, left[0], dests)
-                    left[0] = 0
+                    def receive(expected, dests):
+                        with slots.lent():
+                            receiver.segments(expected, first.segments, left[0], dests)
+                        left[0] = 0
 
-                if kind == PUSH:
-                    reply = self.servicer.push(first, receive)
-                    send_header(conn, _OK, reply.SerializeToString(), 0)
-                    return
-                keys, dtype, reply = self.servicer.push_pull(first, receive)
-                parts = [pb.PARAM]
-            elif kind == PULL:
-                if data_len:
-                    raise invalid(f"a Pull carries no data; this one declares {data_len} bytes")
-                keys, parts, dtype = self.servicer.pull(_parse(meta, pb.PullRequest))
-                reply = None
-            else:
-                raise invalid(f"unknown request kind {kind}")
-            head, items, release = self.servicer.snapshot(keys, parts, dtype, reply)
+                    if kind == PUSH:
+                        reply = self.servicer.push(first, receive)
+                    else:
+                        keys, dtype, reply = self.servicer.push_pull(first, receive)
+                        parts = [pb.PARAM]
+                elif kind == PULL:
+                    if data_len:
+                        raise invalid(f"a Pull carries no data; this one declares {data_len} bytes")
+                    keys, parts, dtype = self.servicer.pull(_parse(meta, pb.PullRequest))
+                    reply = None
+                else:
+                    raise invalid(f"unknown request kind {kind}")
+                if kind != PUSH:
+                    head, items, release = self.servicer.snapshot(keys, parts, dtype, reply)
         except RequestError as exc:
             self.servicer.refused(method, exc)
             self._refuse(conn, receiver, left, exc.code, exc.message, exc.reason)
@@ -226,6 +231,9 @@ class DataServer:
             log.exception("data channel: %s failed", method)
             self._refuse(conn, receiver, left, grpc.StatusCode.UNKNOWN,
                          f"Exception calling application: {type(exc).__name__}: {exc}")
+            return
+        if kind == PUSH:
+            send_header(conn, _OK, reply.SerializeToString(), 0)
             return
         try:
             out = pb.PullReply(head=head, segments=whole_segments(items)).SerializeToString()

@@ -531,6 +531,36 @@ def test_sync_rounds_over_the_data_channel_need_no_more_slots_than_one(run_threa
     assert versions == {4}  # four rounds of three gradients each, none timed out
 
 
+@pytest.mark.parametrize("stalls_in", ["head", "payload", "reply"])
+def test_a_peer_that_stalls_mid_request_keeps_no_slot_from_the_others(stalls_in):
+    """One request slot; a peer stops mid-request (a stopped or paused worker): in its request's
+    head, in its payload, or without reading a reply larger than the socket buffers. Another
+    worker's push and pull are served all the same."""
+    from optserve.server.service import RequestSlots
+    with running() as shard:
+        shard.servicer.slots = RequestSlots(1)
+        client = ShardClient(shard.address, timeout=5, retry=RetryPolicy(budget=0))
+        register(client)
+        big = 1 << 22  # 16 MiB of float32: far more than the loopback buffers hold
+        register(client, "big", big)
+        stalled = raw_connection(shard.data.port)
+        if stalls_in == "head":
+            stalled.sendall(HEADER.pack(MAGIC, PULL, 100, 0))  # announces 100 bytes of head; none come
+        elif stalls_in == "payload":
+            send_push_of_8(stalled, declared=32, sent=16)
+        else:
+            request = pb.PullRequest(keys=["big"]).SerializeToString()
+            send_header(stalled, PULL, request, 0)
+        time.sleep(0.3)  # the shard is now blocked on the stalled peer
+
+        client.push(push_head(seq=7), [Outgoing(0, pb.GRAD, torch.ones(8))], torch.float32)
+        value, version = pull_value(client)
+        client.close()
+        stalled.close()
+
+    assert version == 1 and not torch.equal(value, torch.arange(8, dtype=torch.float32))
+
+
 def test_a_worker_follows_a_restarted_shard_to_its_new_data_port(tmp_path):
     """The shard restarts (same gRPC port, another data port) while the worker holds the old port
     and no open connection: the refused connection makes it ask Hello again, not give up on the
