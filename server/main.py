@@ -209,8 +209,16 @@ class Shard:
         if token:
             chain.insert(0, TokenInterceptor(token, lambda method: self.servicer.counters.refused(
                 grpc.StatusCode.UNAUTHENTICATED)))
+        threads = cfg.threads
+        if policy.waits and threads < 2 * cfg.workers + 4:
+            # Under sync every worker may have a call waiting for its round in a gRPC thread (and one
+            # more on its way): with fewer threads the last worker's push queues behind the waits and
+            # the round can only end by timing out.
+            threads = 2 * cfg.workers + 4
+            log.info("gRPC threads raised from %d to %d: %d sync workers may each wait in one",
+                     cfg.threads, threads, cfg.workers)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"shard{cfg.shard_index}"),
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"shard{cfg.shard_index}"),
             interceptors=chain,
             options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
                      ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -274,8 +282,7 @@ class Shard:
 
         New calls are refused with UNAVAILABLE from here on (clients retry them against the restarted
         shard) rather than being cancelled by grpc's shutdown."""
-        self.servicer.not_ready = "the shard is shutting down"
-        self.servicer.ready.clear()
+        self.servicer.stop_serving("the shard is shutting down")
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace)
         if self.data is not None:
@@ -349,7 +356,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply-log", help="append one JSON line per applied push (its order) to this file")
     p.add_argument("--shard-index", type=int, default=0, help="this shard's index, 0-based")
     p.add_argument("--num-shards", type=int, default=1, help="how many shards hold the model")
-    p.add_argument("--threads", type=int, default=16, help="gRPC worker threads (default 16)")
+    p.add_argument("--threads", type=int, default=16, help="gRPC worker threads (default 16; under sync at least 2 x workers + 4)")
     p.add_argument("--insecure", action="store_true",
                    help="allow plaintext on a non-loopback address (loopback is plaintext by default)")
     p.add_argument("--tls-cert", help="PEM certificate chain of this shard (with --tls-key: TLS)")

@@ -33,6 +33,7 @@ SERVICE_NAME = "optserve.v1.OptServe"
 REASON_METADATA = "optserve-reason"  # trailing metadata: why a call was refused (RequestError.reason)
 PROTOCOL = "optserve.v1"
 MAX_NAME_LENGTH = 1024
+MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
 _STATE_PARTS = (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ, pb.MAX_EXP_AVG_SQ)
 # How a handler receives a request's tensors, whatever carried them (a gRPC stream, the data
 # channel): receive(expected, dests) validates the segments against `expected` and fills the flat
@@ -79,10 +80,11 @@ class RequestSlots:
     """How many requests the data channel works on at once (server/data.py): one thread per
     connection, but on CPython the handlers share one GIL, and many threads passing it to and fro
     cost more than they overlap (8 workers on a 2-core shard: 1,057 steps/s unlimited, 1,321 with 2
-    slots; docs/ARCHITECTURE.md). A request holds a slot from its header to its reply, except while
-    it waits on other requests (a sync round, min_versions, a retry's original): then the slot is
-    lent out (`lent`), so waiting can never starve the requests it waits for. Threads that hold no
-    slot (gRPC's) pass through `lent` unchanged."""
+    slots; docs/ARCHITECTURE.md). A request holds a slot while the shard works on it: not while it
+    waits on its peer (receiving the payload, sending the reply), so a stalled worker keeps none, and
+    not while it waits on other requests (a sync round, min_versions, a retry's original): then the
+    slot is lent out (`lent`), so waiting can never starve the requests it waits for. Threads that
+    hold no slot (gRPC's) pass through `lent` unchanged."""
 
     def __init__(self, slots: int):
         self._sem = threading.BoundedSemaphore(slots)
@@ -156,6 +158,12 @@ class Servicer:
     def check_ready(self) -> None:
         if not self.ready.is_set():
             raise RequestError(grpc.StatusCode.UNAVAILABLE, self.not_ready)
+
+    def stop_serving(self, why: str) -> None:
+        """Refuse new calls with UNAVAILABLE, and end the waits of calls in flight the same way."""
+        self.not_ready = why
+        self.ready.clear()
+        self.store.wake()
 
     def refused(self, method: str, exc: RequestError) -> None:
         self.counters.refused(exc.code)
@@ -268,7 +276,17 @@ class Servicer:
             if k.dtype != pb.FLOAT32:
                 raise invalid(f"key {k.name!r}: dtype {pb.DType.Name(k.dtype) if k.dtype in pb.DType.values() else k.dtype}"
                               f" is not supported; keys are FLOAT32")
+            # Provenance (param, param_shape, offset) is kept for ever and echoed in every pull's head
+            # and every manifest: bounded like the name, and it must describe where the key sits.
+            if len(k.param) > MAX_NAME_LENGTH:
+                raise invalid(f"key {k.name!r}: param name must be at most {MAX_NAME_LENGTH} characters, "
+                              f"got {len(k.param)}")
+            if len(k.shape) > MAX_DIMS or len(k.param_shape) > MAX_DIMS:
+                raise invalid(f"key {k.name!r}: shapes have at most {MAX_DIMS} dimensions")
             shape = tuple(int(d) for d in k.shape)
+            if k.param and k.offset + math.prod(shape) > math.prod(k.param_shape):
+                raise invalid(f"key {k.name!r}: elements {k.offset}..{k.offset + math.prod(shape)} lie outside "
+                              f"its parameter {k.param!r} of shape {list(k.param_shape)}")
             specs.append((k.name, shape, self.store.check_spec(k.name, shape)))
             infos.append({"param": k.param or k.name, "param_shape": list(k.param_shape) if k.param else list(shape),
                           "offset": int(k.offset)})
@@ -348,7 +366,9 @@ class Servicer:
     def _wait(self, keys: Sequence[Key], minimum: Sequence[int]) -> None:
         """Block until the keys reach these versions (a sync step); ABORTED after the wait timeout."""
         with self.slots.lent():
-            reached = self.store.wait_versions(keys, minimum, self.info.wait_timeout)
+            reached = self.store.wait_versions(keys, minimum, self.info.wait_timeout,
+                                               stop=lambda: not self.ready.is_set())
+        self.check_ready()  # a stopping shard ends its waits at once: UNAVAILABLE, retried
         if not reached:
             behind = [k for k, m in zip(keys, minimum) if k.version < m]
             raise RequestError(grpc.StatusCode.ABORTED,

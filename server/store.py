@@ -399,11 +399,18 @@ class Store:
                 key.dropped += 1
             self.dropped += 1
 
-    def wait_versions(self, keys: Sequence[Key], minimum: Sequence[int], timeout: float) -> bool:
-        """Wait until every key's version is at least its minimum; False when `timeout` passed first."""
+    def wait_versions(self, keys: Sequence[Key], minimum: Sequence[int], timeout: float,
+                      stop: Callable[[], bool] = lambda: False) -> bool:
+        """Wait until every key's version is at least its minimum; False when `timeout` passed first.
+        `stop()` ends the wait early (checked whenever `wake` or a version change notifies)."""
         with self._lock:
             return self._changed.wait_for(
-                lambda: all(k.version >= m for k, m in zip(keys, minimum)), timeout=timeout)
+                lambda: stop() or all(k.version >= m for k, m in zip(keys, minimum)), timeout=timeout)
+
+    def wake(self) -> None:
+        """Have every wait_versions check its stop() now."""
+        with self._lock:
+            self._changed.notify_all()
 
     # -- snapshots and state ----------------------------------------------------------------------
 

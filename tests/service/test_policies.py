@@ -210,3 +210,72 @@ def test_bad_policy_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         with run_server(**options):
             pass
+
+
+def test_stopping_a_shard_ends_the_waits_of_calls_in_flight_with_unavailable():
+    """A pull waiting for a sync step that will not come (the other worker is gone) must not hold
+    the shard's stop: the wait ends at once with UNAVAILABLE, which the client retries elsewhere."""
+    import threading
+    from optserve.serde import RequestError
+    from optserve.server.main import ServerConfig, Shard
+
+    shard = Shard(ServerConfig(policy="sync", workers=2, wait_timeout=60))
+    shard.start()
+    client = raw_client(shard.address, torch.zeros(N))
+    outcome = []
+
+    def waiter():
+        try:
+            shard.servicer.pull(pb.PullRequest(keys=["w"], min_versions=[1]))
+        except RequestError as exc:
+            outcome.append(exc.code)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    client.close()
+    shard.stop(grace=0.5)
+    t.join(timeout=20)  # a hang guard, far below the 60 s wait it would otherwise sit out
+
+    assert not t.is_alive() and outcome == [grpc.StatusCode.UNAVAILABLE]
+
+
+def test_sync_over_grpc_serves_more_workers_than_the_threads_asked_for(run_threads):
+    """Each sync worker's PushPull waits for its round in a gRPC thread; the shard raises its thread
+    count so that the last worker's push is not queued behind the others' waits (which would end
+    every round in the wait timeout)."""
+    workers = 3
+    with run_server(policy="sync", workers=workers, threads=2, data_port=-1, wait_timeout=10) as address:
+        def worker(i):
+            torch.manual_seed(i)
+            m = model()
+            with RemoteAdam(m.named_parameters(), [address], client_id=f"w{i}") as opt:
+                for _ in range(3):
+                    opt.zero_grad()
+                    m(torch.randn(8, 12)).pow(2).mean().backward()
+                    opt.step()
+
+        run_threads(worker, [(i,) for i in range(workers)])
+        stats = collect([address])[0]
+
+    assert {k["version"] for k in stats["keys"]} == {3} and stats["dropped"] == 0
+
+
+def test_set_state_during_an_open_sync_round_voids_that_round_only():
+    """load_state_dict (SetState) rewrites a key while a sync round of its old version is open: that
+    round's gradients are dropped (counted), and the next round at the new version steps normally."""
+    with run_server(policy="sync", workers=2, wait_timeout=5) as address:
+        a = raw_client(address, torch.zeros(N))
+        b = ShardClient(address, timeout=30)
+        assert list(push(a, -torch.ones(N), 0, "A").versions) == [0]  # round of version 0: A's gradient
+        reply = b.set_state(pb.SetStateHead(entries=[pb.StateEntry(key="w", step=5, hyper=HYPER)], parts=[]), [])
+        assert list(reply.versions) == [5]
+
+        push(b, torch.ones(N), 5, "B", seq=1)
+        push(a, torch.ones(N), 5, "A", seq=2)  # the second gradient of version 5: the round steps
+        value, version = pull(a)
+        stats = collect([address])[0]
+        a.close()
+        b.close()
+
+    # the step averaged B's and A's gradients of version 5 (+1 each), not A's old -1 with B's +1
+    assert version == 6 and bool((value < 0).all()) and stats["dropped"] == 1

@@ -148,6 +148,13 @@ class Bad:
     key: str | None = None  # the key the details must name, where one is involved
 
 
+def provenance(**fields) -> list[bytes]:
+    """A Register of key "c" (2 elements) with these provenance fields (param, param_shape, offset)."""
+    head = pb.RegisterHead(keys=[pb.KeySpec(name="c", shape=[2], dtype=pb.FLOAT32, **fields)], with_values=True,
+                           num_shards=1)
+    return [message(pb.RegisterRequest, head, whole(pb.PARAM, [torch.ones(2)]), floats(torch.ones(2)))]
+
+
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -261,6 +268,12 @@ BAD = {
             keys=[pb.KeySpec(name="c", shape=[4], dtype=pb.FLOAT32)], with_values=True, num_shards=1),
             [seg(0, pb.PARAM, 0, 3)], floats(torch.ones(3)))], INVALID, "c"),
     "register-garbage-bytes": Bad("Register", lambda: [b"this is not a protobuf message"], INVALID),
+    "register-param-name-too-long": Bad("Register", lambda: provenance(param="p" * 1025, param_shape=[2]),
+                                        INVALID, "c"),
+    "register-param-shape-too-many-dims": Bad("Register", lambda: provenance(param="p", param_shape=[1] * 65),
+                                              INVALID, "c"),
+    "register-slice-outside-its-param": Bad("Register", lambda: provenance(param="p", param_shape=[3], offset=2),
+                                            INVALID, "c"),
     # Pull
     "pull-unknown-key": Bad("Pull", lambda: pull(["w", "nope"]), NOT_FOUND, "nope"),
     "pull-grad-part": Bad("Pull", lambda: pull(["w"], [pb.GRAD]), INVALID),
