@@ -125,6 +125,12 @@ class SyncPolicy:
                     late.append(e)  # its version was stepped already (by the first W - b workers)
                     continue
                 r = self._rounds.get(e.key.name)
+                if r is not None and r.version != e.key.version:
+                    # SetState (load_state_dict) rewrote the key while this round was open: the
+                    # gradients summed for the old version no longer apply to anything.
+                    del self._rounds[e.key.name]
+                    store.count_dropped([e.key])
+                    r = None
                 if r is not None and client_id in r.clients:
                     raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                        f"key {e.key.name!r}: client {client_id!r} already sent a gradient "
