@@ -192,9 +192,9 @@ class DataChannel:
                                                                      f"finish within {self._timeout:g} s")
         if isinstance(exc, OSError):  # ssl errors too: after the handshake they mean a broken link
             self._forget()
-            # Worded without "TLS"/"SSL": ShardClient does not retry what reads like a handshake failure.
+            # Not worded as a handshake failure (transport._TLS_FAILURE): ShardClient retries it.
             return DataCallError(grpc.StatusCode.UNAVAILABLE, f"data channel: the connection broke "
-                                                              f"({exc.errno or type(exc).__name__.replace('SSL', '')})")
+                                                              f"({exc.errno or type(exc).__name__})")
         return exc
 
     def call(self, fn: Callable[[_Conn], T], over_grpc: Callable[[], T]) -> T:

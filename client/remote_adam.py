@@ -32,13 +32,15 @@ def _named_groups(params) -> tuple[list[dict[str, Any]], list[str]]:
     """Normalize params (tensors, (name, tensor) pairs, or groups of either) into plain groups + names.
 
     Names key the shard map, so every worker must derive the same ones: given names are used as they
-    are; unnamed parameters are called `param.<i>` in the order they are given.
+    are; unnamed parameters are called `param.<i>` in the order they are given. A tensor given twice
+    is refused: it would be two keys stepping one tensor.
     """
     params = list(params)
     if not params:
         raise ValueError("RemoteAdam got an empty parameter list")
     groups = params if isinstance(params[0], dict) else [{"params": params}]
     out, names = [], []
+    seen: dict[torch.Tensor, str] = {}
     named = None
     for gi, group in enumerate(groups):
         group = dict(group)
@@ -54,6 +56,9 @@ def _named_groups(params) -> tuple[list[dict[str, Any]], list[str]]:
             name, p = item if is_named else (f"param.{len(names)}", item)
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a torch.Tensor")
+            if p in seen:
+                raise ValueError(f"parameter {name!r} is the same tensor as {seen[p]!r}: give each parameter once")
+            seen[p] = name
             tensors.append(p)
             names.append(name)
         group["params"] = tensors
@@ -71,8 +76,11 @@ class RemoteAdam(torch.optim.Optimizer):
     chunk_bytes (payload per streamed message), timeout (seconds per call), connect_timeout (seconds
     to wait for each shard at construction), wire_dtype (float32, bfloat16 or float16 gradients),
     pull_dtype (the same choice for the parameters pulled by step(); the shard keeps float32 state
-    either way, and registration and state_dict always travel in float32), client_id (defaults to a
-    random id), retry_budget (seconds within which UNAVAILABLE and DEADLINE_EXCEEDED are retried
+    either way, and registration and state_dict always travel in float32; with float16 a gradient
+    beyond its range, 65504, is refused with a ValueError before it is sent), client_id (a name for this worker,
+    kept as `self.client_id`; pushes carry `self.push_id`, "<client_id>/<random>" or a random id
+    alone, unique to this instance, so each is applied once and never taken for another instance's
+    retry), retry_budget (seconds within which UNAVAILABLE and DEADLINE_EXCEEDED are retried
     with backoff: a restarting shard is waited for; pushes are retried safely, each applied once),
     data_channel (True: pushes and pulls use the shard's data channel when it announces one, raw
     frames over TCP, see docs/ARCHITECTURE.md; False: everything over gRPC).
@@ -83,8 +91,13 @@ class RemoteAdam(torch.optim.Optimizer):
     overlap=True sends gradients during backward: a hook on each parameter
     (register_post_accumulate_grad_hook) fills buckets of `bucket_bytes` (25 MiB default) in reverse
     registration order, and each full bucket is pushed at once; step() pushes what is left, waits,
-    and pulls. The numbers equal overlap=False. For gradient accumulation wrap every micro-batch but
-    the last in `with opt.no_sync():`.
+    and pulls. For gradient accumulation wrap every micro-batch but the last in `with opt.no_sync():`.
+    As with DDP's hooks, a pushed bucket is final: changes between backward() and step() miss the
+    buckets already pushed. An option set by hand (lr) applies from the next step (it is logged);
+    an in-place change of .grad (clipping, GradScaler.unscale_) races with the send, which reads
+    .grad's memory; a step() skipped after backward (GradScaler on inf, a NaN guard) has been
+    applied anyway. Transform gradients in the loss or in hooks; then the numbers equal
+    overlap=False bitwise.
     """
 
     def __init__(self, params, servers: Sequence[str], lr: float = 1e-3,
@@ -113,10 +126,13 @@ class RemoteAdam(torch.optim.Optimizer):
         for g in groups:
             _config(dict(defaults, **g))  # validate every group's options once, here
         super().__init__(groups, defaults)
-        self._ready = True
+        self._fixed = True  # add_param_group is refused from here on
         self.wire_dtype = wire_dtype
         self.pull_dtype = pull_dtype
-        self.client_id = client_id or uuid.uuid4().hex
+        self.client_id = client_id
+        # Shards apply each (push_id, seq) once: a fresh id per instance keeps a rebuilt or restarted
+        # worker with the same client_id (seq starting at 1 again) from being answered as a retry.
+        self.push_id = f"{client_id}/{uuid.uuid4().hex[:12]}" if client_id else uuid.uuid4().hex
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._sync = True
@@ -230,7 +246,7 @@ class RemoteAdam(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # The shard map is a function of all parameter names, fixed when the optimizer is built.
-        if getattr(self, "_ready", False):
+        if getattr(self, "_fixed", False):
             raise RuntimeError("RemoteAdam's parameters are fixed at construction: the shard map depends "
                                "on all of them; build a new RemoteAdam to add parameters")
         super().add_param_group(param_group)
@@ -248,7 +264,7 @@ class RemoteAdam(torch.optim.Optimizer):
             p = self._params_by_name[pl.param]
             entries.append(pb.PushEntry(key=pl.key, version_read=self.versions[pl.key], hyper=self._group_of[p]))
             grads.append(Outgoing(i, pb.GRAD, self._flat(pl, p.grad.reshape(-1))))
-        head = pb.PushHead(client_id=self.client_id, seq=self._next_seq(), wire_dtype=dtype_to_proto(self.wire_dtype),
+        head = pb.PushHead(client_id=self.push_id, seq=self._next_seq(), wire_dtype=dtype_to_proto(self.wire_dtype),
                            entries=entries, hyper=hyper, pull_dtype=dtype_to_proto(self.pull_dtype),
                            pull_keys=pull_keys)
         return head, grads
@@ -258,6 +274,17 @@ class RemoteAdam(torch.optim.Optimizer):
             self.last_staleness[key] = s
         if reply.dropped:  # sync: this gradient came after its version had stepped (backup workers)
             self.dropped_pushes += 1
+
+    def _check_wire_range(self, params: Iterable[torch.Tensor]) -> None:
+        """Refuse a finite gradient that float16 would turn into inf (the shard would blame the user)."""
+        if self.wire_dtype != torch.float16:
+            return  # bfloat16 has float32's range
+        limit = torch.finfo(torch.float16).max
+        for p in params:
+            if p.grad.numel() and limit < (top := p.grad.abs().amax().item()) < float("inf"):
+                raise ValueError(f"parameter {self._names[p]!r} has a gradient of magnitude {top:g}, beyond "
+                                 f"wire_dtype=torch.float16's range ({limit:g}); scale the loss down or use "
+                                 f"wire_dtype=torch.bfloat16")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -275,25 +302,27 @@ class RemoteAdam(torch.optim.Optimizer):
             return loss
         hyper = self._hyper()
 
-        def shard_step(index: int) -> pb.PullHead:
+        def shard_step(index: int) -> None:
             placements = self._by_shard[index]
             if not placements:
-                return pb.PullHead()
+                return
             pushed = [pl for pl in placements if self._params_by_name[pl.param].grad is not None]
             pushed_keys = {pl.key for pl in pushed}
             head, grads = self._push_head(pushed, hyper, [pl.key for pl in placements if pl.key not in pushed_keys])
             try:
-                return self._shards[index].push_pull(head, grads, self.wire_dtype, self._param_sink(placements))
+                reply = self._shards[index].push_pull(head, grads, self.wire_dtype, self._param_sink(placements))
             except ShardError as exc:
                 if exc.code == grpc.StatusCode.NOT_FOUND:
                     self._reregister(index, exc)
                 elif not self._dropped(exc):
                     raise
-                return self._pull_shard(index)
+                reply = self._pull_shard(index)
+            # Noted here, per shard: when another shard fails, this one's pulled values are in the model.
+            self._note_versions(reply)
+            self._note_staleness((e.key for e in reply.entries), reply.push)
 
-        for head in self._fan_out(shard_step, range(len(self._shards))):
-            self._note_versions(head)
-            self._note_staleness((e.key for e in head.entries), head.push)
+        self._check_wire_range(p for p in self._names if p.grad is not None)
+        self._fan_out(shard_step, range(len(self._shards)))
         return loss
 
     def _pull_shard(self, index: int, min_versions: dict[str, int] | None = None) -> pb.PullHead:
@@ -349,7 +378,10 @@ class RemoteAdam(torch.optim.Optimizer):
             return
         if p in self._pushed:
             raise RuntimeError(f"the gradient of {self._names[p]!r} arrived again before step(): with "
-                               f"overlap=True, accumulate micro-batches inside `with opt.no_sync():`")
+                               f"overlap=True gradients are pushed and applied during backward, so call "
+                               f"step() after every backward outside no_sync(), even one whose step you "
+                               f"meant to skip (GradScaler found inf, a NaN guard); accumulate "
+                               f"micro-batches inside `with opt.no_sync():`")
         b = self._bucket_of[p]
         with self._seq_lock:
             self._ready[b].add(p)
@@ -359,6 +391,7 @@ class RemoteAdam(torch.optim.Optimizer):
 
     def _launch(self, params: Sequence[torch.Tensor]) -> None:
         """Start pushing these parameters' gradients, one Push per shard, without waiting."""
+        self._check_wire_range(params)
         self._pushed.update(params)
         wanted = set(params)
         hyper = self._hyper()
@@ -367,19 +400,26 @@ class RemoteAdam(torch.optim.Optimizer):
             if mine:
                 head, grads = self._push_head(mine, hyper)
                 future = self._pool.submit(self._shards[index].push, head, grads, self.wire_dtype)
-                self._inflight.append((index, [(pl.key, self.versions[pl.key]) for pl in mine], future))
+                self._inflight.append((index, [(pl.key, self.versions[pl.key]) for pl in mine], hyper, future))
 
     def _finish_overlapped_step(self) -> None:
         """Push what the hooks did not (unused or no_sync-accumulated gradients), wait, pull all."""
+        hyper = self._hyper()
+        changed = sorted({gi for _, _, sent, _ in self._inflight for gi, (a, b) in enumerate(zip(sent, hyper))
+                          if a != b})
+        if changed:
+            log.warning("options of param group(s) %s changed after backward() pushed gradients with "
+                        "overlap=True: those pushes used the old options; the change applies from the next "
+                        "step", changed)
         self._launch([p for p in self._names if p.grad is not None and p not in self._pushed])
         inflight, self._inflight = self._inflight, []
         self._pushed.clear()
         self._ready = [set() for _ in self._buckets]
-        error = None
+        error, failed = None, set()
         # A pull waits for the versions the pushes produce: at once under async, after the other
         # workers' gradients under sync. Dropped gradients produce none.
         wanted: list[dict[str, int]] = [{} for _ in self._shards]
-        for index, keys, future in inflight:
+        for index, keys, _, future in inflight:
             try:
                 reply = future.result()
             except BaseException as exc:  # noqa: BLE001 - wait for every push, then raise the first
@@ -387,14 +427,20 @@ class RemoteAdam(torch.optim.Optimizer):
                     self._reregister(index, exc)
                 elif not self._dropped(exc):
                     error = error or exc
+                    failed.add(index)
                 continue
             self._note_staleness((k for k, _ in keys), reply)
             dropped = set(reply.dropped)
             wanted[index].update((k, v + 1) for k, v in keys if k not in dropped)
+        # After a failure, still pull every shard that applied something, so that the model and
+        # self.versions agree; a shard that only failed is left alone (it may be unreachable).
+        pull = [i for i in range(len(self._shards)) if i not in failed or wanted[i]]
+        try:
+            self._fan_out(lambda i: self._note_versions(self._pull_shard(i, wanted[i])), pull)
+        except BaseException as exc:  # noqa: BLE001 - a push's error comes first
+            error = error or exc
         if error is not None:
             raise error
-        for head in self._fan_out(lambda i: self._pull_shard(i, wanted[i]), range(len(self._shards))):
-            self._note_versions(head)
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -455,12 +501,29 @@ class RemoteAdam(torch.optim.Optimizer):
             self.state.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Write a torch-format state (and the model's current parameter values) to the shards."""
-        super().load_state_dict(state_dict)
-        for g in self.param_groups:
-            _config(g)
-        state = dict(self.state)
-        self.state.clear()
+        """Write a torch-format state (and the model's current parameter values) to the shards.
+
+        A torch.optim.Adam state dict loads too: options its groups lack (weight_decouple, absolute,
+        optimized_update) come from this optimizer's defaults, so build it with those that match the
+        source (torch's Adam is optimized_update=False). On any failure the previous param_groups are
+        put back, so the optimizer stays usable.
+        """
+        previous = self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+            for g in self.param_groups:
+                for option, value in self.defaults.items():
+                    g.setdefault(option, value)
+                _config(g)
+            self._write_state(dict(self.state))
+        except BaseException:
+            self.param_groups = previous
+            raise
+        finally:
+            self.state.clear()
+
+    def _write_state(self, state: dict[torch.Tensor, dict[str, Any]]) -> None:
+        """Set every key's param (the model's current value), step, m and v (and max v) on its shard."""
         hyper = self._hyper()
         amsgrad = any(g["amsgrad"] for g in self.param_groups)
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])

@@ -35,8 +35,11 @@ Sink = Callable[[pb.PullHead], dict[tuple[int, int], torch.Tensor]]
 # CANCELLED too: optserve never cancels its own calls, so a CANCELLED comes from a shard shutting down
 # with the call in flight; retrying is safe because every push is applied once per (client_id, seq).
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
-# An UNAVAILABLE that is a failed TLS handshake will not heal by waiting: it is not retried.
-_TLS_FAILURE = ("ssl", "tls", "handshake", "certificate")
+# An UNAVAILABLE that is a failed TLS handshake will not heal by waiting: it is not retried. Phrases
+# of handshake failures only (grpc's "Tls handshake failed ... SSL_ERROR_SSL", the data channel's
+# "TLS handshake failed", Python's "certificate verify failed"), matched with the target address
+# taken out of the details: a shard named "ps-tls-0" that is briefly down is still waited for.
+_TLS_FAILURE = ("handshake failed", "ssl_error", "certificate verify failed")
 TOKEN_ENV = "OPTSERVE_TOKEN"
 TLS_CA_ENV = "OPTSERVE_TLS_CA"
 TLS_CERT_ENV = "OPTSERVE_TLS_CERT"
@@ -170,7 +173,8 @@ class ShardClient:
             except (grpc.RpcError, DataCallError) as exc:
                 code = exc.code()
                 pause = random.uniform(0, delay)
-                tls_failure = any(word in (exc.details() or "").lower() for word in _TLS_FAILURE)
+                details = (exc.details() or "").lower().replace(self.address.lower(), "")
+                tls_failure = any(phrase in details for phrase in _TLS_FAILURE)
                 if code not in RETRYABLE or tls_failure or time.monotonic() + pause > give_up:
                     trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
                     raise ShardError(self.address, method, code, exc.details(),

@@ -580,7 +580,9 @@ def replay(apply_log: Path, keys: Sequence[str]) -> dict[str, dict]:
     store = Store("cpu")
     store.create([(k, tuple(initial[k].shape), initial[k].detach().reshape(-1).clone(), {}) for k in keys])
     for line in lines:
-        worker, step = int(line["client_id"].removeprefix("worker-")), step_of[(line["client_id"], line["seq"])]
+        # the wire id is the worker's client_id, "/", and its RemoteAdam's own suffix
+        worker = int(line["client_id"].split("/")[0].removeprefix("worker-"))
+        step = step_of[(line["client_id"], line["seq"])]
         store.apply([GradEntry(key=store.get(k), version_read=vr, cfg=AdamConfig(lr=lr),
                                pieces=[(0, synthetic_grad(worker, step, k, initial[k].shape).reshape(-1))])
                      for k, vr, lr in zip(line["keys"], line["version_read"], line["lr"])])
@@ -608,7 +610,8 @@ def test_eight_worker_processes_give_every_key_800_steps_and_the_apply_log_repla
         workers = subprocess.run([sys.executable, __file__, "workers", str(LOAD_WORKERS), *servers],
                                  stdout=subprocess.DEVNULL, stderr=err, env=ENV, timeout=HANG_GUARD)
     final = [shard_state(s) for s in servers]
-    counts = [Counter(json.loads(line)["client_id"] for line in log.read_text().splitlines()) for log in logs]
+    counts = [Counter(json.loads(line)["client_id"].split("/")[0] for line in log.read_text().splitlines())
+              for log in logs]
     replayed = [replay(log, sorted(state)) for log, state in zip(logs, final)]
 
     assert workers.returncode == 0, workers_log.read_text()[-4000:]
