@@ -4,8 +4,10 @@ A checkpoint is a directory ``ckpt-<NNNNNNNN>`` holding ``tensors.safetensors`` 
 exp_avg, exp_avg_sq and optional max_exp_avg_sq, flat float32) and ``manifest.json`` (format version,
 shard index/count, policy, per-key name/shape/step/hyperparameters, and the sha256 and byte size of the
 tensor file). It is built in a ``.tmp-*`` directory, fsynced, and renamed into place, so a ``ckpt-*``
-name only ever appears complete; damage after that (truncation, flipped bytes, a lost manifest) is
-caught by the checksum on load, reported, and the next older checkpoint is used.
+name only ever appears complete; damage after that (truncation, flipped bytes, a lost or edited
+manifest) is caught by the checksums on load (the tensor file's sha256, and the manifest's own digest of
+its canonical JSON), reported, and the next older checkpoint is used. Shard-level state goes in `extra`
+(JSON: the dedupe table, the open sync rounds) and `extra_tensors` (the rounds' summed gradients).
 
 This module is pure file I/O. It must not take locks, know about the store or gRPC, or unpickle
 anything: tensors go through safetensors and everything else through JSON. It assumes one writer per
@@ -25,12 +27,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import safetensors
 import safetensors.torch
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own digest, and shard-level tensors (extra_tensors)
 
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -64,6 +67,7 @@ class CheckpointData:
     policy: str
     keys: list[KeyRecord]
     extra: dict = field(default_factory=dict)  # JSON-serializable shard-level state
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # shard-level float32 tensors
     created: float = 0.0  # time.time() of the snapshot; the writer records time.time() if 0
 
 
@@ -99,9 +103,10 @@ def write_checkpoint(directory: str | Path, data: CheckpointData, keep: int = 2)
         _fsync_file(tensor_path)
         manifest["files"] = {TENSORS_FILE: {"sha256": _sha256(tensor_path),
                                             "bytes": tensor_path.stat().st_size}}
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         manifest_path = tmp / MANIFEST_FILE
         with open(manifest_path, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, allow_nan=False)
+            json.dump(manifest, f, separators=(",", ":"), allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
@@ -159,6 +164,10 @@ def _encode(data: CheckpointData) -> tuple[dict[str, torch.Tensor], dict]:
             saved.append(part)
         keys.append({"name": rec.name, "shape": list(shape), "step": int(rec.step),
                      "hyper": rec.hyper, "info": rec.info, "tensors": saved})
+    for name, t in data.extra_tensors.items():
+        if t.dtype != torch.float32:
+            raise ValueError(f"extra tensor {name!r}: expected float32, got {t.dtype}")
+        tensors[f"extra/{name}"] = t.detach().to("cpu").reshape(-1).contiguous().clone()
     manifest = {
         "format_version": FORMAT_VERSION,
         "shard_index": data.shard_index,
@@ -166,6 +175,7 @@ def _encode(data: CheckpointData) -> tuple[dict[str, torch.Tensor], dict]:
         "policy": data.policy,
         "created": data.created or time.time(),
         "extra": data.extra,
+        "extra_tensors": sorted(data.extra_tensors),
         "keys": keys,
     }
     try:  # fail on non-JSON extras before anything is written
@@ -244,12 +254,13 @@ def load_checkpoint(path: str | Path) -> CheckpointData:
         expected_bytes, expected_sha = int(files["bytes"]), str(files["sha256"])
         shard_index, num_shards = int(manifest["shard_index"]), int(manifest["num_shards"])
         policy, created = str(manifest["policy"]), float(manifest["created"])
-        extra, key_entries = manifest["extra"], manifest["keys"]
+        extra, key_entries, extra_names = manifest["extra"], manifest["keys"], manifest["extra_tensors"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / MANIFEST_FILE}: malformed manifest ({type(e).__name__}: {e})") from e
-    if not isinstance(extra, dict) or not isinstance(key_entries, list):
-        raise CheckpointError(f"{path / MANIFEST_FILE}: expected 'extra' an object and 'keys' a list, "
-                              f"got {type(extra).__name__} and {type(key_entries).__name__}")
+    if not isinstance(extra, dict) or not isinstance(key_entries, list) or not isinstance(extra_names, list):
+        raise CheckpointError(f"{path / MANIFEST_FILE}: expected 'extra' an object, 'keys' and "
+                              f"'extra_tensors' lists, got {type(extra).__name__}, {type(key_entries).__name__} "
+                              f"and {type(extra_names).__name__}")
 
     tensor_path = path / TENSORS_FILE
     try:
@@ -277,12 +288,20 @@ def load_checkpoint(path: str | Path) -> CheckpointData:
         names.add(rec.name)
         used.update(f"{i}/{part}" for part in rec.tensors)
         keys.append(rec)
+    extra_tensors = {}
+    for name in extra_names:
+        t = loaded.get(f"extra/{name}")
+        if t is None or t.dtype != torch.float32:
+            raise CheckpointError(f"{tensor_path}: expected float32 tensor 'extra/{name}', got "
+                                  f"{'none' if t is None else t.dtype}")
+        extra_tensors[name] = t
+        used.add(f"extra/{name}")
     unlisted = sorted(set(loaded) - used)
     if unlisted:
         raise CheckpointError(f"{tensor_path}: expected only the manifest's tensors, "
                               f"got {len(unlisted)} more: {unlisted[:5]}")
     return CheckpointData(shard_index=shard_index, num_shards=num_shards, policy=policy, keys=keys,
-                          extra=extra, created=created)
+                          extra=extra, extra_tensors=extra_tensors, created=created)
 
 
 def _decode_key(path: Path, i: int, entry: object, loaded: dict[str, torch.Tensor]) -> KeyRecord:
@@ -331,18 +350,32 @@ def _read_manifest(path: Path) -> dict:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{manifest_path}: expected format_version {FORMAT_VERSION}, got {version!r}")
+    digest = manifest.pop("manifest_sha256", None)
+    if digest != _manifest_digest(manifest):
+        raise CheckpointError(f"{manifest_path}: its contents do not match its manifest_sha256 (corrupt or edited)")
     return manifest
 
 
-def restore_latest(directory: str | Path) -> tuple[CheckpointData, Path] | None:
-    """The newest checkpoint that loads, with its path; None when there is none.
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (without the digest itself): the tensor file has its
+    own checksum; this one catches a damaged manifest that still parses (a step, an option)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=False).encode()).hexdigest()
 
-    Each one that fails is logged (warning, naming the path and the reason) and the next older tried.
+
+def restore_latest(directory: str | Path, apply: Callable[[CheckpointData], None] = lambda data: None
+                   ) -> tuple[CheckpointData, Path] | None:
+    """The newest checkpoint that loads and that `apply` accepts, with its path; None when there is none.
+
+    `apply` refuses a checkpoint by raising CheckpointError, ValueError, KeyError or TypeError (contents
+    that verify but do not make a valid shard); it must then have changed nothing. Each one that fails
+    is logged (warning, naming the path and the reason) and the next older tried.
     """
     for path in list_checkpoints(directory):
         try:
             data = load_checkpoint(path)
-        except CheckpointError as e:
+            apply(data)
+        except (CheckpointError, ValueError, KeyError, TypeError) as e:
             log.warning("skipping checkpoint %s: %s; trying the previous one", path, e)
             continue
         log.info("restored checkpoint %s (%d keys)", path, len(data.keys))

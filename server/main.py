@@ -118,6 +118,10 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+class ShardMismatch(Exception):
+    """The checkpoint directory belongs to another shard: not a damaged checkpoint, a wrong setup."""
+
+
 class Checkpointer:
     """Writes the shard's checkpoints (one at a time) and restores the newest at start.
 
@@ -143,10 +147,12 @@ class Checkpointer:
         with self._write_lock:
             start = time.monotonic()
             taken = time.time()
-            with self.policy.checkpoint_lock():
-                records, dedupe = self.store.checkpoint_records(self.policy.pending_pushes())
+            with self.policy.checkpoint_lock():  # the keys and the open sync rounds at one instant
+                records, dedupe = self.store.checkpoint_records()
+                rounds, round_tensors = self.policy.checkpoint_state()
             data = CheckpointData(self.cfg.shard_index, self.cfg.num_shards, self.policy.name, records,
-                                  extra={"dedupe": dedupe}, created=taken)
+                                  extra={"dedupe": dedupe, "sync_rounds": rounds}, extra_tensors=round_tensors,
+                                  created=taken)
             path = write_checkpoint(self.directory, data, keep=self.cfg.keep)
             self._last = (str(path), taken)
             seconds = time.monotonic() - start
@@ -154,18 +160,30 @@ class Checkpointer:
             return path, len(records), seconds
 
     def restore(self) -> Path | None:
-        found = restore_latest(self.directory)
+        """Restore the newest checkpoint whose contents make a valid shard (older ones are tried)."""
+        def apply(data: CheckpointData) -> None:
+            if (data.shard_index, data.num_shards) != (self.cfg.shard_index, self.cfg.num_shards):
+                raise ShardMismatch(f"a checkpoint in {self.directory} is of shard {data.shard_index} of "
+                                    f"{data.num_shards}; this shard is {self.cfg.shard_index} of "
+                                    f"{self.cfg.num_shards}")
+            self.store.restore(data.keys, data.extra.get("dedupe", {}))
+            try:
+                self.policy.restore_state(data.extra.get("sync_rounds", []), data.extra_tensors, self.store)
+            except BaseException:
+                self.store.clear()
+                raise
+
+        try:
+            found = restore_latest(self.directory, apply)
+        except ShardMismatch as exc:
+            raise ValueError(str(exc)) from None
         if found is None:
             log.info("no checkpoint in %s: starting empty", self.directory)
             return None
         data, path = found
-        if (data.shard_index, data.num_shards) != (self.cfg.shard_index, self.cfg.num_shards):
-            raise ValueError(f"checkpoint {path} is of shard {data.shard_index} of {data.num_shards}; this "
-                             f"shard is {self.cfg.shard_index} of {self.cfg.num_shards}")
         if data.policy != self.policy.name:
             log.warning("checkpoint %s was written under policy %s; continuing under %s", path, data.policy,
                         self.policy.name)
-        self.store.restore(data.keys, data.extra.get("dedupe", {}))
         self._last = (str(path), data.created)
         return path
 
@@ -262,11 +280,15 @@ class Shard:
         self.server.start()
         if self.data is not None:
             self.data.start()
-        if self.cfg.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
-        if self.checkpointer is not None:
-            self.checkpointer.restore()
-            self.checkpointer.start()
+        try:
+            if self.cfg.metrics_port >= 0:
+                self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+            if self.checkpointer is not None:
+                self.checkpointer.restore()
+                self.checkpointer.start()
+        except BaseException:  # no port stays bound by a shard that did not start
+            self.stop(grace=0)
+            raise
         self.servicer.ready.set()
         self._set_health(True)
         cfg = self.cfg

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -28,6 +29,8 @@ from optserve.serde import RequestError
 from optserve.server.store import GradEntry, Key, PushResult, Store
 
 STALE_ACTIONS = ("reject", "scale")
+
+log = logging.getLogger("optserve.server")
 
 
 class AsyncPolicy:
@@ -47,8 +50,14 @@ class AsyncPolicy:
     def checkpoint_lock(self):
         return contextlib.nullcontext()
 
-    def pending_pushes(self) -> set[tuple[str, int]]:
-        return set()
+    def checkpoint_state(self) -> tuple[list, dict[str, torch.Tensor]]:
+        """What a checkpoint must keep besides the store (JSON, tensors): nothing here."""
+        return [], {}
+
+    def restore_state(self, state: list, tensors: dict[str, torch.Tensor], store: Store) -> None:
+        if state:
+            log.warning("the checkpoint holds %d open sync rounds; policy %s drops them", len(state), self.name)
+
 
 
 class SSPPolicy(AsyncPolicy):
@@ -164,10 +173,29 @@ class SyncPolicy:
         """Held while a checkpoint copies the store, so no round changes meanwhile."""
         return self._lock
 
-    def pending_pushes(self) -> set[tuple[str, int]]:
-        """Pushes summed into rounds that have not stepped: a checkpoint must not record them as
-        applied (their gradients are not in the keys yet). Call with checkpoint_lock() held."""
-        return set().union(*(r.origins for r in self._rounds.values()))
+    def checkpoint_state(self) -> tuple[list, dict[str, torch.Tensor]]:
+        """The open rounds (call with checkpoint_lock() held): their pushes were acknowledged and
+        recorded as applied, so a checkpoint must hold their summed gradients too, or a restart
+        would lose them."""
+        state, tensors = [], {}
+        for i, (name, r) in enumerate(self._rounds.items()):
+            state.append({"key": name, "version": r.version, "hyper": dataclasses.asdict(r.cfg),
+                          "clients": sorted(r.clients), "origins": sorted([c, s] for c, s in r.origins)})
+            tensors[f"round/{i}"] = r.total.to("cpu", copy=True)
+        return state, tensors
+
+    def restore_state(self, state: list, tensors: dict[str, torch.Tensor], store: Store) -> None:
+        """Reopen the rounds of a checkpoint (raises ValueError/KeyError/TypeError on a bad one)."""
+        rounds = {}
+        for i, r in enumerate(state):
+            key = store.get(r["key"])
+            total = tensors[f"round/{i}"]
+            if int(r["version"]) != key.version or total.numel() != key.numel:
+                raise ValueError(f"sync round {i} of key {key.name!r} does not match the key")
+            rounds[key.name] = _Round(key.version, total.to(key.param.device), AdamConfig(**r["hyper"]),
+                                      {str(c) for c in r["clients"]}, {(str(c), int(s)) for c, s in r["origins"]})
+        with self._lock:
+            self._rounds = rounds
 
     def describe_wait(self, key: Key) -> str:
         with self._lock:

@@ -169,23 +169,24 @@ class Dedupe:
             event = self._clients[client_id].pop(seq)
         event.set()
 
-    def to_json(self, exclude: set[tuple[str, int]] = frozenset()) -> dict:
-        """The finished records (in-flight ones are not applied yet), less those in `exclude`."""
+    def to_json(self) -> dict:
+        """The finished records (in-flight ones are not applied yet)."""
         with self._lock:
             return {"window": self.window, "floor": dict(self._floor),
                     "clients": {c: {str(s): {"versions": r.versions, "staleness": r.staleness,
                                              "dropped": r.dropped}
                                     for s, r in seen.items()
-                                    if isinstance(r, PushResult) and (c, s) not in exclude}
+                                    if isinstance(r, PushResult)}
                                 for c, seen in self._clients.items()}}
 
     def load_json(self, data: dict) -> None:
+        floor = {c: int(f) for c, f in data.get("floor", {}).items()}
+        clients = {c: {int(s): PushResult(list(r["versions"]), list(r["staleness"]), list(r["dropped"]))
+                       for s, r in seen.items()}
+                   for c, seen in data.get("clients", {}).items()}
         with self._lock:
-            self._floor = {c: int(f) for c, f in data.get("floor", {}).items()}
-            self._clients = {c: {int(s): PushResult(list(r["versions"]), list(r["staleness"]), list(r["dropped"]))
-                                 for s, r in seen.items()}
-                             for c, seen in data.get("clients", {}).items()}
-            self._done = {c: sorted(seen) for c, seen in self._clients.items()}  # a sorted list is a heap
+            self._floor, self._clients = floor, clients
+            self._done = {c: sorted(seen) for c, seen in clients.items()}  # a sorted list is a heap
 
 
 @dataclass(frozen=True)
@@ -485,10 +486,9 @@ class Store:
             self._changed.notify_all()
             return [key.version for key, *_ in updates]
 
-    def checkpoint_records(self, exclude: set[tuple[str, int]] = frozenset()) -> tuple[list[KeyRecord], dict]:
+    def checkpoint_records(self) -> tuple[list[KeyRecord], dict]:
         """Copies of every key and of the dedupe table, taken at one instant (the lock is held for the
-        copies only; writing them out happens after, without it). `exclude` leaves out dedupe records
-        whose effect is not in the keys yet (a sync round in progress)."""
+        copies only; writing them out happens after, without it)."""
         with self._lock:
             records = []
             for key in self._keys.values():
@@ -499,22 +499,31 @@ class Store:
                 records.append(KeyRecord(name=key.name, shape=key.shape, step=key.step,
                                          hyper=dataclasses.asdict(key.hyper) if key.hyper else None,
                                          tensors=tensors, info=dict(key.info)))
-            return records, self.dedupe.to_json(exclude)
+            return records, self.dedupe.to_json()
 
     def restore(self, records: Sequence[KeyRecord], dedupe: dict) -> None:
-        """Load keys (and the dedupe table) from a checkpoint into an empty store."""
+        """Load keys (and the dedupe table) from a checkpoint into an empty store: all or nothing
+        (ValueError, KeyError or TypeError for contents that do not make a valid shard)."""
         with self._lock:
             if self._keys:
                 raise RuntimeError("restore needs an empty store")
+            keys = {}
             for r in records:
                 t = {n: v.to(self.device) for n, v in r.tensors.items()}
-                key = Key(name=r.name, shape=tuple(r.shape), param=t["param"], exp_avg=t["exp_avg"],
-                          exp_avg_sq=t["exp_avg_sq"], max_exp_avg_sq=t.get("max_exp_avg_sq"), step=r.step,
-                          hyper=AdamConfig(**r.hyper) if r.hyper else None, info=dict(r.info))
-                self._keys[key.name] = key
-                self._elements += key.numel
+                keys[r.name] = Key(name=r.name, shape=tuple(r.shape), param=t["param"], exp_avg=t["exp_avg"],
+                                   exp_avg_sq=t["exp_avg_sq"], max_exp_avg_sq=t.get("max_exp_avg_sq"),
+                                   step=r.step, hyper=AdamConfig(**r.hyper) if r.hyper else None,
+                                   info=dict(r.info))
             self.dedupe.load_json(dedupe)
+            self._keys = keys
+            self._elements = sum(k.numel for k in keys.values())
             self._changed.notify_all()
+
+    def clear(self) -> None:
+        """Empty the store again (a restore whose policy state was refused)."""
+        with self._lock:
+            self._keys, self._elements = {}, 0
+            self.dedupe.load_json({})
 
     def locked(self):
         """The store's lock, for callers that must read several counters consistently."""

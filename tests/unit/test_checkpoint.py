@@ -220,13 +220,41 @@ def test_format_version_mismatch_raises(tmp_path):
 
 
 def test_manifest_tensor_shape_mismatch_raises(tmp_path):
+    """A manifest whose digest matches (written by a buggy writer) is still checked against the tensors."""
+    from optserve.server.checkpoint import _manifest_digest
     path = write_checkpoint(tmp_path, _data([_record("w", (4,))]))
     manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest.pop("manifest_sha256")
     manifest["keys"][0]["shape"] = [5]
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
 
     with pytest.raises(CheckpointError, match=r"'w' param: expected float32 with numel 5.*numel 4"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit", ["step", "hyper", "format"])
+def test_a_manifest_damaged_yet_parseable_is_caught_by_its_digest(tmp_path, edit):
+    path = write_checkpoint(tmp_path, _data([_record("w", (4,))]))
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    if edit == "step":
+        manifest["keys"][0]["step"] += 5
+    elif edit == "hyper":
+        manifest["keys"][0]["hyper"] = {"lr": 0.5}
+    else:  # the same contents, pretty-printed: still the same manifest
+        (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        assert load_checkpoint(path).keys[0].step == 0
+        return
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    with pytest.raises(CheckpointError, match="do not match its manifest_sha256"):
+        load_checkpoint(path)
+
+
+def test_shard_level_tensors_round_trip(tmp_path):
+    data = dataclasses.replace(_data(), extra={"rounds": [1]}, extra_tensors={"round/0": torch.arange(3.0)})
+    loaded = load_checkpoint(write_checkpoint(tmp_path, data))
+    assert loaded.extra == {"rounds": [1]} and torch.equal(loaded.extra_tensors["round/0"], torch.arange(3.0))
 
 
 def test_missing_directory_restores_none(tmp_path):
