@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -347,7 +348,9 @@ class Servicer:
     def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
         """Hand a push to the policy once per (client_id, seq); a retry gets the original's result."""
         dedupe = self.store.dedupe
-        earlier = dedupe.begin(head.client_id, head.seq, self.slots.lent)
+        # What makes a retry the same push: its keys, the versions they were read at, the options.
+        fingerprint = zlib.crc32(pb.PushHead(entries=head.entries, hyper=head.hyper).SerializeToString())
+        earlier = dedupe.begin(head.client_id, head.seq, fingerprint, self.slots.lent)
         if earlier is not None:
             self.counters.add(duplicates=1)
             return pb.PushReply(versions=earlier.versions, staleness=earlier.staleness,

@@ -51,6 +51,22 @@ def test_a_repeated_push_is_acknowledged_with_the_original_result_and_applied_on
     assert after[1] == 1 and all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
 
 
+def test_another_push_under_a_used_client_id_and_seq_is_refused_not_answered_as_a_retry(shard):
+    """Two clients sharing an id (a raw client restarted with its seq at 1 again): the second one's
+    push is not the first one's retry; the shard says so instead of dropping it as a duplicate."""
+    client = ShardClient(shard)
+    register(client)
+    push(client, seq=1, version_read=0)
+
+    with pytest.raises(ShardError) as err:
+        push(client, seq=1, version_read=1)  # same client id and seq, another push
+    _, version = state(client)
+    client.close()
+
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "share the client id" in err.value.details
+    assert version == 1
+
+
 def test_the_dedupe_table_and_the_keys_survive_checkpoint_and_restore(tmp_path):
     with run_server(checkpoint_dir=str(tmp_path)) as address:
         client = ShardClient(address)

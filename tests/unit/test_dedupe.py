@@ -68,3 +68,42 @@ def test_the_window_survives_a_checkpoint_round_trip():
     assert restored.begin("a", 4) == result(4) and restored.begin("a", 2) == result(2)
     with pytest.raises(RequestError):
         restored.begin("a", 1)
+
+
+def test_a_retry_that_is_another_push_under_the_same_seq_is_refused():
+    table = Dedupe()
+    assert table.begin("a", 1, fingerprint=11) is None
+    table.finish("a", 1, result(1))
+
+    assert table.begin("a", 1, fingerprint=11) == result(1)
+    with pytest.raises(RequestError, match="share the client id") as err:
+        table.begin("a", 1, fingerprint=12)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_idle_clients_are_forgotten_but_not_while_a_push_of_theirs_is_in_flight():
+    now = [0.0]
+    table = Dedupe(idle_seconds=100, clock=lambda: now[0])
+    applied(table, "idle", [1])
+    assert table.begin("busy", 1) is None  # in flight across the sweep
+    now[0] = 150.0
+    applied(table, "active", [1])  # a finish sweeps
+
+    assert len(table) == 2 and table.begin("idle", 1) is None  # forgotten: seq 1 is new to it
+    table.finish("busy", 1, result(1))
+    assert table.begin("busy", 1) == result(1)
+
+
+def test_a_checkpoint_keeps_the_newest_results_and_the_floor_below_them():
+    table = Dedupe(window=100, kept=2)
+    applied(table, "a", [1, 2, 3, 4])
+    assert table.begin("refused-only", 1) is None
+    table.abort("refused-only", 1)
+    saved = table.to_json()
+    restored = Dedupe(window=100, kept=2)
+    restored.load_json(saved)
+
+    assert set(saved["clients"]) == {"a"}
+    assert restored.begin("a", 3) == result(3) and restored.begin("a", 4) == result(4)
+    with pytest.raises(RequestError):
+        restored.begin("a", 2)  # below the saved floor: refused, never applied twice
