@@ -139,7 +139,7 @@ def send_frame(sock: socket.socket, kind: int, meta: bytes, items: Sequence[Outg
     nbytes = sum(t.numel() for t in flats) * wire_dtype.itemsize
     head = HEADER.pack(MAGIC, kind, len(meta), nbytes) + meta
     direct = all(t.device.type == "cpu" and t.dtype == wire_dtype and t.is_contiguous() for t in flats)
-    if not direct or isinstance(sock, ssl.SSLSocket):  # ssl sockets have no sendmsg
+    if not direct or isinstance(getattr(sock, "raw", sock), ssl.SSLSocket):  # ssl sockets have no sendmsg
         sock.sendall(head)
         for t in flats:
             send_tensor(sock, t, wire_dtype)

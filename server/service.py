@@ -81,11 +81,11 @@ class RequestSlots:
     """How many requests the data channel works on at once (server/data.py): one thread per
     connection, but on CPython the handlers share one GIL, and many threads passing it to and fro
     cost more than they overlap (8 workers on a 2-core shard: 1,057 steps/s unlimited, 1,321 with 2
-    slots; docs/ARCHITECTURE.md). A request holds a slot while the shard works on it: not while it
-    waits on its peer (receiving the payload, sending the reply), so a stalled worker keeps none, and
-    not while it waits on other requests (a sync round, min_versions, a retry's original): then the
-    slot is lent out (`lent`), so waiting can never starve the requests it waits for. Threads that
-    hold no slot (gRPC's) pass through `lent` unchanged."""
+    slots; docs/ARCHITECTURE.md). A request holds a slot from its header to its reply, except while
+    it waits: on other requests (a sync round, min_versions, a retry's original), or on a peer that
+    stalls (server/data.py's _Peer). Then the slot is lent out (`lent`), so waiting can never starve
+    the requests it waits for, and a stopped worker keeps no slot. Threads that hold no slot
+    (gRPC's) pass through `lent` unchanged."""
 
     def __init__(self, slots: int):
         self._sem = threading.BoundedSemaphore(slots)
