@@ -78,8 +78,8 @@ class RemoteAdam(torch.optim.Optimizer):
     pull_dtype (the same choice for the parameters pulled by step(); the shard keeps float32 state
     either way, and registration and state_dict always travel in float32; with float16 a gradient
     beyond its range, 65504, is refused with a ValueError before it is sent), client_id (a name for this worker,
-    kept as `self.client_id`; pushes carry `self.push_id`, "<client_id>/<random>" or a random id
-    alone, unique to this instance, so each is applied once and never taken for another instance's
+    kept as `self.client_id`, a random id when none is given; pushes carry `self.push_id`,
+    "<client_id>/<random>" (or the random client_id itself), unique to this instance, so each is applied once and never taken for another instance's
     retry), retry_budget (seconds within which UNAVAILABLE and DEADLINE_EXCEEDED are retried
     with backoff: a restarting shard is waited for; pushes are retried safely, each applied once),
     data_channel (True: pushes and pulls use the shard's data channel when it announces one, raw
@@ -129,10 +129,10 @@ class RemoteAdam(torch.optim.Optimizer):
         self._fixed = True  # add_param_group is refused from here on
         self.wire_dtype = wire_dtype
         self.pull_dtype = pull_dtype
-        self.client_id = client_id
+        self.client_id = client_id or uuid.uuid4().hex
         # Shards apply each (push_id, seq) once: a fresh id per instance keeps a rebuilt or restarted
         # worker with the same client_id (seq starting at 1 again) from being answered as a retry.
-        self.push_id = f"{client_id}/{uuid.uuid4().hex[:12]}" if client_id else uuid.uuid4().hex
+        self.push_id = f"{client_id}/{uuid.uuid4().hex[:12]}" if client_id else self.client_id
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._sync = True
@@ -279,9 +279,14 @@ class RemoteAdam(torch.optim.Optimizer):
         """Refuse a finite gradient that float16 would turn into inf (the shard would blame the user)."""
         if self.wire_dtype != torch.float16:
             return  # bfloat16 has float32's range
+        params = [p for p in params if p.grad.numel()]
+        if not params:
+            return
         limit = torch.finfo(torch.float16).max
-        for p in params:
-            if p.grad.numel() and limit < (top := p.grad.abs().amax().item()) < float("inf"):
+        # one reduction per parameter, one device-to-host read for all (on CUDA: one sync, not one each)
+        tops = torch.stack([p.grad.detach().abs().amax().float() for p in params]).tolist()
+        for p, top in zip(params, tops):
+            if limit < top < float("inf"):
                 raise ValueError(f"parameter {self._names[p]!r} has a gradient of magnitude {top:g}, beyond "
                                  f"wire_dtype=torch.float16's range ({limit:g}); scale the loss down or use "
                                  f"wire_dtype=torch.bfloat16")

@@ -34,6 +34,7 @@ import safetensors.torch
 import torch
 
 FORMAT_VERSION = 2  # 2: the manifest carries its own digest, and shard-level tensors (extra_tensors)
+READABLE_VERSIONS = (1, 2)  # 1: written before either; read as it is, so an upgrade keeps the state
 
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -254,7 +255,8 @@ def load_checkpoint(path: str | Path) -> CheckpointData:
         expected_bytes, expected_sha = int(files["bytes"]), str(files["sha256"])
         shard_index, num_shards = int(manifest["shard_index"]), int(manifest["num_shards"])
         policy, created = str(manifest["policy"]), float(manifest["created"])
-        extra, key_entries, extra_names = manifest["extra"], manifest["keys"], manifest["extra_tensors"]
+        extra, key_entries = manifest["extra"], manifest["keys"]
+        extra_names = manifest["extra_tensors"] if manifest["format_version"] >= 2 else []
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / MANIFEST_FILE}: malformed manifest ({type(e).__name__}: {e})") from e
     if not isinstance(extra, dict) or not isinstance(key_entries, list) or not isinstance(extra_names, list):
@@ -348,10 +350,10 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{manifest_path}: expected format_version {FORMAT_VERSION}, got {version!r}")
     digest = manifest.pop("manifest_sha256", None)
-    if digest != _manifest_digest(manifest):
+    if version >= 2 and digest != _manifest_digest(manifest):
         raise CheckpointError(f"{manifest_path}: its contents do not match its manifest_sha256 (corrupt or edited)")
     return manifest
 

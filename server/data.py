@@ -35,39 +35,45 @@ AUTH_SECONDS = 10.0  # from accept to an accepted token (TLS handshake included)
 MAX_PENDING = 64  # connections not yet authenticated; more are closed at once
 
 
-STALL_SECONDS = 0.05  # a read or write that waits on the peer this long goes on without its slot
+PEER_WAIT_SECONDS = 0.05  # what a request may wait on its peer holding a slot; then it lends it
 
 
 class _Peer:
     """A connection as its requests use it. A request holds a slot (service.RequestSlots) while it
-    runs, but a read that finds no bytes, or a write that finds the peer's window full, for
-    STALL_SECONDS waits on with the slot lent out: a stalled worker (stopped, paused, on a slow
-    link) keeps no slot from the others. Lending only then, not around every read and write, keeps
-    the fast path as it was: lending around each request's payload and reply cost 25% of the
-    steps/s of 8 workers on one 2-core shard (1,015 -> 746).
+    runs, but once it has waited on its peer for PEER_WAIT_SECONDS in all (reads that found no
+    bytes yet, writes that found the peer's window full), every further read and write waits with
+    the slot lent out: a worker that stops mid-request (SIGSTOP, a debugger, a paused VM) or sends
+    slowly (a slow link, a trickle) keeps no slot from the others. A loopback request of a few
+    hundred KB waits well under that, so the fast path is as it was: lending around every payload
+    and reply cost 25% of the steps/s of 8 workers on one 2-core shard (1,015 -> 746).
 
-    Writes on plain TCP go as `send`/`sendmsg`, which report what they sent; a TLS socket's write
-    cannot be retried after a timeout, so it always waits with the slot lent (`raw` tells
-    frames.send_frame which it is)."""
+    Writes on plain TCP go as `send`/`sendmsg`, which report what they sent, so a timed-out one is
+    simply tried again; a TLS socket's write cannot be resumed after a timeout, so on TLS every
+    write waits with the slot lent (`raw` tells frames.send_frame which it is)."""
 
     def __init__(self, sock: socket.socket, slots):
         self.raw = sock
         self._slots = slots
         self._tls = isinstance(sock, ssl.SSLSocket)
-        sock.settimeout(STALL_SECONDS)
+        self._waited = 0.0
+
+    def begin_request(self) -> None:
+        self._waited = 0.0
 
     def _patient(self, op, *args, retryable: bool = True):
-        if retryable:
+        left = PEER_WAIT_SECONDS - self._waited
+        if retryable and left > 0:
+            self.raw.settimeout(left)
+            start = time.monotonic()
             try:
                 return op(*args)
             except socket.timeout:
                 pass
+            finally:
+                self._waited += time.monotonic() - start
         with self._slots.lent():
             self.raw.settimeout(None)
-            try:
-                return op(*args)
-            finally:
-                self.raw.settimeout(STALL_SECONDS)
+            return op(*args)
 
     def recv_into(self, view, nbytes: int = 0) -> int:
         return self._patient(self.raw.recv_into, view, nbytes)
@@ -191,6 +197,7 @@ class DataServer:
                 header = read_header(conn, eof_ok=True)
                 if header is None:
                     return
+                conn.begin_request()
                 with self._lock:
                     self._in_flight += 1
                 try:

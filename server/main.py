@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
-from optserve.server.checkpoint import CheckpointData, restore_latest, write_checkpoint
+from optserve.server.checkpoint import CheckpointData, list_checkpoints, restore_latest, write_checkpoint
 from optserve.server.auth import (TokenInterceptor, is_loopback, load_token, server_credentials,
                                   server_ssl_context)
 from optserve.server.data import DataServer
@@ -178,6 +178,10 @@ class Checkpointer:
         except ShardMismatch as exc:
             raise ValueError(str(exc)) from None
         if found is None:
+            unusable = list_checkpoints(self.directory)
+            if unusable:  # starting empty would soon prune them: the state would be gone for good
+                raise ValueError(f"none of the {len(unusable)} checkpoints in {self.directory} can be restored "
+                                 f"(the warnings above say why); move them away to start this shard empty")
             log.info("no checkpoint in %s: starting empty", self.directory)
             return None
         data, path = found

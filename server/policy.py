@@ -54,9 +54,18 @@ class AsyncPolicy:
         """What a checkpoint must keep besides the store (JSON, tensors): nothing here."""
         return [], {}
 
+    def set_state(self, store: Store, updates) -> list[int]:
+        return store.set_state(updates)
+
     def restore_state(self, state: list, tensors: dict[str, torch.Tensor], store: Store) -> None:
+        """A sync checkpoint's open rounds have no place here: they are dropped, and their pushes'
+        records with them, so that the workers' retries are applied (as single pushes)."""
         if state:
-            log.warning("the checkpoint holds %d open sync rounds; policy %s drops them", len(state), self.name)
+            log.warning("the checkpoint holds %d open sync rounds; policy %s drops them (their pushes "
+                        "count as not applied)", len(state), self.name)
+        for r in state:
+            for client, seq in r["origins"]:
+                store.dedupe.forget(str(client), int(seq))
 
 
 
@@ -134,12 +143,6 @@ class SyncPolicy:
                     late.append(e)  # its version was stepped already (by the first W - b workers)
                     continue
                 r = self._rounds.get(e.key.name)
-                if r is not None and r.version != e.key.version:
-                    # SetState (load_state_dict) rewrote the key while this round was open: the
-                    # gradients summed for the old version no longer apply to anything.
-                    del self._rounds[e.key.name]
-                    store.count_dropped([e.key])
-                    r = None
                 if r is not None and client_id in r.clients:
                     raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                        f"key {e.key.name!r}: client {client_id!r} already sent a gradient "
@@ -154,20 +157,36 @@ class SyncPolicy:
                     r.total[offset:offset + g.numel()].add_(g)
                 r.clients.add(client_id)
                 r.origins.add(origin)
-            done = [e for e in current if len(self._rounds[e.key.name].clients) >= self.quorum]
-            if done:
-                step = []
-                for e in done:
-                    r = self._rounds.pop(e.key.name)
-                    step.append(GradEntry(key=e.key, version_read=r.version, cfg=r.cfg,
-                                          pieces=[(0, r.total.div_(len(r.clients)))]))
-                store.apply(step)
+            self._step_complete(store, [e.key for e in current])
             if late:
                 store.count_dropped([e.key for e in late])
             result = PushResult([e.key.version for e in entries], [0] * len(entries),
                                 dropped=[e.key.name for e in late])
             store.dedupe.finish(*origin, result)
             return result
+
+    def _step_complete(self, store: Store, keys: Sequence[Key]) -> None:
+        """(Under the policy lock.) Step, in one Store.apply, the rounds of these keys that have their
+        quorum: the average of their gradients."""
+        step = []
+        for key in keys:
+            r = self._rounds.get(key.name)
+            if r is not None and len(r.clients) >= self.quorum:
+                del self._rounds[key.name]
+                step.append(GradEntry(key=key, version_read=r.version, cfg=r.cfg,
+                                      pieces=[(0, r.total.div_(len(r.clients)))]))
+        if step:
+            store.apply(step)
+
+    def set_state(self, store: Store, updates) -> list[int]:
+        """SetState (load_state_dict) rewrites keys: a round open on one of them is void, its
+        gradients (of a state that no longer is) counted as dropped."""
+        with self._lock:
+            versions = store.set_state(updates)
+            void = [key for key, *_ in updates if self._rounds.pop(key.name, None) is not None]
+            if void:
+                store.count_dropped(void)
+            return versions
 
     def checkpoint_lock(self):
         """Held while a checkpoint copies the store, so no round changes meanwhile."""
@@ -185,7 +204,8 @@ class SyncPolicy:
         return state, tensors
 
     def restore_state(self, state: list, tensors: dict[str, torch.Tensor], store: Store) -> None:
-        """Reopen the rounds of a checkpoint (raises ValueError/KeyError/TypeError on a bad one)."""
+        """Reopen the rounds of a checkpoint (ValueError/KeyError/TypeError: malformed), and step
+        those that already have this shard's quorum (it may now run with fewer workers)."""
         rounds = {}
         for i, r in enumerate(state):
             key = store.get(r["key"])
@@ -196,6 +216,7 @@ class SyncPolicy:
                                       {str(c) for c in r["clients"]}, {(str(c), int(s)) for c, s in r["origins"]})
         with self._lock:
             self._rounds = rounds
+            self._step_complete(store, [store.get(name) for name in list(rounds)])
 
     def describe_wait(self, key: Key) -> str:
         with self._lock:

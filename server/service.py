@@ -285,7 +285,7 @@ class Servicer:
             if len(k.shape) > MAX_DIMS or len(k.param_shape) > MAX_DIMS:
                 raise invalid(f"key {k.name!r}: shapes have at most {MAX_DIMS} dimensions")
             shape = tuple(int(d) for d in k.shape)
-            if k.param and k.offset + math.prod(shape) > math.prod(k.param_shape):
+            if k.param and k.param_shape and k.offset + math.prod(shape) > math.prod(k.param_shape):
                 raise invalid(f"key {k.name!r}: elements {k.offset}..{k.offset + math.prod(shape)} lie outside "
                               f"its parameter {k.param!r} of shape {list(k.param_shape)}")
             specs.append((k.name, shape, self.store.check_spec(k.name, shape)))
@@ -459,7 +459,7 @@ class Servicer:
                 _check_finite(key.name, pb.Part.Name(p), dests[(i, p)])
                 values[p] = self._on_device(dests[(i, p)])
             updates.append((key, e.step, configs[i], values))
-        return pb.SetStateReply(versions=self.store.set_state(updates))
+        return pb.SetStateReply(versions=self.policy.set_state(self.store, updates))
 
     def Checkpoint(self, request: bytes, context) -> pb.CheckpointReply:
         _parse(request, pb.CheckpointRequest)

@@ -11,6 +11,7 @@ no update is lost under concurrent clients), and the copies that snapshot keys f
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import heapq
@@ -113,7 +114,7 @@ class PushResult:
 class _Record:
     """One (client_id, seq) in the table: what the push was, and its result (an Event while in flight).
     Results are kept as int64 arrays: a push of many keys costs 16 bytes a key, not ~70 as lists."""
-    fingerprint: int
+    fingerprint: int | None  # None: unknown (restored from a format-1 checkpoint), any retry matches
     outcome: threading.Event | tuple[array, array, tuple[str, ...]]
 
     def result(self) -> PushResult:
@@ -168,7 +169,7 @@ class Dedupe:
                                            f"{self.window} this shard remembers; it may have been applied")
                     seen[seq] = _Record(fingerprint, threading.Event())  # in flight
                     return None
-                if entry.fingerprint != fingerprint:
+                if entry.fingerprint is not None and entry.fingerprint != fingerprint:
                     raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                        f"push {seq} of client {client_id!r} differs from the push this shard "
                                        f"took under that seq (other keys, versions or options): do two "
@@ -203,6 +204,14 @@ class Dedupe:
             event = self._clients[client_id].pop(seq).outcome
         event.set()
 
+    def forget(self, client_id: str, seq: int) -> None:
+        """Drop a finished record: its push counts as never applied (a sync round a restore drops)."""
+        with self._lock:
+            record = self._clients.get(client_id, {}).pop(seq, None)
+            if record is not None and seq in self._done.get(client_id, ()):
+                self._done[client_id].remove(seq)
+                heapq.heapify(self._done[client_id])
+
     def _sweep(self) -> None:
         """(Under the lock, at most once per idle_seconds.) Forget clients idle that long, unless a
         push of theirs is in flight."""
@@ -230,18 +239,23 @@ class Dedupe:
                 done = sorted(s for s, r in seen.items() if not isinstance(r.outcome, threading.Event))
                 if not done and c not in floor:
                     continue  # a client whose pushes were all refused: nothing to remember
-                if len(done) > self.kept:
-                    floor[c] = max(floor.get(c, 0), done[-self.kept - 1])
+                cut = len(done) - self.kept
+                in_flight = [s for s, r in seen.items() if isinstance(r.outcome, threading.Event)]
+                if in_flight:  # the floor stays below a push in flight: after a restart it is retried
+                    cut = min(cut, bisect.bisect_left(done, min(in_flight)))
+                if cut > 0:
+                    floor[c] = max(floor.get(c, 0), done[cut - 1])
                 clients[c] = {str(s): {"fp": seen[s].fingerprint, "versions": seen[s].outcome[0].tolist(),
                                        "staleness": seen[s].outcome[1].tolist(),
                                        "dropped": list(seen[s].outcome[2])}
-                              for s in done[-self.kept:]}
+                              for s in done[max(cut, 0):]}
             return {"floor": floor, "clients": clients}
 
     def load_json(self, data: dict) -> None:
         floor = {str(c): int(f) for c, f in data.get("floor", {}).items()}
-        clients = {str(c): {int(s): _Record(int(r["fp"]), (array("q", r["versions"]), array("q", r["staleness"]),
-                                                           tuple(str(d) for d in r["dropped"])))
+        clients = {str(c): {int(s): _Record(None if r.get("fp") is None else int(r["fp"]),
+                                            (array("q", r["versions"]), array("q", r["staleness"]),
+                                             tuple(str(d) for d in r["dropped"])))
                             for s, r in seen.items()}
                    for c, seen in data.get("clients", {}).items()}
         now = self._clock()

@@ -561,6 +561,41 @@ def test_a_peer_that_stalls_mid_request_keeps_no_slot_from_the_others(stalls_in)
     assert version == 1 and not torch.equal(value, torch.arange(8, dtype=torch.float32))
 
 
+def test_a_peer_that_trickles_its_payload_keeps_no_slot_from_the_others():
+    """One request slot; a peer sends its push's payload a few bytes every 10 ms (a slow link: it
+    never stalls for long). Once it has kept the shard waiting 50 ms in all it waits without the
+    slot, so another worker's push and pull are served while it trickles."""
+    from optserve.server.service import RequestSlots
+    with running() as shard:
+        shard.servicer.slots = RequestSlots(1)
+        client = ShardClient(shard.address, timeout=5, retry=RetryPolicy(budget=0))
+        register(client)
+        big = 1 << 16
+        register(client, "big", big)
+        slow = raw_connection(shard.data.port)
+        request = pb.PushRequest(head=push_head("big"), segments=[pb.Segment(entry=0, part=pb.GRAD, count=big)])
+        send_header(slow, PUSH, request.SerializeToString(), big * 4)
+        done = threading.Event()
+
+        def trickle():
+            while not done.wait(0.01):
+                slow.sendall(bytes(16))
+
+        t = threading.Thread(target=trickle)
+        t.start()
+        time.sleep(0.3)  # the shard is now reading the trickle
+        try:
+            client.push(push_head(seq=7), [Outgoing(0, pb.GRAD, torch.ones(8))], torch.float32)
+            value, version = pull_value(client)
+        finally:
+            done.set()
+            t.join()
+            client.close()
+            slow.close()
+
+    assert version == 1 and not torch.equal(value, torch.arange(8, dtype=torch.float32))
+
+
 def test_a_worker_follows_a_restarted_shard_to_its_new_data_port(tmp_path):
     """The shard restarts (same gRPC port, another data port) while the worker holds the old port
     and no open connection: the refused connection makes it ask Hello again, not give up on the

@@ -158,6 +158,74 @@ def test_a_shard_that_cannot_start_releases_its_port(tmp_path):
         pass
 
 
+def test_set_state_during_an_open_sync_round_leaves_checkpoints_restorable(tmp_path):
+    """SetState voids the open round of a key it rewrites at once (under the policy's lock), so no
+    checkpoint holds a round of a version its key no longer has."""
+    options = dict(policy="sync", workers=2, wait_timeout=5, checkpoint_dir=str(tmp_path))
+    with run_server(**options) as address:
+        a = ShardClient(address)
+        register(a)
+        push(a, seq=1, version_read=0, client_id="A")  # round of version 0 open
+        a.set_state(pb.SetStateHead(entries=[pb.StateEntry(key="w", step=7, hyper=HYPER)], parts=[]), [])
+        a.checkpoint()
+        a.close()
+    with run_server(**options) as address:
+        b = ShardClient(address)
+        _, version = state(b)
+        b.close()
+
+    assert version == 7
+
+
+def test_a_sync_checkpoint_restored_under_async_applies_the_retries_of_its_open_rounds(tmp_path):
+    """Async has no rounds: the open round's gradient is dropped with its record, so the worker's
+    retry (its acknowledgement lost) is applied, not answered as a duplicate of nothing."""
+    with run_server(policy="sync", workers=2, checkpoint_dir=str(tmp_path)) as address:
+        a = ShardClient(address)
+        register(a)
+        push(a, seq=1, version_read=0, client_id="A")
+        a.close()  # the shard's stop writes nothing: take the checkpoint explicitly
+        ShardClient(address).checkpoint()
+    with run_server(policy="async", checkpoint_dir=str(tmp_path)) as address:
+        b = ShardClient(address)
+        again = push(b, seq=1, version_read=0, client_id="A")
+        _, version = state(b)
+        b.close()
+
+    assert not again.duplicate and version == 1
+
+
+def test_open_rounds_that_meet_a_smaller_quorum_step_at_restore(tmp_path):
+    with run_server(policy="sync", workers=3, checkpoint_dir=str(tmp_path)) as address:
+        a = ShardClient(address)
+        register(a)
+        push(a, seq=1, version_read=0, client_id="A")
+        push(a, seq=1, version_read=0, client_id="B")  # 2 of 3
+        a.checkpoint()
+        a.close()
+    with run_server(policy="sync", workers=2, checkpoint_dir=str(tmp_path)) as address:
+        b = ShardClient(address)
+        _, version = state(b)
+        b.close()
+
+    assert version == 1
+
+
+def test_a_shard_refuses_to_start_empty_when_none_of_its_checkpoints_restores(tmp_path):
+    """Starting empty would prune them after `keep` new checkpoints: the state would be lost for good."""
+    from optserve.server.checkpoint import MANIFEST_FILE
+    with run_server(checkpoint_dir=str(tmp_path)) as address:
+        client = ShardClient(address)
+        register(client)
+        path = client.checkpoint().path
+        client.close()
+    (tmp_path / path.rsplit("/", 1)[1] / MANIFEST_FILE).write_text("{")
+
+    with pytest.raises(ValueError, match="none of the 1 checkpoints .* can be restored"):
+        with run_server(checkpoint_dir=str(tmp_path)):
+            pass
+
+
 def test_checkpoint_without_a_directory_is_refused(shard):
     client = ShardClient(shard)
 

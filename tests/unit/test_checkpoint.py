@@ -318,3 +318,16 @@ def test_damaged_checkpoint_does_not_cost_a_good_one_its_place_when_pruning(tmp_
 
     # Assert: two complete ones kept (3 and 1); the damaged one between them is left in place
     assert list_checkpoints(tmp_path) == [third, second, first]
+
+
+def test_a_format_1_checkpoint_of_the_previous_release_still_loads(tmp_path):
+    """Format 1 had no manifest digest and no shard-level tensors: an upgrade must not lose it."""
+    path = write_checkpoint(tmp_path, _data([_record("w", (4,), step=9)], extra={"dedupe": {"clients": {}}}))
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    for field in ("manifest_sha256", "extra_tensors"):
+        del manifest[field]
+    manifest["format_version"] = 1
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+    loaded = load_checkpoint(path)
+    assert loaded.keys[0].step == 9 and loaded.extra_tensors == {} and loaded.extra == {"dedupe": {"clients": {}}}

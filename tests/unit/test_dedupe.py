@@ -107,3 +107,23 @@ def test_a_checkpoint_keeps_the_newest_results_and_the_floor_below_them():
     assert restored.begin("a", 3) == result(3) and restored.begin("a", 4) == result(4)
     with pytest.raises(RequestError):
         restored.begin("a", 2)  # below the saved floor: refused, never applied twice
+
+
+def test_records_without_a_fingerprint_from_a_format_1_checkpoint_answer_any_retry():
+    table = Dedupe()
+    table.load_json({"floor": {}, "clients": {"a": {"1": {"versions": [1], "staleness": [0], "dropped": []}}}})
+
+    assert table.begin("a", 1, fingerprint=1234) == result(1)
+
+
+def test_a_checkpoint_floor_stays_below_a_push_still_in_flight():
+    """Seq 1 is in flight while 2..5 finish: a checkpoint then must let seq 1's retry through after
+    a restart (it was never applied), and still know 2..5."""
+    table = Dedupe(kept=2)
+    assert table.begin("a", 1) is None
+    applied(table, "a", [2, 3, 4, 5])
+    restored = Dedupe(kept=2)
+    restored.load_json(table.to_json())
+
+    assert restored.begin("a", 1) is None
+    assert [restored.begin("a", s) for s in (2, 3, 4, 5)] == [result(s) for s in (2, 3, 4, 5)]
