@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import select
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -36,6 +38,7 @@ MAX_PENDING = 64  # connections not yet authenticated; more are closed at once
 
 
 PEER_WAIT_SECONDS = 0.05  # what a request may wait on its peer holding a slot; then it lends it
+_PEER_TIMEVAL = struct.pack("ll", 0, int(PEER_WAIT_SECONDS * 1e6))  # SO_RCVTIMEO / SO_SNDTIMEO
 
 
 class _Peer:
@@ -47,33 +50,52 @@ class _Peer:
     hundred KB waits well under that, so the fast path is as it was: lending around every payload
     and reply cost 25% of the steps/s of 8 workers on one 2-core shard (1,015 -> 746).
 
-    Writes on plain TCP go as `send`/`sendmsg`, which report what they sent, so a timed-out one is
-    simply tried again; a TLS socket's write cannot be resumed after a timeout, so on TLS every
-    write waits with the slot lent (`raw` tells frames.send_frame which it is)."""
+    Plain TCP stays a blocking socket with kernel timeouts (SO_RCVTIMEO, SO_SNDTIMEO): a read or
+    write blocked that long returns what it moved, or EAGAIN having moved nothing, and is simply
+    tried again; no poll() precedes each call, as Python's own socket timeouts do (those cost the
+    64+64 MiB step 6 ms, 15%). TLS uses Python's timeouts, and since a TLS write cannot be resumed
+    after one, on TLS every write waits with the slot lent (`raw` tells frames.send_frame which)."""
 
     def __init__(self, sock: socket.socket, slots):
         self.raw = sock
         self._slots = slots
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._waited = 0.0
+        if self._tls:
+            sock.settimeout(PEER_WAIT_SECONDS)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _PEER_TIMEVAL)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _PEER_TIMEVAL)
 
-    def begin_request(self) -> None:
+    def next_request(self) -> None:
+        """Wait, with no timeout and no slot, until the peer sends its next request (or closes)."""
+        if not (self._tls and self.raw.pending()):
+            poller = select.poll()
+            poller.register(self.raw, select.POLLIN)
+            poller.poll()
         self._waited = 0.0
 
     def _patient(self, op, *args, retryable: bool = True):
-        left = PEER_WAIT_SECONDS - self._waited
-        if retryable and left > 0:
-            self.raw.settimeout(left)
+        if retryable and self._waited < PEER_WAIT_SECONDS:
             start = time.monotonic()
             try:
                 return op(*args)
-            except socket.timeout:
+            except (BlockingIOError, socket.timeout):  # waited PEER_WAIT_SECONDS, moved nothing
                 pass
             finally:
                 self._waited += time.monotonic() - start
         with self._slots.lent():
-            self.raw.settimeout(None)
-            return op(*args)
+            if self._tls:
+                self.raw.settimeout(None)
+                try:
+                    return op(*args)
+                finally:
+                    self.raw.settimeout(PEER_WAIT_SECONDS)
+            while True:
+                try:
+                    return op(*args)
+                except BlockingIOError:
+                    continue
 
     def recv_into(self, view, nbytes: int = 0) -> int:
         return self._patient(self.raw.recv_into, view, nbytes)
@@ -194,10 +216,10 @@ class DataServer:
             conn = _Peer(box[0], self.servicer.slots)
             receiver = Receiver(conn)
             while True:
+                conn.next_request()
                 header = read_header(conn, eof_ok=True)
                 if header is None:
                     return
-                conn.begin_request()
                 with self._lock:
                     self._in_flight += 1
                 try:
