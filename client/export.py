@@ -41,14 +41,27 @@ def gather(addresses: Sequence[str], timeout: float = 300.0, security: Security 
             out[(i, pb.PARAM)] = flat[name][info.offset:info.offset + numel]
         return out
 
+    seen: dict[int, str] = {}  # shard index -> address
+    counts = set()
     for address in addresses:
         client = ShardClient(address, timeout=timeout, security=security)
         try:
-            keys = [k.key for k in client.stats().keys]
+            stats = client.stats()
+            index, count = stats.shard.shard_index, stats.shard.num_shards
+            if index in seen:
+                raise ValueError(f"{address} and {seen[index]} are both shard {index}")
+            seen[index] = address
+            counts.add(count)
+            keys = [k.key for k in stats.keys]
             if keys:
                 client.pull(pb.PullRequest(keys=keys), sink)
         finally:
             client.close()
+    # A parameter held whole by a shard not given would simply be missing: every shard must be there.
+    missing = sorted(set(range(max(counts))) - set(seen)) if counts else []
+    if len(counts) > 1 or missing:
+        raise ValueError(f"the shards given say {sorted(counts)} shards in all and are {sorted(seen)}; "
+                         f"missing {missing}: list every shard")
     for name, parts in spans.items():
         parts.sort()
         at = 0

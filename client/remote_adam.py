@@ -77,8 +77,8 @@ class RemoteAdam(torch.optim.Optimizer):
     to wait for each shard at construction), wire_dtype (float32, bfloat16 or float16 gradients),
     pull_dtype (the same choice for the parameters pulled by step(); the shard keeps float32 state
     either way, and registration and state_dict always travel in float32; with float16 a gradient
-    beyond its range, 65504, is refused with a ValueError before it is sent), client_id (a name for this worker,
-    kept as `self.client_id`, a random id when none is given; pushes carry `self.push_id`,
+    beyond its range, 65504, is refused with a ValueError before it is sent), client_id (a name for
+    this worker, kept as `self.client_id`, a random id when none is given; pushes carry `self.push_id`,
     "<client_id>/<random>" (or the random client_id itself), unique to this instance, so each is applied once and never taken for another instance's
     retry), retry_budget (seconds within which UNAVAILABLE and DEADLINE_EXCEEDED are retried
     with backoff: a restarting shard is waited for; pushes are retried safely, each applied once),

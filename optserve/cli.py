@@ -30,9 +30,10 @@ def _client_arguments(p: argparse.ArgumentParser) -> None:
 
 def _security(args: argparse.Namespace):
     from optserve.client.transport import Security
+    from optserve.server.auth import load_token
 
     read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    token = load_token(args.token_file) or None  # an empty file is an error, as it is for serve
     return Security.from_env(tls=bool(args.tls_ca), root_certificates=read(args.tls_ca),
                              certificate_chain=read(args.tls_cert), private_key=read(args.tls_key), token=token)
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             return experiment.main(args)
         from optserve import demo
         return demo.main(args)
-    except ValueError as exc:  # configuration errors: say what was wrong, no traceback
+    except (ValueError, OSError) as exc:  # configuration errors (a port in use, a file): no traceback
         print(f"optserve {args.command}: {exc}", file=sys.stderr)
         return 2
     except ShardError as exc:

@@ -428,7 +428,8 @@ def _summarize(cfg: ExperimentConfig, results: dict[str, dict]) -> tuple[float, 
             "accuracy": r["accuracy"],
             "staleness_mean": float(np.nanmean(stale)) if np.isfinite(stale).any() else math.nan,
             "staleness_max": int(np.nanmax(stale_max)) if np.isfinite(stale_max).any() else 0,
-            "dropped": r["dropped"],
+            "dropped": r["dropped"],  # per shard that refused: a step may drop one push per shard
+            "steps_dropped": sum(1 for x in r["rows"] if x["dropped"]),
             "steps": len(r["rows"]),
             "wall_time": r["wall_time"],
             "ended_on_wait_timeout": r["ended_on_wait_timeout"],
@@ -448,13 +449,14 @@ def _markdown(cfg: ExperimentConfig, target: float, summary: dict[str, dict]) ->
         f"Target loss {target:.4f} ({origin}; losses are moving means over {5 * cfg.workers} worker steps).",
         "",
         "| mode | time to target (s) | final loss | held-out accuracy | staleness mean | staleness max "
-        "| pushes dropped | steps | wall time (s) | steps/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| shard pushes dropped | steps with a drop | steps | wall time (s) | steps/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode, s in summary.items():
         ttt = "not reached" if s["time_to_target"] is None else f"{s['time_to_target']:.2f}"
         lines.append(f"| {mode} | {ttt} | {s['final_loss']:.4f} | {s['accuracy']:.2%} | {s['staleness_mean']:.2f} "
-                     f"| {s['staleness_max']} | {s['dropped']} | {s['steps']} | {s['wall_time']:.2f} "
+                     f"| {s['staleness_max']} | {s['dropped']} | {s['steps_dropped']} | {s['steps']} "
+                     f"| {s['wall_time']:.2f} "
                      f"| {s['steps'] / s['wall_time']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -516,8 +518,9 @@ def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2, mode
 
     delay: stragglers, {worker index: seconds slept before each step} or "3:0.05,2:0.01".
     Keys of the result: config (ExperimentConfig), target_loss, modes ({mode: time_to_target (s or
-    None), final_loss, accuracy, staleness_mean, staleness_max, dropped, steps, wall_time,
-    ended_on_wait_timeout (workers whose last sync step timed out: backup workers only)}), table
+    None), final_loss, accuracy, staleness_mean, staleness_max, dropped (pushes refused, one per
+    shard), steps_dropped (worker steps with a drop), steps, wall_time, ended_on_wait_timeout
+    (workers whose last sync step timed out: backup workers only)}), table
     (summary.md's text), csv, png, summary (paths).
     """
     cfg = ExperimentConfig(task=task, workers=workers, shards=shards, modes=tuple(modes), steps=steps,

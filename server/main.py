@@ -118,6 +118,11 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def _bracketed(host: str) -> str:
+    """An IPv6 host as it goes before ":port" ([::1]); others as they are."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 class ShardMismatch(Exception):
     """The checkpoint directory belongs to another shard: not a damaged checkpoint, a wrong setup."""
 
@@ -250,27 +255,35 @@ class Shard:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert:
-            self.port = self.server.add_secure_port(
-                address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None))
-        else:
-            self.port = self.server.add_insecure_port(address)
+        address = f"{_bracketed(cfg.host)}:{cfg.port}"
+        try:
+            if cfg.tls_cert:
+                self.port = self.server.add_secure_port(
+                    address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None))
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's "Failed to bind": a port in use, an address not ours
+            raise OSError(f"could not bind {address}: {exc}") from None
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         self.data = None
         if cfg.data_port >= 0:
             ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
                 if cfg.tls_cert else None
-            self.data = DataServer(self.servicer, cfg.host, cfg.data_port, token, ssl_context,
-                                   max_meta_bytes=cfg.max_message_bytes)
+            try:
+                self.data = DataServer(self.servicer, cfg.host, cfg.data_port, token, ssl_context,
+                                       max_meta_bytes=cfg.max_message_bytes)
+            except OSError as exc:
+                self.server.stop(None)  # releases the gRPC port bound above
+                raise OSError(f"could not bind the data channel on {_bracketed(cfg.host)}:{cfg.data_port}: "
+                              f"{exc.strerror or exc}") from None
             self.servicer.data_port = self.data.port
         self.token = bool(token)
         self.metrics_port = None
 
     @property
     def address(self) -> str:
-        return f"{self.cfg.host}:{self.port}"
+        return f"{_bracketed(self.cfg.host)}:{self.port}"
 
     def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -350,9 +363,10 @@ def serve_main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     shard = Shard(cfg)
-    # The bound port is printed on stdout for whoever started us with --port 0; logs go to stderr.
-    print(f"listening on {shard.address}", flush=True)
     shard.start()
+    # The bound port is printed on stdout for whoever started us with --port 0 (once every port is
+    # bound and the checkpoint restored: the shard serves); logs go to stderr.
+    print(f"listening on {shard.address}", flush=True)
     stop.wait()
     log.info("stopping: finishing calls in flight (grace 5 s)")
     shard.stop(grace=5, final_checkpoint=True)

@@ -27,7 +27,10 @@ class ShardMetrics:
 
     def serve(self, port: int, host: str) -> int:
         """Serve /metrics on host:port (0: any free port); returns the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(f"could not bind the metrics port {host}:{port}: {exc.strerror or exc}") from None
         return self._http.server_port
 
     def stop(self) -> None:
@@ -73,5 +76,6 @@ class _ShardCollector(Collector):
             running += n
             buckets.append((str(i), running))
         buckets.append(("+Inf", count))
-        yield HistogramMetricFamily("optserve_staleness", "Staleness (versions) of applied pushes",
+        yield HistogramMetricFamily("optserve_staleness",
+                                    "Staleness (versions) of applied pushes: the largest over each push's keys",
                                     buckets=buckets, sum_value=total)

@@ -445,11 +445,11 @@ class Store:
                 s = e.key.version - e.version_read
                 staleness.append(s)
                 e.key.staleness.record(s)
-                self.staleness.record(s)
                 e.key.step += 1
                 e.key.pushes += 1
                 e.key.hyper = cfg
                 groups.setdefault(cfg, []).append(e)
+            self.staleness.record(max(staleness))  # per push: how far behind its oldest key was
             if self._leases:  # a pull is sending some tensors from their keys: never write those
                 for e in entries:
                     for part in (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ) + ((pb.MAX_EXP_AVG_SQ,)

@@ -271,8 +271,20 @@ def test_export_of_a_subset_of_shards_says_which_elements_are_missing(two_shards
     with RemoteAdam(model.named_parameters(), two_shards, slice_elements=512):
         pass
 
-    with pytest.raises(ValueError, match="on no shard given"):
+    with pytest.raises(ValueError, match=r"missing \[1\]: list every shard"):
         gather(two_shards[:1])
+
+
+def test_export_refuses_a_subset_of_shards_even_when_no_parameter_is_sliced(two_shards):
+    """A parameter held whole by the shard left out would silently be missing from the file."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with RemoteAdam(model.named_parameters(), two_shards):
+        pass
+
+    assert len(gather(two_shards)) == 4
+    for given in (two_shards[:1], two_shards[1:]):
+        with pytest.raises(ValueError, match="list every shard"):
+            gather(given)
 
 
 def test_a_worker_re_registers_when_its_shard_restarts_empty():

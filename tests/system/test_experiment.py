@@ -57,6 +57,9 @@ def test_png_and_summary_are_written_with_a_row_per_mode(experiment):
     assert set(result["modes"]) == set(MODES)
     assert all(0.0 <= m["accuracy"] <= 1.0 and m["steps"] == WORKERS * STEPS for m in result["modes"].values())
     assert result["modes"]["sync"]["staleness_max"] == 0
+    for mode, m in result["modes"].items():  # a step counts once, however many shards dropped its push
+        assert m["steps_dropped"] == sum(1 for r in experiment[2] if r["mode"] == mode and r["dropped"] != "0")
+        assert m["steps_dropped"] <= m["dropped"]
 
 
 def test_delay_spec_parses_and_negative_workers_count_from_the_end():

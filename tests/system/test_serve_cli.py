@@ -74,3 +74,46 @@ def test_serve_refuses_a_bad_shard_index_with_a_clear_message():
 
     assert result.returncode == 2
     assert "shard index must be in 0..1" in result.stderr
+
+
+@pytest.mark.parametrize("taken", ["--port", "--data-port", "--metrics-port"])
+def test_serve_on_a_port_in_use_fails_with_a_message_not_a_traceback(taken):
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = str(busy.getsockname()[1])
+        args = ["--port", "0", "--data-port", "0", "--metrics-port", "0"]
+        args[args.index(taken) + 1] = port
+        result = subprocess.run([*OPTSERVE, "serve", *args], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "GRPC_VERBOSITY": "NONE"})
+
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "listening on" not in result.stdout  # nothing announced for a shard that did not start
+    assert port in result.stderr
+
+
+def test_serve_on_ipv6_loopback_listens_on_a_bracketed_address():
+    if not socket_has_ipv6():
+        pytest.skip("this machine has no IPv6 loopback")  # a property of the host, not of optserve
+    proc, address = start_shard("--host", "::1")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+
+    assert address.startswith("[::1]:")
+
+
+def socket_has_ipv6() -> bool:
+    import socket
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+def test_client_commands_refuse_an_empty_token_file(tmp_path):
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    result = subprocess.run([*OPTSERVE, "status", "--token-file", str(empty), "127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2 and "is empty" in result.stderr
