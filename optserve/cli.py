@@ -32,7 +32,12 @@ def _security(args: argparse.Namespace):
     from optserve.client.transport import Security
     from optserve.server.auth import load_token
 
-    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+    def read(path: str | None) -> bytes | None:
+        try:
+            return Path(path).read_bytes() if path else None
+        except OSError as exc:
+            raise ValueError(f"{path}: {exc.strerror or exc}") from None
+
     token = load_token(args.token_file) or None  # an empty file is an error, as it is for serve
     return Security.from_env(tls=bool(args.tls_ca), root_certificates=read(args.tls_ca),
                              certificate_chain=read(args.tls_cert), private_key=read(args.tls_key), token=token)
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JsonFormatter() if args.log_json else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    from optserve.server.main import BindError
+
     try:
         if args.command == "serve":
             from optserve.server.main import serve_main
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             return experiment.main(args)
         from optserve import demo
         return demo.main(args)
-    except (ValueError, OSError) as exc:  # configuration errors (a port in use, a file): no traceback
+    except (ValueError, BindError) as exc:  # configuration errors (a port in use too): no traceback
         print(f"optserve {args.command}: {exc}", file=sys.stderr)
         return 2
     except ShardError as exc:

@@ -21,7 +21,10 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 def load_token(token_file: str | None) -> str:
     """The shard's token: from the file if given, else from OPTSERVE_TOKEN, else "" (no token)."""
     if token_file:
-        token = Path(token_file).read_text().strip()
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"token file {token_file}: {exc.strerror or exc}") from None
         if not token:
             raise ValueError(f"token file {token_file} is empty")
         return token

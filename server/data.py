@@ -39,14 +39,16 @@ MAX_PENDING = 64  # connections not yet authenticated; more are closed at once
 
 PEER_WAIT_SECONDS = 0.05  # what a request may wait on its peer holding a slot; then it lends it
 _PEER_TIMEVAL = struct.pack("ll", 0, int(PEER_WAIT_SECONDS * 1e6))  # SO_RCVTIMEO / SO_SNDTIMEO
+_NO_TIMEVAL = struct.pack("ll", 0, 0)
 
 
 class _Peer:
     """A connection as its requests use it. A request holds a slot (service.RequestSlots) while it
     runs, but once it has waited on its peer for PEER_WAIT_SECONDS in all (reads that found no
-    bytes yet, writes that found the peer's window full), every further read and write waits with
-    the slot lent out: a worker that stops mid-request (SIGSTOP, a debugger, a paused VM) or sends
-    slowly (a slow link, a trickle) keeps no slot from the others. A loopback request of a few
+    bytes yet, writes that found the peer's window full; one call may wait that long, so 50-100 ms),
+    every further read and write of the request waits with the slot lent out, as a plain blocking
+    call: a worker that stops mid-request (SIGSTOP, a debugger, a paused VM) or sends slowly (a slow
+    link, a trickle) keeps no slot from the others, and costs no wake-ups while it waits. A loopback request of a few
     hundred KB waits well under that, so the fast path is as it was: lending around every payload
     and reply cost 25% of the steps/s of 8 workers on one 2-core shard (1,015 -> 746).
 
@@ -61,11 +63,8 @@ class _Peer:
         self._slots = slots
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._waited = 0.0
-        if self._tls:
-            sock.settimeout(PEER_WAIT_SECONDS)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _PEER_TIMEVAL)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _PEER_TIMEVAL)
+        self._blocking = False  # this request has used its wait: plain blocking calls, slot lent
+        self._timeouts(PEER_WAIT_SECONDS)
 
     def next_request(self) -> None:
         """Wait, with no timeout and no slot, until the peer sends its next request (or closes)."""
@@ -74,28 +73,37 @@ class _Peer:
             poller.register(self.raw, select.POLLIN)
             poller.poll()
         self._waited = 0.0
+        if self._blocking:
+            self._blocking = False
+            self._timeouts(PEER_WAIT_SECONDS)
 
     def _patient(self, op, *args, retryable: bool = True):
-        if retryable and self._waited < PEER_WAIT_SECONDS:
+        while retryable and not self._blocking:
             start = time.monotonic()
             try:
                 return op(*args)
-            except (BlockingIOError, socket.timeout):  # waited PEER_WAIT_SECONDS, moved nothing
+            except (BlockingIOError, socket.timeout):  # waited a kernel timeout, moved nothing
                 pass
             finally:
                 self._waited += time.monotonic() - start
+                if self._waited >= PEER_WAIT_SECONDS:
+                    self._go_blocking()
+        if not self._blocking:  # a TLS write, which is never retried after a timeout
+            self._go_blocking()
         with self._slots.lent():
-            if self._tls:
-                self.raw.settimeout(None)
-                try:
-                    return op(*args)
-                finally:
-                    self.raw.settimeout(PEER_WAIT_SECONDS)
-            while True:
-                try:
-                    return op(*args)
-                except BlockingIOError:
-                    continue
+            return op(*args)
+
+    def _go_blocking(self) -> None:
+        self._blocking = True
+        self._timeouts(None)
+
+    def _timeouts(self, seconds: float | None) -> None:
+        if self._tls:
+            self.raw.settimeout(seconds)
+            return
+        value = _NO_TIMEVAL if seconds is None else _PEER_TIMEVAL
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            self.raw.setsockopt(socket.SOL_SOCKET, option, value)
 
     def recv_into(self, view, nbytes: int = 0) -> int:
         return self._patient(self.raw.recv_into, view, nbytes)

@@ -118,6 +118,10 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+class BindError(OSError):
+    """A port of the shard's could not be bound (in use, or an address not this host's)."""
+
+
 def _bracketed(host: str) -> str:
     """An IPv6 host as it goes before ":port" ([::1]); others as they are."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -263,9 +267,9 @@ class Shard:
             else:
                 self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc's "Failed to bind": a port in use, an address not ours
-            raise OSError(f"could not bind {address}: {exc}") from None
+            raise BindError(f"could not bind {address}: {exc}") from None
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise BindError(f"could not bind {address}")
         self.data = None
         if cfg.data_port >= 0:
             ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
@@ -275,8 +279,8 @@ class Shard:
                                        max_meta_bytes=cfg.max_message_bytes)
             except OSError as exc:
                 self.server.stop(None)  # releases the gRPC port bound above
-                raise OSError(f"could not bind the data channel on {_bracketed(cfg.host)}:{cfg.data_port}: "
-                              f"{exc.strerror or exc}") from None
+                raise BindError(f"could not bind the data channel on {_bracketed(cfg.host)}:{cfg.data_port}: "
+                                f"{exc.strerror or exc}") from None
             self.servicer.data_port = self.data.port
         self.token = bool(token)
         self.metrics_port = None
@@ -299,7 +303,11 @@ class Shard:
             self.data.start()
         try:
             if self.cfg.metrics_port >= 0:
-                self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+                try:
+                    self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+                except OSError as exc:
+                    raise BindError(f"could not bind the metrics port {self.cfg.metrics_host}:"
+                                    f"{self.cfg.metrics_port}: {exc.strerror or exc}") from None
             if self.checkpointer is not None:
                 self.checkpointer.restore()
                 self.checkpointer.start()

@@ -27,10 +27,7 @@ class ShardMetrics:
 
     def serve(self, port: int, host: str) -> int:
         """Serve /metrics on host:port (0: any free port); returns the bound port."""
-        try:
-            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            raise OSError(f"could not bind the metrics port {host}:{port}: {exc.strerror or exc}") from None
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
         return self._http.server_port
 
     def stop(self) -> None:
