@@ -15,7 +15,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grpc
 import torch
@@ -120,6 +120,16 @@ def resolve_device(spec: str) -> torch.device:
 
 class BindError(OSError):
     """A port of the shard's could not be bound (in use, or an address not this host's)."""
+
+
+@contextlib.contextmanager
+def _binding(what: str, undo: Callable[[], None] = lambda: None):
+    """Turn a failure to bind `what` into BindError (after `undo()`): a message, not a traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # grpc's add_*_port raises RuntimeError("Failed to bind ...")
+        undo()
+        raise BindError(f"could not bind {what}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _bracketed(host: str) -> str:
@@ -260,27 +270,22 @@ class Shard:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{_bracketed(cfg.host)}:{cfg.port}"
-        try:
-            if cfg.tls_cert:
-                self.port = self.server.add_secure_port(
-                    address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None))
-            else:
-                self.port = self.server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpc's "Failed to bind": a port in use, an address not ours
-            raise BindError(f"could not bind {address}: {exc}") from None
+        credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
+            if cfg.tls_cert else None
+        with _binding(address):
+            self.port = self.server.add_secure_port(address, credentials) if credentials \
+                else self.server.add_insecure_port(address)
         if self.port == 0:
             raise BindError(f"could not bind {address}")
         self.data = None
         if cfg.data_port >= 0:
             ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
                 if cfg.tls_cert else None
-            try:
+            # on failure, the gRPC port bound above is released
+            with _binding(f"the data channel on {_bracketed(cfg.host)}:{cfg.data_port}",
+                          lambda: self.server.stop(None)):
                 self.data = DataServer(self.servicer, cfg.host, cfg.data_port, token, ssl_context,
                                        max_meta_bytes=cfg.max_message_bytes)
-            except OSError as exc:
-                self.server.stop(None)  # releases the gRPC port bound above
-                raise BindError(f"could not bind the data channel on {_bracketed(cfg.host)}:{cfg.data_port}: "
-                                f"{exc.strerror or exc}") from None
             self.servicer.data_port = self.data.port
         self.token = bool(token)
         self.metrics_port = None
@@ -303,11 +308,8 @@ class Shard:
             self.data.start()
         try:
             if self.cfg.metrics_port >= 0:
-                try:
+                with _binding(f"the metrics port {self.cfg.metrics_host}:{self.cfg.metrics_port}"):
                     self.metrics_port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
-                except OSError as exc:
-                    raise BindError(f"could not bind the metrics port {self.cfg.metrics_host}:"
-                                    f"{self.cfg.metrics_port}: {exc.strerror or exc}") from None
             if self.checkpointer is not None:
                 self.checkpointer.restore()
                 self.checkpointer.start()
@@ -404,7 +406,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply-log", help="append one JSON line per applied push (its order) to this file")
     p.add_argument("--shard-index", type=int, default=0, help="this shard's index, 0-based")
     p.add_argument("--num-shards", type=int, default=1, help="how many shards hold the model")
-    p.add_argument("--threads", type=int, default=16, help="gRPC worker threads (default 16; under sync at least 2 x workers + 4)")
+    p.add_argument("--threads", type=int, default=16,
+                   help="gRPC worker threads (default 16; under sync at least 2 x workers + 4)")
     p.add_argument("--insecure", action="store_true",
                    help="allow plaintext on a non-loopback address (loopback is plaintext by default)")
     p.add_argument("--tls-cert", help="PEM certificate chain of this shard (with --tls-key: TLS)")

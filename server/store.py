@@ -245,9 +245,7 @@ class Dedupe:
                     cut = min(cut, bisect.bisect_left(done, min(in_flight)))
                 if cut > 0:
                     floor[c] = max(floor.get(c, 0), done[cut - 1])
-                clients[c] = {str(s): {"fp": seen[s].fingerprint, "versions": seen[s].outcome[0].tolist(),
-                                       "staleness": seen[s].outcome[1].tolist(),
-                                       "dropped": list(seen[s].outcome[2])}
+                clients[c] = {str(s): {"fp": seen[s].fingerprint, **dataclasses.asdict(seen[s].result())}
                               for s in done[max(cut, 0):]}
             return {"floor": floor, "clients": clients}
 
