@@ -34,8 +34,12 @@ class Placement:
 
 
 def partition(named_shapes: Sequence[tuple[str, Sequence[int]]], num_shards: int,
-              slice_elements: int = DEFAULT_SLICE_ELEMENTS) -> list[Placement]:
-    """Place every parameter on the shards; returns placements in parameter order, slices in order."""
+              slice_elements: int = DEFAULT_SLICE_ELEMENTS, load: Sequence[int] | None = None) -> list[Placement]:
+    """Place every parameter on the shards; returns placements in parameter order, slices in order.
+
+    load: the elements each shard already holds (parameters placed before, by add_param_group); the
+    new ones fill in around them, so earlier placements never move.
+    """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if slice_elements < 1:
@@ -55,7 +59,9 @@ def partition(named_shapes: Sequence[tuple[str, Sequence[int]]], num_shards: int
                 sliced.append((f"{name}[{start}:{stop}]", name, start, stop, (stop - start,)))
         else:
             whole.append((name, name, 0, numel, shapes[name]))
-    load = [0] * num_shards
+    load = [0] * num_shards if load is None else list(load)
+    if len(load) != num_shards:
+        raise ValueError(f"load has {len(load)} values for {num_shards} shards")
     placed: dict[str, list[Placement]] = {n: [] for n in names}
     for key, name, start, stop, shape in sliced + whole:
         shard = min(range(num_shards), key=lambda s: (load[s], s))

@@ -54,8 +54,8 @@ class AsyncPolicy:
         """What a checkpoint must keep besides the store (JSON, tensors): nothing here."""
         return [], {}
 
-    def set_state(self, store: Store, updates) -> list[int]:
-        return store.set_state(updates)
+    def set_state(self, store: Store, updates, max_versions=()) -> list[int]:
+        return store.set_state(updates, max_versions)
 
     def restore_state(self, state: list, tensors: dict[str, torch.Tensor], store: Store) -> None:
         """A sync checkpoint's open rounds have no place here: they are dropped, and their pushes'
@@ -178,11 +178,11 @@ class SyncPolicy:
         if step:
             store.apply(step)
 
-    def set_state(self, store: Store, updates) -> list[int]:
+    def set_state(self, store: Store, updates, max_versions=()) -> list[int]:
         """SetState (load_state_dict) rewrites keys: a round open on one of them is void, its
         gradients (of a state that no longer is) counted as dropped."""
         with self._lock:
-            versions = store.set_state(updates)
+            versions = store.set_state(updates, max_versions)
             void = [key for key, *_ in updates if self._rounds.pop(key.name, None) is not None]
             if void:
                 store.count_dropped(void)

@@ -459,7 +459,8 @@ class Servicer:
                 _check_finite(key.name, pb.Part.Name(p), dests[(i, p)])
                 values[p] = self._on_device(dests[(i, p)])
             updates.append((key, e.step, configs[i], values))
-        return pb.SetStateReply(versions=self.policy.set_state(self.store, updates))
+        bounds = [e.max_version if e.HasField("max_version") else None for e in head.entries]
+        return pb.SetStateReply(versions=self.policy.set_state(self.store, updates, bounds))
 
     def Checkpoint(self, request: bytes, context) -> pb.CheckpointReply:
         _parse(request, pb.CheckpointRequest)

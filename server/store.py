@@ -546,10 +546,21 @@ class Store:
         key.replace_part(part, fresh)
         lease[2] = True
 
-    def set_state(self, updates: Sequence[tuple[Key, int, AdamConfig | None, dict[int, torch.Tensor]]]
-                  ) -> list[int]:
-        """Overwrite step, options and tensor parts of keys (load_state_dict); returns versions."""
+    def set_state(self, updates: Sequence[tuple[Key, int, AdamConfig | None, dict[int, torch.Tensor]]],
+                  max_versions: Sequence[int | None] = ()) -> list[int]:
+        """Overwrite step, options and tensor parts of keys (load_state_dict); returns versions.
+
+        max_versions (one per update, None for none) makes the write conditional: when any key's
+        version is above its bound (the state is older than what the key holds) nothing is written and
+        FAILED_PRECONDITION (reason "rollback") is raised. Checked and written under one lock hold.
+        """
         with self._lock:
+            for (key, step, *_), bound in zip(updates, max_versions):
+                if bound is not None and key.version > bound:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"key {key.name!r} is at version {key.version}, newer than the state "
+                                       f"written (at most version {bound}): writing it would undo "
+                                       f"{key.version - bound} applied step(s)", reason="rollback")
             for key, step, cfg, parts in updates:
                 for part, value in parts.items():
                     self._own(key, part, keep_values=False)

@@ -136,13 +136,15 @@ def test_a_shard_whose_name_mentions_tls_is_waited_for_while_down():
         client.close()
 
 
-def test_with_overlap_and_no_trainable_parameter_the_parameters_are_still_fixed(shard):
-    frozen = nn.Linear(4, 4).requires_grad_(False)
+def test_with_overlap_a_group_added_later_is_pushed_during_backward(shard):
+    frozen, head = nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 1)
     with RemoteAdam(frozen.named_parameters(), [shard], overlap=True) as opt:
-        with pytest.raises(RuntimeError, match="fixed at construction"):
-            opt.add_param_group({"params": list(nn.Linear(4, 1).parameters())})
-
-        assert len(opt.param_groups) == 1
+        opt.add_param_group({"params": list(head.named_parameters(prefix="head"))})
+        assert len(opt.param_groups) == 2
+        head(frozen(torch.randn(8, 4))).pow(2).mean().backward()
+        assert len(opt._inflight) == 1  # the new parameters' bucket left during backward
+        opt.step()
+        assert opt.versions == {"weight": 0, "bias": 0, "head.weight": 1, "head.bias": 1}
 
 
 def test_a_parameter_given_twice_is_refused_by_name(shard):

@@ -272,14 +272,16 @@ class PullReply(_message.Message):
     def __init__(self, head: _Optional[_Union[PullHead, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., pad: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StateEntry(_message.Message):
-    __slots__ = ("key", "step", "hyper")
+    __slots__ = ("key", "step", "hyper", "max_version")
     KEY_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HYPER_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
     key: str
     step: int
     hyper: HyperParams
-    def __init__(self, key: _Optional[str] = ..., step: _Optional[int] = ..., hyper: _Optional[_Union[HyperParams, _Mapping]] = ...) -> None: ...
+    max_version: int
+    def __init__(self, key: _Optional[str] = ..., step: _Optional[int] = ..., hyper: _Optional[_Union[HyperParams, _Mapping]] = ..., max_version: _Optional[int] = ...) -> None: ...
 
 class SetStateHead(_message.Message):
     __slots__ = ("entries", "parts")
