@@ -72,12 +72,15 @@ def _named_groups(params) -> tuple[list[dict[str, Any]], list[str]]:
                             "ordering of tensors in sets will change between runs. Please use a list instead.")
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
         tensors, group_names = [], []
+        kinds = {isinstance(item, tuple) for item in ps}
+        if len(kinds) > 1:  # torch's words, here and below
+            raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+        if kinds and named is not None and kinds != {named}:
+            raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
+                             f"{'with names' if named is False else 'without names'} to the optimizer")
         for item in ps:
             is_named = isinstance(item, tuple)
-            if named is None:
-                named = is_named
-            if named != is_named:
-                raise ValueError("give all parameters with names (named_parameters()) or none")
+            named = is_named
             name, p = item if is_named else (f"param.{len(names)}", item)
             if not isinstance(p, torch.Tensor):
                 raise TypeError("optimizer can only optimize Tensors, but one of the params is "
@@ -85,7 +88,9 @@ def _named_groups(params) -> tuple[list[dict[str, Any]], list[str]]:
             if not (p.is_leaf or p.retains_grad):
                 raise ValueError("can't optimize a non-leaf Tensor")
             if p in seen:
-                raise ValueError(f"parameter {name!r} is the same tensor as {seen[p]!r}: give each parameter once")
+                again = "" if p in tensors else "; some parameters appear in more than one parameter group"
+                raise ValueError(f"parameter {name!r} is the same tensor as {seen[p]!r}: give each parameter "
+                                 f"once (one tensor, one key){again}")
             seen[p] = name
             tensors.append(p)
             group_names.append(name)
@@ -97,10 +102,15 @@ def _named_groups(params) -> tuple[list[dict[str, Any]], list[str]]:
     return out, names
 
 
-def _check_options(lr, betas, eps, weight_decay) -> None:
-    """torch.optim.Adam's checks, in its words (its tests match them)."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
+def _check_options(lr, betas, eps, weight_decay, foreach, fused) -> None:
+    """torch.optim.Adam's checks, in its words (its tests match them); ints pass where torch wants floats."""
+    if isinstance(lr, torch.Tensor):
+        if foreach:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
@@ -114,20 +124,34 @@ def _check_options(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    if tensors[0] != tensors[1]:
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor):
+            if foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
 class _ShardState(MutableMapping):
     """`opt.state`: each parameter's Adam state as torch's Adam keeps it, fetched from the shards on
     access (one fetch per parameter, kept until the next step or load), so step() pays nothing for it.
 
-    Like torch's defaultdict, a parameter with no step yet reads as {}. Writes are refused unless
-    they put back the very tensors read (frameworks that move state to a device on CPU do that):
-    RemoteAdam's state lives on the shards, written with load_state_dict().
+    Like torch's defaultdict, a parameter with no step yet reads as {}. Writes to a parameter's entry
+    are refused unless they put back the very tensors read (frameworks that move state to a device on
+    CPU do that): RemoteAdam's state lives on the shards, written with load_state_dict(). Keys that
+    are not parameters (what hooks and frameworks note there) are kept here, as torch keeps them.
     """
 
     def __init__(self, opt: "RemoteAdam"):
         self._opt = opt
         self._cache: dict[torch.Tensor, dict[str, Any]] = {}
+        self.extra: dict[Any, Any] = {}
+
+    def _ours(self, p) -> bool:
+        return isinstance(p, torch.Tensor) and p in self._opt._names
 
     def invalidate(self) -> None:
         self._cache.clear()
@@ -140,12 +164,15 @@ class _ShardState(MutableMapping):
                 self._cache[p] = fetched.get(p, {})
 
     def __getitem__(self, p):
-        if not isinstance(p, torch.Tensor) or p not in self._opt._names:
-            return {}  # torch's defaultdict(dict) answers every key
+        if not self._ours(p):
+            return self.extra.setdefault(p, {})  # torch's defaultdict(dict) answers every key
         self._fill([p])
         return self._cache[p]
 
     def __setitem__(self, p, value) -> None:
+        if not self._ours(p):
+            self.extra[p] = value
+            return
         current = self[p]
         same = isinstance(value, dict) and value.keys() == current.keys() and all(
             value[k] is current[k] or (isinstance(value[k], torch.Tensor) and value[k].device == current[k].device
@@ -155,6 +182,9 @@ class _ShardState(MutableMapping):
                             "not by assigning to opt.state")
 
     def __delitem__(self, p) -> None:
+        if not self._ours(p):
+            del self.extra[p]
+            return
         raise TypeError("RemoteAdam's Adam state lives on the shards: it cannot be deleted from opt.state")
 
     def _stepped(self) -> list[torch.Tensor]:
@@ -162,18 +192,20 @@ class _ShardState(MutableMapping):
         return [p for p in self._opt._names if any(versions.get(pl.key, 0) > 0 for pl in self._opt._placed[p])]
 
     def __iter__(self):
-        return iter(self._stepped())
+        return iter(self._stepped() + list(self.extra))
 
     def __len__(self) -> int:
-        return len(self._stepped())
+        return len(self._stepped()) + len(self.extra)
 
     def __contains__(self, p) -> bool:
-        return isinstance(p, torch.Tensor) and p in set(self._stepped())
+        if not self._ours(p):
+            return p in self.extra
+        return any(p is q for q in self._stepped())
 
     def items(self):  # one fetch for all, not one per parameter
         params = self._stepped()
         self._fill(params)
-        return [(p, self._cache[p]) for p in params]
+        return [(p, self._cache[p]) for p in params] + list(self.extra.items())
 
     def values(self):
         return [v for _, v in self.items()]
@@ -238,7 +270,7 @@ class RemoteAdam(torch.optim.Optimizer):
                  tls: bool = False, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,
                  token: str | None = None, client_id: str | None = None, data_channel: bool = True):
-        _check_options(lr, betas, eps, weight_decay)
+        _check_options(lr, betas, eps, weight_decay, foreach, fused)
         if capturable or differentiable:
             raise ValueError("RemoteAdam applies Adam on the shards: capturable=True (CUDA graphs) and "
                              "differentiable=True (autograd through step) cannot apply; leave them False")
@@ -256,7 +288,8 @@ class RemoteAdam(torch.optim.Optimizer):
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         if decoupled_weight_decay is not None:  # torch >= 2.6's name for AdamW's decay
             weight_decouple = bool(decoupled_weight_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        betas = tuple(float(b) for b in betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         weight_decouple=weight_decouple, absolute=absolute,
                         optimized_update=optimized_update, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
@@ -805,7 +838,7 @@ class RemoteAdam(torch.optim.Optimizer):
         """torch.optim.Adam's format, with the state fetched from the shards, plus an "optserve" entry:
         the key versions read and this snapshot's id (load_state_dict of it is a no-op)."""
         state, versions = self._fetch_state()
-        shard_state, self.state = self.state, collections.defaultdict(dict, state)
+        shard_state, self.state = self.state, collections.defaultdict(dict, {**state, **self.state.extra})
         try:
             out = super().state_dict()
         finally:
@@ -841,11 +874,13 @@ class RemoteAdam(torch.optim.Optimizer):
                 for option in ("weight_decouple", "absolute", "optimized_update", "maximize"):
                     g.setdefault(option, self.defaults[option])
                 _config(g)
-            state = dict(self.state)
+            state = {p: v for p, v in self.state.items() if isinstance(p, torch.Tensor) and p in self._names}
+            extra = {k: v for k, v in self.state.items() if not (isinstance(k, torch.Tensor) and k in self._names)}
             self.state = shard_state
             meta = state_dict.get(_META) or {}
             if meta.get("snapshot") not in self._snapshots:
                 self._load_state(state, meta.get("versions") or {})
+            shard_state.extra = extra  # what the loaded dict and the post-hooks put there, as in torch
         except BaseException:
             self.param_groups = previous
             raise

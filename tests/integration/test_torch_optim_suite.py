@@ -136,6 +136,12 @@ def test_errors(info, error_input):
     """torch test_errors, one case per error input. Where torch's input has params=None (its Adam
     checks its options before it reads params) one parameter is given."""
     optim_input = error_input.optimizer_error_input
+    if error_input.error_type is UserWarning and "duplicate parameters" in str(error_input.error_regex):
+        # torch warns (it "will cause an error" in future) and steps the tensor twice per step;
+        # RemoteAdam refuses it now: one tensor, one key on the shards.
+        with contextlib.ExitStack() as stack, pytest.raises(ValueError, match="give each parameter once"):
+            Remote(info, stack)(optim_input.params, **optim_input.kwargs)
+        pytest.skip("torch warns on a parameter given twice in a group; RemoteAdam refuses it (checked above)")
     params = optim_input.params if optim_input.params is not None else [Parameter(torch.randn(1, 1))]
     expect = (pytest.warns if issubclass(error_input.error_type, Warning) else pytest.raises)(
         error_input.error_type, match=error_input.error_regex)
