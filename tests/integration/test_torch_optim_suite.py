@@ -669,31 +669,19 @@ def _step_hook_test(remote, body):
     check_each(all_inputs(remote.info), lambda oi: body(remote(params, **oi.kwargs)))
 
 
-def test_step_post_hook(remote):
-    """torch test_step_post_hook."""
+@pytest.mark.parametrize("register, start, after_two", [("register_step_post_hook", 2, 6),
+                                                      ("register_step_pre_hook", 5, 9)])
+def test_step_hook(remote, register, start, after_two):
+    """torch test_step_post_hook and test_step_pre_hook."""
     def body(optim):
-        data = [2]
-        handle = optim.register_step_post_hook(lambda opt, args, kwargs: data.append(data.pop() + 2))
+        data = [start]
+        handle = getattr(optim, register)(lambda opt, args, kwargs: data.append(data.pop() + 2))
         optim.step()
         optim.step()
-        assert data == [6]
+        assert data == [after_two]
         handle.remove()
         optim.step()
-        assert data == [6]
-    _step_hook_test(remote, body)
-
-
-def test_step_pre_hook(remote):
-    """torch test_step_pre_hook."""
-    def body(optim):
-        data = [5]
-        handle = optim.register_step_pre_hook(lambda opt, args, kwargs: data.append(data.pop() + 2))
-        optim.step()
-        optim.step()
-        assert data == [9]
-        handle.remove()
-        optim.step()
-        assert data == [9]
+        assert data == [after_two]
     _step_hook_test(remote, body)
 
 
