@@ -19,10 +19,7 @@ import contextlib
 import copy
 import functools
 import re
-import sys
 import tempfile
-import types
-import unittest
 
 import pytest
 import torch
@@ -31,20 +28,13 @@ from torch.nn import Parameter
 from torch.optim import SGD
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-try:
-    import expecttest  # noqa: F401 - torch.testing._internal.common_utils imports it
-except ImportError:  # a test-only dependency of torch's suite that torch's wheel does not require
-    _stub = types.ModuleType("expecttest")
-    _stub.TestCase, _stub.ACCEPT = unittest.TestCase, False  # all common_utils uses of it
-    sys.modules["expecttest"] = _stub
-
-from torch.testing._internal.common_optimizers import (  # noqa: E402
+# torch's test infrastructure (it imports expecttest, which the dev extra installs)
+from torch.testing._internal.common_optimizers import (
     OptimizerErrorEnum, _get_optim_inputs_including_global_cliquey_kwargs, optim_db)
-from torch.testing._internal.common_utils import TestCase  # noqa: E402
+from torch.testing._internal.common_utils import TestCase
 
-from optserve import RemoteAdam  # noqa: E402
-from optserve.server.main import run_server  # noqa: E402
+from optserve import RemoteAdam
+from optserve.server.main import run_server
 
 DEVICE, DTYPE = "cpu", torch.float32
 INFOS = [o for o in optim_db if o.optim_cls in (torch.optim.Adam, torch.optim.AdamW)]
