@@ -25,6 +25,7 @@ from typing import Callable, Sequence, TypeVar
 import grpc
 import torch
 
+from optserve.errors import REASON_METADATA, StatusCode
 from optserve.frames import (AUTH, MAX_REPLY_META_BYTES, PULL, PUSH, PUSH_PULL, ProtocolError, Receiver,
                              parse_error, read_header, read_meta, send_frame, send_header, tune,
                              whole_segments)
@@ -54,7 +55,6 @@ class DataCallError(Exception):
         return self._details
 
     def trailing_metadata(self):
-        from optserve.client.transport import REASON_METADATA
         return ((REASON_METADATA, self._reason),) if self._reason else ()
 
 
@@ -235,7 +235,7 @@ class DataChannel:
         if meta_len > MAX_REPLY_META_BYTES:
             raise ProtocolError(f"a reply head of {meta_len} bytes")
         meta = read_meta(conn.sock, meta_len, deadline)
-        if status != grpc.StatusCode.OK.value[0]:
+        if status != StatusCode.OK:
             message, reason = parse_error(meta)
             code = _CODES.get(status, grpc.StatusCode.UNKNOWN)
             raise DataCallError(code, message, reason)

@@ -1,11 +1,11 @@
 """The shard map: which shard holds which key. A pure function every worker computes alike.
 
 A key is a parameter's name, or, for a tensor larger than `slice_elements`, a contiguous slice of
-its flattened elements named `name[start:stop]`. Slices start at multiples of serde.CUT_ELEMENTS
-(`slice_elements` is rounded up to one), which keeps the numbers bitwise identical to one shard. Placement is greedy: each key goes to the shard
-holding the fewest elements so far (the lowest index on ties). Slices of large tensors are placed
-first and whole tensors after, each in name order, so the large pieces spread first and the small
-ones fill the gaps. Adam is elementwise, so any partition gives the same numbers as one shard.
+its flattened elements named `name[start:stop]`. Slices start at multiples of hyper.CUT_ELEMENTS
+(`slice_elements` is rounded up to one), which keeps the numbers bitwise identical to one shard.
+Placement is greedy: each key goes to the shard holding the fewest elements so far (the lowest index
+on ties). Slices of large tensors are placed first and whole tensors after, each in name order, so
+the large pieces spread first and the small ones fill the gaps. Adam is elementwise, so any partition gives the same numbers as one shard.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from optserve.serde import CUT_ELEMENTS
+from optserve.hyper import CUT_ELEMENTS
 
 DEFAULT_SLICE_ELEMENTS = 1 << 20
 

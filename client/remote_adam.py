@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import grpc
 import torch
 
+from optserve.errors import DROP_GRADIENT, ROLLBACK
 from optserve.hyper import AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, WIRE_DTYPES, Outgoing, dtype_to_proto
@@ -588,7 +589,7 @@ class RemoteAdam(torch.optim.Optimizer):
         try:
             self._write_keys(keys, None, bounds={pl.key: self.versions[pl.key] for pl in keys})
         except ShardError as exc:
-            if exc.reason != "rollback":
+            if exc.reason != ROLLBACK:
                 raise
             raise RuntimeError(f"parameter(s) {[self._names[p] for p in changed][:8]} were changed in place "
                                f"since this worker's last step, but other workers stepped them meanwhile "
@@ -669,7 +670,7 @@ class RemoteAdam(torch.optim.Optimizer):
 
     def _dropped(self, exc: BaseException) -> bool:
         """Whether a failed push was a gradient the shard's policy discarded: re-pull, count, go on."""
-        if isinstance(exc, ShardError) and exc.reason in ("stale", "ahead"):
+        if isinstance(exc, ShardError) and exc.reason in DROP_GRADIENT:
             self.dropped_pushes += 1
             log.info("gradient dropped (%s); pulling fresh parameters", exc.details)
             return True
@@ -920,7 +921,7 @@ class RemoteAdam(torch.optim.Optimizer):
         try:
             self._write_keys(keys, state, bounds=bounds, steps=steps)
         except ShardError as exc:
-            if exc.reason != "rollback":
+            if exc.reason != ROLLBACK:
                 raise
             raise ValueError(self._rollback_message(exc.details, None)) from None
         for p in self._names:

@@ -19,6 +19,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client.data import DataCallError, DataChannel, client_ssl_context
+from optserve.errors import REASON_METADATA
+from optserve.net import AUTHORIZATION, TOKEN_ENV, bearer
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Outgoing,
                             chunk_stream, decode, pull_expected)
@@ -26,7 +28,6 @@ from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Asse
 log = logging.getLogger("optserve.client")
 
 _METHOD = "/optserve.v1.OptServe/"
-REASON_METADATA = "optserve-reason"  # as the shard sends it (server/service.py)
 
 # Destinations of a pull: for each (entry, part) of the head, a flat tensor to copy the bytes into.
 Sink = Callable[[pb.PullHead], dict[tuple[int, int], torch.Tensor]]
@@ -40,7 +41,6 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 # "TLS handshake failed", Python's "certificate verify failed"), matched with the target address
 # taken out of the details: a shard named "ps-tls-0" that is briefly down is still waited for.
 _TLS_FAILURE = ("handshake failed", "ssl_error", "certificate verify failed")
-TOKEN_ENV = "OPTSERVE_TOKEN"
 TLS_CA_ENV = "OPTSERVE_TLS_CA"
 TLS_CERT_ENV = "OPTSERVE_TLS_CERT"
 TLS_KEY_ENV = "OPTSERVE_TLS_KEY"
@@ -85,7 +85,7 @@ class Security:
         return grpc.secure_channel(address, creds, options=options)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        return ((AUTHORIZATION, bearer(self.token)),) if self.token else ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class ShardError(RuntimeError):
         self.method = method
         self.code = code
         self.details = details
-        self.reason = reason  # the shard's `optserve-reason` trailing metadata ("stale", "ahead", ...)
+        self.reason = reason  # the shard's `optserve-reason` trailing metadata (errors.STALE, errors.AHEAD, ...)
 
 
 class ShardClient:

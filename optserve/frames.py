@@ -34,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from optserve.net import is_loopback
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import Assembler, Expected, Outgoing, host_copy, tensor_bytes
 
@@ -218,7 +219,6 @@ def tune(sock: socket.socket) -> None:
     for opt, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
         if hasattr(socket, opt):  # Linux names; elsewhere the system's defaults apply
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
-    peer = sock.getpeername()[0]
-    if peer.startswith("127.") or peer in ("::1", "::ffff:127.0.0.1"):
+    if is_loopback(sock.getpeername()[0]):
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, LOOPBACK_BUFFER_BYTES)

@@ -1,4 +1,5 @@
-"""Adam's options as one validated value, shared by the worker (RemoteAdam) and the shard.
+"""Adam's options as one validated value, shared by the worker (RemoteAdam) and the shard, and the
+grid on which both sides cut tensors (`CUT_ELEMENTS`).
 
 Validated once, at the edge (`__post_init__`); the kernels of server/adam.py trust it. No tensors here.
 """
@@ -6,6 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+# Tensors are only ever cut (into slices by client/partition.py, or across messages by
+# optserve/serde.py) at multiples of this many elements from their start. torch's fused CPU Adam
+# computes the last elements of a tensor in a scalar tail that can round differently from its vector
+# body; cutting on this grid keeps every element on the same code path whatever the partition or
+# chunking, so results are bitwise identical.
+CUT_ELEMENTS = 64
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ parse) into fresh, page-faulting buffers; this module writes the same bytes with
 The output is valid protobuf, so any stub speaks to optserve and optserve to any stub. Field 14 pads
 the prefix so the payload starts 16-byte aligned within the message.
 
-This module does no I/O and keeps no state; validation errors raise RequestError with a gRPC code.
+This module does no I/O and keeps no state; validation errors raise RequestError (optserve/errors.py).
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
-import grpc
 import torch
 
+from optserve.errors import invalid
+from optserve.hyper import CUT_ELEMENTS
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 
 if sys.byteorder != "little":  # the wire is little-endian and tensors are copied as they lie in memory
@@ -33,11 +34,6 @@ if sys.byteorder != "little":  # the wire is little-endian and tensors are copie
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 DEFAULT_CHUNK_BYTES = 4 << 20
-# Tensors are only ever cut (into slices, or across messages) at multiples of this many elements
-# from their start. torch's fused CPU Adam computes the last elements of a tensor in a scalar tail
-# that can round differently from its vector body; cutting on this grid keeps every element on the
-# same code path whatever the partition or chunking, so results are bitwise identical.
-CUT_ELEMENTS = 64
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
 _DATA_FIELD = 15
@@ -49,22 +45,6 @@ _ALIGN = 16
 _TO_PROTO = {torch.float32: pb.FLOAT32, torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16}
 _FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
 WIRE_DTYPES = tuple(_TO_PROTO)
-
-
-class RequestError(Exception):
-    """A request that must be refused with `code`; raised before any state changes."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = ""):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        # A machine-readable cause sent as trailing metadata `optserve-reason` ("stale", "ahead", ...),
-        # so a client can tell a gradient it should drop and re-pull from a real error.
-        self.reason = reason
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def dtype_to_proto(dtype: torch.dtype) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import grpc
 
-TOKEN_ENV = "OPTSERVE_TOKEN"
+from optserve.net import AUTHORIZATION, TOKEN_ENV, bearer
+
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
@@ -35,13 +36,13 @@ class TokenInterceptor(grpc.ServerInterceptor):
     """Refuses every call but health checks unless it carries `authorization: Bearer <token>`."""
 
     def __init__(self, token: str, on_refused=None):
-        self._expected = f"Bearer {token}".encode()
+        self._expected = bearer(token).encode()
         self._on_refused = on_refused  # called with the method name: counts refusals in metrics
 
     def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_PREFIXES):
             return continuation(details)
-        given = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), "")
+        given = next((v for k, v in (details.invocation_metadata or ()) if k == AUTHORIZATION), "")
         given = given.encode() if isinstance(given, str) else given
         if hmac.compare_digest(given, self._expected):
             return continuation(details)
@@ -82,6 +83,3 @@ def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str | None
         ctx.load_verify_locations(client_ca_file)
     return ctx
 
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")

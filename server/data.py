@@ -21,18 +21,17 @@ import struct
 import threading
 import time
 
-import grpc
-
 from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PUSH_PULL, ProtocolError,
                              Receiver, error_meta, read_header, read_meta, send_frame, send_header, tune,
                              whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES, RequestError, invalid
+from optserve.errors import RequestError, StatusCode, invalid
+from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES
 from optserve.server.service import Servicer, _parse
 
 log = logging.getLogger("optserve.server")
 
-_OK = grpc.StatusCode.OK.value[0]
+_OK = StatusCode.OK
 AUTH_SECONDS = 10.0  # from accept to an accepted token (TLS handshake included), at most
 MAX_PENDING = 64  # connections not yet authenticated; more are closed at once
 
@@ -257,10 +256,10 @@ class DataServer:
             raise ProtocolError(f"an AUTH frame of {meta_len} bytes (at most {MAX_AUTH_BYTES})")
         given = read_meta(conn, meta_len)
         if self._token and not hmac.compare_digest(given, self._token):
-            exc = RequestError(grpc.StatusCode.UNAUTHENTICATED,
+            exc = RequestError(StatusCode.UNAUTHENTICATED,
                                "missing bearer token" if not given else "wrong bearer token")
             self.servicer.refused("Auth", exc)
-            send_header(conn, exc.code.value[0], error_meta(exc.message), 0)
+            send_header(conn, exc.code, error_meta(exc.message), 0)
             return False
         send_header(conn, _OK, b"", 0)
         return True
@@ -273,7 +272,7 @@ class DataServer:
         method = KINDS.get(kind, f"kind {kind}")
         if meta_len > self._max_meta:  # as grpc refuses a message over max_message_bytes
             left[0] += meta_len
-            exc = RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request head of {meta_len} bytes is "
+            exc = RequestError(StatusCode.RESOURCE_EXHAUSTED, f"request head of {meta_len} bytes is "
                                f"over this shard's max_message_bytes ({self._max_meta})")
             self.servicer.refused(method, exc)
             self._refuse(conn, receiver, left, exc.code, exc.message)
@@ -310,7 +309,7 @@ class DataServer:
             raise  # the connection broke: nothing can be answered on it
         except Exception as exc:  # noqa: BLE001 - answered UNKNOWN, as grpc answers a handler's exception
             log.exception("data channel: %s failed", method)
-            self._refuse(conn, receiver, left, grpc.StatusCode.UNKNOWN,
+            self._refuse(conn, receiver, left, StatusCode.UNKNOWN,
                          f"Exception calling application: {type(exc).__name__}: {exc}")
             return
         try:
@@ -321,9 +320,9 @@ class DataServer:
             release()
 
     @staticmethod
-    def _refuse(conn, receiver: Receiver, left: list[int], code: grpc.StatusCode, message: str,
+    def _refuse(conn, receiver: Receiver, left: list[int], code: StatusCode, message: str,
                 reason: str = "") -> None:
         receiver.discard(left[0])
         left[0] = 0
-        send_header(conn, code.value[0], error_meta(message, reason), 0)
+        send_header(conn, code, error_meta(message, reason), 0)
 

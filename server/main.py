@@ -22,10 +22,11 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from optserve.errors import StatusCode
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from optserve.server.checkpoint import CheckpointData, list_checkpoints, restore_latest, write_checkpoint
-from optserve.server.auth import (TokenInterceptor, is_loopback, load_token, server_credentials,
-                                  server_ssl_context)
+from optserve.net import is_loopback
+from optserve.server.auth import TokenInterceptor, load_token, server_credentials, server_ssl_context
 from optserve.server.data import DataServer
 from optserve.server.metrics import ShardMetrics
 from optserve.server.policy import parse_policy
@@ -249,7 +250,7 @@ class Shard:
         chain = list(interceptors)
         if token:
             chain.insert(0, TokenInterceptor(token, lambda method: self.servicer.counters.refused(
-                grpc.StatusCode.UNAUTHENTICATED)))
+                StatusCode.UNAUTHENTICATED)))
         threads = cfg.threads
         if policy.waits and threads < 2 * cfg.workers + 4:
             # Under sync every worker may have a call waiting for its round in a gRPC thread (and one

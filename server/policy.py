@@ -21,11 +21,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import grpc
 import torch
 
 from optserve.hyper import AdamConfig
-from optserve.serde import RequestError
+from optserve.errors import AHEAD, STALE, RequestError, StatusCode
 from optserve.server.store import GradEntry, Key, PushResult, Store
 
 STALE_ACTIONS = ("reject", "scale")
@@ -88,16 +87,16 @@ class SSPPolicy(AsyncPolicy):
         if self.on_stale == "scale":
             # The staleness-aware rule: a gradient s versions old moves the weights 1/(s+1) as far.
             return dataclasses.replace(cfg, lr=cfg.lr / (staleness + 1))
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+        raise RequestError(StatusCode.FAILED_PRECONDITION,
                            f"key {key.name!r}: gradient is {staleness} versions behind the shard's version "
                            f"{key.version}, over the staleness bound {self.bound}; pull and recompute",
-                           reason="stale")
+                           reason=STALE)
 
     def submit(self, store: Store, entries: Sequence[GradEntry], origin: tuple[str, int]) -> PushResult:
         try:
             return store.apply(entries, self._decide, origin)
         except RequestError as exc:
-            if exc.reason == "stale":
+            if exc.reason == STALE:
                 store.count_dropped([e.key for e in entries])
             raise
 
@@ -135,16 +134,16 @@ class SyncPolicy:
             late, current = [], []
             for e in entries:
                 if e.version_read > e.key.version:
-                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                    raise RequestError(StatusCode.FAILED_PRECONDITION,
                                        f"key {e.key.name!r}: gradient computed from version {e.version_read}, "
                                        f"ahead of the shard's version {e.key.version}; pull again",
-                                       reason="ahead")
+                                       reason=AHEAD)
                 if e.version_read < e.key.version:
                     late.append(e)  # its version was stepped already (by the first W - b workers)
                     continue
                 r = self._rounds.get(e.key.name)
                 if r is not None and client_id in r.clients:
-                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                    raise RequestError(StatusCode.FAILED_PRECONDITION,
                                        f"key {e.key.name!r}: client {client_id!r} already sent a gradient "
                                        f"for version {e.version_read}")
                 current.append(e)

@@ -22,16 +22,15 @@ import torch
 
 from optserve import __version__
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.errors import REASON_METADATA, TIMEOUT, RequestError, StatusCode, invalid
 from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Expected,
-                            Outgoing, RequestError, chunk_stream, decode, dtype_from_proto,
-                            dtype_to_proto, invalid)
+                            Outgoing, chunk_stream, decode, dtype_from_proto, dtype_to_proto)
 from optserve.hyper import AdamConfig
 from optserve.server.store import GradEntry, Key, Store
 
 log = logging.getLogger("optserve.server")
 
 SERVICE_NAME = "optserve.v1.OptServe"
-REASON_METADATA = "optserve-reason"  # trailing metadata: why a call was refused (RequestError.reason)
 PROTOCOL = "optserve.v1"
 MAX_NAME_LENGTH = 1024
 MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
@@ -129,7 +128,7 @@ class _Counters:
             self.bytes_out += bytes_out
             self.duplicates += duplicates
 
-    def refused(self, code: grpc.StatusCode) -> None:
+    def refused(self, code: StatusCode) -> None:
         with self._lock:
             self.rejected += 1
             self._rejected[code.name] = self._rejected.get(code.name, 0) + 1
@@ -158,7 +157,7 @@ class Servicer:
 
     def check_ready(self) -> None:
         if not self.ready.is_set():
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, self.not_ready)
+            raise RequestError(StatusCode.UNAVAILABLE, self.not_ready)
 
     def stop_serving(self, why: str) -> None:
         """Refuse new calls with UNAVAILABLE, and end the waits of calls in flight the same way."""
@@ -266,7 +265,7 @@ class Servicer:
         first, data = next(messages)
         head = first.head
         if (head.shard_index, head.num_shards) != (self.info.shard_index, self.info.num_shards):
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise RequestError(StatusCode.FAILED_PRECONDITION,
                                f"this is shard {self.info.shard_index} of {self.info.num_shards}; the "
                                f"request is addressed to shard {head.shard_index} of {head.num_shards}")
         specs, infos = [], []
@@ -374,10 +373,10 @@ class Servicer:
         self.check_ready()  # a stopping shard ends its waits at once: UNAVAILABLE, retried
         if not reached:
             behind = [k for k, m in zip(keys, minimum) if k.version < m]
-            raise RequestError(grpc.StatusCode.ABORTED,
+            raise RequestError(StatusCode.ABORTED,
                                f"waited {self.info.wait_timeout:g} s for version {minimum[keys.index(behind[0])]}"
                                f" of key {behind[0].name!r}: {self.policy.describe_wait(behind[0])}",
-                               reason="timeout")
+                               reason=TIMEOUT)
 
     def push(self, first: pb.PushRequest, receive: Receive) -> pb.PushReply:
         """A push (from gRPC or the data channel): validate, receive, apply once."""
@@ -465,7 +464,7 @@ class Servicer:
     def Checkpoint(self, request: bytes, context) -> pb.CheckpointReply:
         _parse(request, pb.CheckpointRequest)
         if self.checkpointer is None:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise RequestError(StatusCode.FAILED_PRECONDITION,
                                "this shard runs without --checkpoint-dir; it cannot checkpoint")
         path, keys, seconds = self.checkpointer.write()
         return pb.CheckpointReply(path=str(path), keys=keys, seconds=seconds)
@@ -492,7 +491,7 @@ def _allocate(make: Callable[[], torch.Tensor], want: Expected) -> torch.Tensor:
     try:
         return make()
     except (RuntimeError, MemoryError) as exc:
-        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+        raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
                            f"key {want.name!r}: cannot allocate {want.numel * 4} bytes for it: {exc}") from None
 
 
@@ -513,6 +512,8 @@ def _parse(raw: bytes, message_type):
 
 # -- wiring the handlers into grpc -----------------------------------------------------------------
 
+GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}  # StatusCode (an int) -> grpc.StatusCode
+
 def _guard(servicer: Servicer, fn: Callable) -> Callable:
     """Turn RequestError into the call's status; count it; log unexpected errors once."""
 
@@ -524,7 +525,7 @@ def _guard(servicer: Servicer, fn: Callable) -> Callable:
             servicer.refused(fn.__name__, exc)
             if exc.reason:
                 context.set_trailing_metadata(((REASON_METADATA, exc.reason),))
-            context.abort(exc.code, exc.message)
+            context.abort(GRPC_CODES[exc.code], exc.message)
 
     handler.__name__ = fn.__name__
     return handler

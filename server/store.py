@@ -23,11 +23,10 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TextIO
 
-import grpc
 import torch
 
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import RequestError, invalid
+from optserve.errors import AHEAD, ROLLBACK, RequestError, StatusCode, invalid
 from optserve.hyper import AdamConfig
 from optserve.server.adam import adam_fast
 from optserve.server.checkpoint import KeyRecord
@@ -164,13 +163,13 @@ class Dedupe:
                 entry = seen.get(seq)
                 if entry is None:
                     if seq <= self._floor.get(client_id, 0):
-                        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                        raise RequestError(StatusCode.FAILED_PRECONDITION,
                                            f"push {seq} of client {client_id!r} is older than the last "
                                            f"{self.window} this shard remembers; it may have been applied")
                     seen[seq] = _Record(fingerprint, threading.Event())  # in flight
                     return None
                 if entry.fingerprint is not None and entry.fingerprint != fingerprint:
-                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                    raise RequestError(StatusCode.FAILED_PRECONDITION,
                                        f"push {seq} of client {client_id!r} differs from the push this shard "
                                        f"took under that seq (other keys, versions or options): do two "
                                        f"clients share the client id?")
@@ -350,7 +349,7 @@ class Store:
     def get(self, name: str) -> Key:
         key = self._keys.get(name)
         if key is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"key {name!r} is not registered on this shard")
+            raise RequestError(StatusCode.NOT_FOUND, f"key {name!r} is not registered on this shard")
         return key
 
     @property
@@ -369,7 +368,7 @@ class Store:
         """The existing key of this name (refusing another shape), or None when it is missing."""
         key = self._keys.get(name)
         if key is not None and key.shape != shape:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise RequestError(StatusCode.FAILED_PRECONDITION,
                                f"key {name!r} is registered with shape {list(key.shape)} float32; "
                                f"refusing shape {list(shape)}")
         return key
@@ -380,17 +379,17 @@ class Store:
         for name, shape in new:
             numel = math.prod(shape)
             if numel > lim.max_tensor_elements:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
                                    f"key {name!r}: {numel} elements exceed the limit of "
                                    f"{lim.max_tensor_elements} per tensor")
         missing = [(n, s) for n, s in new if n not in self._keys]
         if len(self._keys) + len(missing) > lim.max_keys:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
                                f"{len(missing)} new keys would exceed the limit of {lim.max_keys} keys "
                                f"per shard ({len(self._keys)} registered)")
         total = self._elements + sum(math.prod(s) for _, s in missing)
         if total > lim.max_shard_elements:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
                                f"new keys would bring the shard to {total} elements, over the limit of "
                                f"{lim.max_shard_elements}")
 
@@ -431,10 +430,10 @@ class Store:
             configs = []
             for e in entries:
                 if e.version_read > e.key.version:
-                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                    raise RequestError(StatusCode.FAILED_PRECONDITION,
                                        f"key {e.key.name!r}: gradient computed from version "
                                        f"{e.version_read}, ahead of the shard's version {e.key.version}; "
-                                       f"pull again", reason="ahead")
+                                       f"pull again", reason=AHEAD)
                 s = e.key.version - e.version_read
                 configs.append(decide(e.key, s, e.cfg) if decide is not None else e.cfg)
             staleness = []
@@ -552,15 +551,15 @@ class Store:
 
         max_versions (one per update, None for none) makes the write conditional: when any key's
         version is above its bound (the state is older than what the key holds) nothing is written and
-        FAILED_PRECONDITION (reason "rollback") is raised. Checked and written under one lock hold.
+        FAILED_PRECONDITION (reason ROLLBACK) is raised. Checked and written under one lock hold.
         """
         with self._lock:
             for (key, step, *_), bound in zip(updates, max_versions):
                 if bound is not None and key.version > bound:
-                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                    raise RequestError(StatusCode.FAILED_PRECONDITION,
                                        f"key {key.name!r} is at version {key.version}, newer than the state "
                                        f"written (at most version {bound}): writing it would undo "
-                                       f"{key.version - bound} applied step(s)", reason="rollback")
+                                       f"{key.version - bound} applied step(s)", reason=ROLLBACK)
             for key, step, cfg, parts in updates:
                 for part, value in parts.items():
                     self._own(key, part, keep_values=False)

@@ -216,7 +216,7 @@ def test_stopping_a_shard_ends_the_waits_of_calls_in_flight_with_unavailable():
     """A pull waiting for a sync step that will not come (the other worker is gone) must not hold
     the shard's stop: the wait ends at once with UNAVAILABLE, which the client retries elsewhere."""
     import threading
-    from optserve.serde import RequestError
+    from optserve.errors import RequestError, StatusCode
     from optserve.server.main import ServerConfig, Shard
 
     shard = Shard(ServerConfig(policy="sync", workers=2, wait_timeout=60))
@@ -236,7 +236,7 @@ def test_stopping_a_shard_ends_the_waits_of_calls_in_flight_with_unavailable():
     shard.stop(grace=0.5)
     t.join(timeout=20)  # a hang guard, far below the 60 s wait it would otherwise sit out
 
-    assert not t.is_alive() and outcome == [grpc.StatusCode.UNAVAILABLE]
+    assert not t.is_alive() and outcome == [StatusCode.UNAVAILABLE]
 
 
 def test_sync_over_grpc_serves_more_workers_than_the_threads_asked_for(run_threads):

@@ -15,7 +15,7 @@ from optserve import RemoteAdam
 from optserve.client.status import collect
 from optserve.server.main import run_server
 
-SLICE = 64  # one cut of serde.CUT_ELEMENTS: the smallest slice the partition makes
+SLICE = 64  # one cut of hyper.CUT_ELEMENTS: the smallest slice the partition makes
 STEPS = 20
 LR = 1e-3
 

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import RequestError, decode, encode
+from optserve.errors import RequestError
+from optserve.serde import decode, encode
 from optserve.server.main import run_server
 from optserve.server.store import StoreLimits
 

@@ -1,10 +1,9 @@
 """The shard's table of applied pushes (server/store.py Dedupe): each (client_id, seq) once, a window."""
 from __future__ import annotations
 
-import grpc
 import pytest
 
-from optserve.serde import RequestError
+from optserve.errors import RequestError, StatusCode
 from optserve.server.store import Dedupe, PushResult
 
 
@@ -34,7 +33,7 @@ def test_results_beyond_the_window_are_forgotten_and_their_retries_refused():
     for old in (1, 2):
         with pytest.raises(RequestError) as err:
             table.begin("a", old)
-        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.code == StatusCode.FAILED_PRECONDITION
 
 
 def test_the_window_keeps_the_newest_seqs_when_pushes_finish_out_of_order():
@@ -78,7 +77,7 @@ def test_a_retry_that_is_another_push_under_the_same_seq_is_refused():
     assert table.begin("a", 1, fingerprint=11) == result(1)
     with pytest.raises(RequestError, match="share the client id") as err:
         table.begin("a", 1, fingerprint=12)
-    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.code == StatusCode.FAILED_PRECONDITION
 
 
 def test_idle_clients_are_forgotten_but_not_while_a_push_of_theirs_is_in_flight():

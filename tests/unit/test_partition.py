@@ -8,7 +8,7 @@ import pytest
 
 from optserve.client.partition import partition
 
-SLICE = 128  # a multiple of serde.CUT_ELEMENTS, so it is used as given
+SLICE = 128  # a multiple of hyper.CUT_ELEMENTS, so it is used as given
 
 # Odd sizes around the slice boundary, an empty tensor and a scalar, in a non-sorted name order.
 SHAPES = [

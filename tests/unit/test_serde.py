@@ -1,17 +1,17 @@
 """The codec (optserve/serde.py): encode/decode, chunking, reassembly checks, wire dtypes, 1 GiB tensors."""
 from __future__ import annotations
 
-import grpc
 import pytest
 import torch
 
 from optserve import serde
+from optserve.errors import RequestError, StatusCode
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import CUT_ELEMENTS, Assembler, Expected, Outgoing, chunk_stream, decode, encode
 
 HEAD = pb.PushHead(client_id="worker", seq=7, wire_dtype=pb.FLOAT32,
                    entries=[pb.PushEntry(key="w", version_read=3)])
-CHUNK = 1024  # bytes: 256 float32 elements per message (4 cuts of serde.CUT_ELEMENTS)
+CHUNK = 1024  # bytes: 256 float32 elements per message (4 cuts of hyper.CUT_ELEMENTS)
 
 
 def push_meta(segments, first):
@@ -122,10 +122,10 @@ def test_decode_of_a_message_without_data_gives_an_empty_payload():
 def test_decode_refuses_a_field_that_runs_past_the_end():
     raw = encode(pb.PushRequest(head=HEAD).SerializeToString(), [bytes(64)])[:-1]
 
-    with pytest.raises(serde.RequestError) as err:
+    with pytest.raises(RequestError) as err:
         decode(raw, pb.PushRequest)
 
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code == StatusCode.INVALID_ARGUMENT
 
 
 def test_view_tensor_of_a_misaligned_buffer_reads_the_right_values():
@@ -257,10 +257,10 @@ def _seg(offset, count, entry=0, part=pb.GRAD):
     return pb.Segment(entry=entry, part=part, offset=offset, count=count)
 
 
-def _refusal(fn) -> serde.RequestError:
-    with pytest.raises(serde.RequestError) as err:
+def _refusal(fn) -> RequestError:
+    with pytest.raises(RequestError) as err:
         fn()
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code == StatusCode.INVALID_ARGUMENT
     return err.value
 
 
@@ -394,7 +394,7 @@ def test_a_reduced_precision_wire_dtype_packs_chunk_bytes_into_twice_the_element
 
 
 def test_an_unknown_wire_dtype_is_refused():
-    with pytest.raises(serde.RequestError) as err:
+    with pytest.raises(RequestError) as err:
         serde.dtype_from_proto(99)
 
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code == StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,20 @@
+"""Names both ends of a connection agree on: the token's environment variable, the bearer header,
+and which hosts are this machine's own (loopback). No I/O here.
+"""
+from __future__ import annotations
+
+TOKEN_ENV = "OPTSERVE_TOKEN"  # a shard's token (else --token-file), a worker's (else token=)
+AUTHORIZATION = "authorization"  # gRPC metadata key of the bearer token
+
+
+def bearer(token: str) -> str:
+    """The `authorization` value that carries `token`."""
+    return f"Bearer {token}"
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback host: "localhost", 127.x.y.z, ::1 (bracketed or not), or 127.0.0.1 mapped into IPv6.
+    A shard serves plaintext there by default (server/main.py), and the data channel sizes its socket
+    buffers for it (optserve/frames.py `tune`)."""
+    host = host.strip("[]")
+    return host in ("localhost", "::1", "::ffff:127.0.0.1") or host.startswith("127.")
