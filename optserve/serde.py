@@ -16,6 +16,7 @@ This module does no I/O and keeps no state; validation errors raise RequestError
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from optserve.errors import invalid
-from optserve.hyper import CUT_ELEMENTS
+from optserve.hyper import CUT_ELEMENTS, AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 
 if sys.byteorder != "little":  # the wire is little-endian and tensors are copied as they lie in memory
@@ -45,6 +46,29 @@ _ALIGN = 16
 _TO_PROTO = {torch.float32: pb.FLOAT32, torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16}
 _FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
 WIRE_DTYPES = tuple(_TO_PROTO)
+
+
+# A key's tensors by wire part, named as torch's Adam names its state (and as checkpoints and the
+# shard's Key name them).
+PART_NAMES = {pb.PARAM: "param", pb.EXP_AVG: "exp_avg", pb.EXP_AVG_SQ: "exp_avg_sq",
+              pb.MAX_EXP_AVG_SQ: "max_exp_avg_sq"}
+STATE_PARTS = tuple(PART_NAMES)  # every part a Pull or SetState may name
+ADAM_STATE = {name: part for part, name in PART_NAMES.items() if part != pb.PARAM}  # torch's state keys
+
+# AdamConfig's fields and HyperParams' are the same names (tests/unit/test_serde.py checks it).
+_HYPER_FIELDS = tuple(f.name for f in dataclasses.fields(AdamConfig))
+
+
+def hyper_to_proto(cfg: AdamConfig) -> pb.HyperParams:
+    return pb.HyperParams(**{name: getattr(cfg, name) for name in _HYPER_FIELDS})
+
+
+def hyper_from_proto(h: pb.HyperParams, where: str) -> AdamConfig:
+    """The options a message carries, validated (INVALID_ARGUMENT naming `where` when out of range)."""
+    try:
+        return AdamConfig(**{name: getattr(h, name) for name in _HYPER_FIELDS})
+    except ValueError as exc:
+        raise invalid(f"{where}: {exc}") from None
 
 
 def dtype_to_proto(dtype: torch.dtype) -> int:

@@ -1,14 +1,14 @@
 """The shard's data channel: Push, Pull and PushPull as raw frames over TCP (optserve/frames.py).
 
-Translation only, like service.py: every request goes to the same Servicer methods the gRPC handlers
-call (validation, dedupe, policy, waits, snapshot), so the two paths refuse, apply and answer alike;
-only the carriage differs. Gradients are read with `recv_into` straight into the staging buffers the
+Translation only, like service.py: every request goes to the same request core the gRPC handlers
+call (server/requests.py: validation, dedupe, policy, waits, snapshot), so the two paths refuse,
+apply and answer alike; only the carriage differs. Gradients are read with `recv_into` straight into the staging buffers the
 gRPC path copies into, and pulled tensors leave with `sendall` from the snapshot copy.
 
 Threads: one accepts connections; each connection has its own thread, serving one request at a time
 (a worker keeps its connections open across steps). `stop(grace)` stops accepting, lets requests in
-flight finish for up to `grace` seconds (the servicer already refuses new ones with UNAVAILABLE),
-then closes every connection.
+flight finish for up to `grace` seconds (the core already refuses new ones with UNAVAILABLE), then
+closes every connection.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PU
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.errors import RequestError, StatusCode, invalid
 from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES
-from optserve.server.service import Servicer, _parse
+from optserve.server.requests import RequestCore, parse
 
 log = logging.getLogger("optserve.server")
 
@@ -119,6 +119,20 @@ class _Peer:
         raise AssertionError("a shard's data connection keeps its own timeouts")
 
 
+class _Accepted:
+    """An accepted connection: `sock` is the socket it is served on (the TLS socket once wrapped)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+
+class _Payload:
+    """A request's payload as the shard reads it: bytes not read yet, discarded when it is refused."""
+
+    def __init__(self, unread: int):
+        self.unread = unread
+
+
 def _shutdown(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -127,10 +141,10 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 class DataServer:
-    def __init__(self, servicer: Servicer, host: str, port: int, token: str = "",
+    def __init__(self, core: RequestCore, host: str, port: int, token: str = "",
                  ssl_context: ssl.SSLContext | None = None, max_connections: int = 256,
                  max_meta_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.servicer = servicer
+        self.core = core
         self._token = token.encode()
         self._ssl = ssl_context
         self._max_connections = max_connections
@@ -188,27 +202,26 @@ class DataServer:
                 self._pending += 1
             threading.Thread(target=self._serve, args=(conn, peer), name="data-conn", daemon=True).start()
 
-    def _open(self, box: list[socket.socket]) -> bool:
+    def _open(self, conn: _Accepted) -> bool:
         """TLS handshake and AUTH, within AUTH_SECONDS in all (a deadline, not a per-read timeout).
 
-        box[0] is the accepted socket; it is replaced by the TLS socket once wrapped. True: the
-        peer showed the token (or none is needed)."""
-        raw = box[0]
+        True: the peer showed the token (or none is needed)."""
+        raw = conn.sock
         timer = threading.Timer(AUTH_SECONDS, _shutdown, (raw,))
         timer.start()
         try:
             tune(raw)
             raw.settimeout(AUTH_SECONDS)
             if self._ssl is not None:
-                box[0] = self._ssl.wrap_socket(raw, server_side=True)
+                conn.sock = self._ssl.wrap_socket(raw, server_side=True)
                 with self._lock:  # stop() must reach the socket that is served from now on
                     self._conns.discard(raw)
-                    self._conns.add(box[0])
+                    self._conns.add(conn.sock)
                     if self._closing:
-                        _shutdown(box[0])
-            if not self._authenticate(box[0]):
+                        _shutdown(conn.sock)
+            if not self._authenticate(conn.sock):
                 return False
-            box[0].settimeout(None)  # an authenticated worker may keep its connection idle
+            conn.sock.settimeout(None)  # an authenticated worker may keep its connection idle
             return True
         finally:
             timer.cancel()
@@ -216,11 +229,11 @@ class DataServer:
                 self._pending -= 1
 
     def _serve(self, raw: socket.socket, peer) -> None:
-        box = [raw]
+        accepted = _Accepted(raw)
         try:
-            if not self._open(box):
+            if not self._open(accepted):
                 return
-            conn = _Peer(box[0], self.servicer.slots)
+            conn = _Peer(accepted.sock, self.core.slots)
             receiver = Receiver(conn)
             while True:
                 conn.next_request()
@@ -230,7 +243,7 @@ class DataServer:
                 with self._lock:
                     self._in_flight += 1
                 try:
-                    with self.servicer.slots.held():
+                    with self.core.slots.held():
                         self._handle(conn, receiver, *header)
                 finally:
                     with self._lock:
@@ -245,8 +258,8 @@ class DataServer:
         finally:
             with self._lock:
                 self._conns.discard(raw)
-                self._conns.discard(box[0])
-            box[0].close()
+                self._conns.discard(accepted.sock)
+            accepted.sock.close()
 
     def _authenticate(self, conn) -> bool:
         kind, meta_len, data_len = read_header(conn)
@@ -258,7 +271,7 @@ class DataServer:
         if self._token and not hmac.compare_digest(given, self._token):
             exc = RequestError(StatusCode.UNAUTHENTICATED,
                                "missing bearer token" if not given else "wrong bearer token")
-            self.servicer.refused("Auth", exc)
+            self.core.refused("Auth", exc)
             send_header(conn, exc.code, error_meta(exc.message), 0)
             return False
         send_header(conn, _OK, b"", 0)
@@ -267,62 +280,59 @@ class DataServer:
     # -- requests --------------------------------------------------------------------------------
 
     def _handle(self, conn, receiver: Receiver, kind: int, meta_len: int, data_len: int) -> None:
-        self.servicer.counters.add(bytes_in=HEADER.size + meta_len + data_len, data_calls=1)
-        left = [data_len]  # payload bytes not read yet; discarded when the request is refused
+        self.core.counters.add(bytes_in=HEADER.size + meta_len + data_len, data_calls=1)
+        payload = _Payload(data_len)
         method = KINDS.get(kind, f"kind {kind}")
         if meta_len > self._max_meta:  # as grpc refuses a message over max_message_bytes
-            left[0] += meta_len
+            payload.unread += meta_len
             exc = RequestError(StatusCode.RESOURCE_EXHAUSTED, f"request head of {meta_len} bytes is "
                                f"over this shard's max_message_bytes ({self._max_meta})")
-            self.servicer.refused(method, exc)
-            self._refuse(conn, receiver, left, exc.code, exc.message)
+            self.core.refused(method, exc)
+            self._refuse(conn, receiver, payload, exc.code, exc.message)
             return
         meta = read_meta(conn, meta_len)
         try:
-            self.servicer.check_ready()
+            self.core.check_ready()
             if kind in (PUSH, PUSH_PULL):
-                first = _parse(meta, pb.PushRequest)
+                first = parse(meta, pb.PushRequest)
 
                 def receive(expected, dests):
-                    receiver.segments(expected, first.segments, left[0], dests)
-                    left[0] = 0
+                    receiver.segments(expected, first.segments, payload.unread, dests)
+                    payload.unread = 0
 
                 if kind == PUSH:
-                    reply = self.servicer.push(first, receive)
-                    send_header(conn, _OK, reply.SerializeToString(), 0)
+                    pushed = self.core.push(first, receive)
+                    send_header(conn, _OK, pushed.SerializeToString(), 0)
                     return
-                keys, dtype, reply = self.servicer.push_pull(first, receive)
-                parts = [pb.PARAM]
+                reply = self.core.push_pull(first, receive)
             elif kind == PULL:
                 if data_len:
                     raise invalid(f"a Pull carries no data; this one declares {data_len} bytes")
-                keys, parts, dtype = self.servicer.pull(_parse(meta, pb.PullRequest))
-                reply = None
+                reply = self.core.pull(parse(meta, pb.PullRequest))
             else:
                 raise invalid(f"unknown request kind {kind}")
-            head, items, release = self.servicer.snapshot(keys, parts, dtype, reply)
         except RequestError as exc:
-            self.servicer.refused(method, exc)
-            self._refuse(conn, receiver, left, exc.code, exc.message, exc.reason)
+            self.core.refused(method, exc)
+            self._refuse(conn, receiver, payload, exc.code, exc.message, exc.reason)
             return
         except OSError:
             raise  # the connection broke: nothing can be answered on it
         except Exception as exc:  # noqa: BLE001 - answered UNKNOWN, as grpc answers a handler's exception
             log.exception("data channel: %s failed", method)
-            self._refuse(conn, receiver, left, StatusCode.UNKNOWN,
+            self._refuse(conn, receiver, payload, StatusCode.UNKNOWN,
                          f"Exception calling application: {type(exc).__name__}: {exc}")
             return
         try:
-            out = pb.PullReply(head=head, segments=whole_segments(items)).SerializeToString()
-            nbytes = send_frame(conn, _OK, out, items, dtype)
-            self.servicer.counters.add(bytes_out=HEADER.size + len(out) + nbytes)
+            out = pb.PullReply(head=reply.head, segments=whole_segments(reply.items)).SerializeToString()
+            nbytes = send_frame(conn, _OK, out, reply.items, reply.dtype)
+            self.core.counters.add(bytes_out=HEADER.size + len(out) + nbytes)
         finally:
-            release()
+            reply.release()
 
     @staticmethod
-    def _refuse(conn, receiver: Receiver, left: list[int], code: StatusCode, message: str,
+    def _refuse(conn, receiver: Receiver, payload: _Payload, code: StatusCode, message: str,
                 reason: str = "") -> None:
-        receiver.discard(left[0])
-        left[0] = 0
+        receiver.discard(payload.unread)
+        payload.unread = 0
         send_header(conn, code, error_meta(message, reason), 0)
 

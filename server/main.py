@@ -30,7 +30,8 @@ from optserve.server.auth import TokenInterceptor, load_token, server_credential
 from optserve.server.data import DataServer
 from optserve.server.metrics import ShardMetrics
 from optserve.server.policy import parse_policy
-from optserve.server.service import SERVICE_NAME, ShardInfo, Servicer, generic_handler
+from optserve.server.requests import RequestCore, ShardInfo
+from optserve.server.service import SERVICE_NAME, Servicer, generic_handler
 from optserve.server.store import Store, StoreLimits
 
 log = logging.getLogger("optserve.server")
@@ -244,12 +245,13 @@ class Shard:
         info = ShardInfo(shard_index=cfg.shard_index, num_shards=cfg.num_shards, policy=policy.name,
                          chunk_bytes=cfg.chunk_bytes, max_message_bytes=cfg.max_message_bytes,
                          wait_timeout=cfg.wait_timeout)
-        self.servicer = Servicer(store, policy, info, self.checkpointer, self.metrics)
-        self.metrics.watch(self.servicer)
+        self.core = RequestCore(store, policy, info, self.checkpointer, self.metrics)
+        self.servicer = Servicer(self.core)  # the gRPC door; the data channel is the other
+        self.metrics.watch(self.core)
         token = load_token(cfg.token_file)
         chain = list(interceptors)
         if token:
-            chain.insert(0, TokenInterceptor(token, lambda method: self.servicer.counters.refused(
+            chain.insert(0, TokenInterceptor(token, lambda method: self.core.counters.refused(
                 StatusCode.UNAUTHENTICATED)))
         threads = cfg.threads
         if policy.waits and threads < 2 * cfg.workers + 4:
@@ -285,9 +287,9 @@ class Shard:
             # on failure, the gRPC port bound above is released
             with _binding(f"the data channel on {_bracketed(cfg.host)}:{cfg.data_port}",
                           lambda: self.server.stop(None)):
-                self.data = DataServer(self.servicer, cfg.host, cfg.data_port, token, ssl_context,
+                self.data = DataServer(self.core, cfg.host, cfg.data_port, token, ssl_context,
                                        max_meta_bytes=cfg.max_message_bytes)
-            self.servicer.data_port = self.data.port
+            self.core.data_port = self.data.port
         self.token = bool(token)
         self.metrics_port = None
 
@@ -303,7 +305,7 @@ class Shard:
     def start(self) -> None:
         """Serve: health says NOT_SERVING (and calls get UNAVAILABLE) until a checkpoint is restored."""
         self._set_health(False)
-        self.servicer.ready.clear()
+        self.core.ready.clear()
         self.server.start()
         if self.data is not None:
             self.data.start()
@@ -317,12 +319,12 @@ class Shard:
         except BaseException:  # no port stays bound by a shard that did not start
             self.stop(grace=0)
             raise
-        self.servicer.ready.set()
+        self.core.ready.set()
         self._set_health(True)
         cfg = self.cfg
         log.info("shard %d/%d serving on %s%s (policy %s, device %s, %s, %s%s)", cfg.shard_index, cfg.num_shards,
                  self.address, f", data channel on port {self.data.port}" if self.data else "",
-                 self.servicer.policy.name, cfg.device,
+                 self.core.policy.name, cfg.device,
                  ("mutual TLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "PLAINTEXT (no TLS)",
                  "token required" if self.token else "no token",
                  f", metrics on {cfg.metrics_host}:{self.metrics_port}" if self.metrics_port else "")
@@ -332,7 +334,7 @@ class Shard:
 
         New calls are refused with UNAVAILABLE from here on (clients retry them against the restarted
         shard) rather than being cancelled by grpc's shutdown."""
-        self.servicer.stop_serving("the shard is shutting down")
+        self.core.stop_serving("the shard is shutting down")
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace)
         if self.data is not None:

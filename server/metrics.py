@@ -22,8 +22,8 @@ class ShardMetrics:
             registry=self.registry)
         self._http = None
 
-    def watch(self, servicer) -> None:
-        self.registry.register(_ShardCollector(servicer))
+    def watch(self, core) -> None:
+        self.registry.register(_ShardCollector(core))
 
     def serve(self, port: int, host: str) -> int:
         """Serve /metrics on host:port (0: any free port); returns the bound port."""
@@ -37,11 +37,11 @@ class ShardMetrics:
 
 
 class _ShardCollector(Collector):
-    def __init__(self, servicer):
-        self.servicer = servicer
+    def __init__(self, core):
+        self.core = core
 
     def collect(self):
-        s = self.servicer
+        s = self.core
         store, c = s.store, s.counters
         with store.locked():
             pushes, pulls, dropped = store.pushes, store.pulls, store.dropped

@@ -19,17 +19,67 @@ import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ContextManager, Protocol, Sequence
 
 import torch
 
 from optserve.hyper import AdamConfig
-from optserve.errors import AHEAD, STALE, RequestError, StatusCode
-from optserve.server.store import GradEntry, Key, PushResult, Store
+from optserve.errors import STALE, RequestError, StatusCode
+from optserve.server.dedupe import Origin, PushResult
+from optserve.server.store import GradEntry, Key, Store
 
 STALE_ACTIONS = ("reject", "scale")
 
 log = logging.getLogger("optserve.server")
+
+
+# A SetState's updates, as Store.set_state takes them: (key, step, options or None, {part: values}).
+Update = tuple[Key, int, "AdamConfig | None", dict[int, torch.Tensor]]
+
+
+class Policy(Protocol):
+    """When a validated push reaches `Store.apply`, and with which options: the seam between the
+    request core (server/requests.py) and the store.
+
+    Locks. A policy that keeps state between pushes (sync's open rounds) guards it with a lock of its
+    own, always taken *before* the store's lock, never after (`Store.apply`, `set_state`,
+    `count_dropped` and `get` may be called while holding it; nothing the store calls calls back
+    into the policy). A policy never holds its lock while it waits for versions: waiting is the
+    request core's (`Store.wait_versions`), after `submit` returns.
+
+    Checkpoints. `checkpoint_lock()` is held by the checkpointer (server/main.py) around
+    `Store.checkpoint_records()` and `checkpoint_state()`, so the keys, the exactly-once table and the
+    policy's own state are copied at one instant: a push is in a checkpoint with its effect and its
+    record, or not at all. `restore_state` runs once, at start, after `Store.restore`, before any
+    request; it may step the store.
+
+    Exactly once. `submit` calls `origin.record(result)` (server/dedupe.py) exactly once when it
+    returns, under the lock that makes the push take effect; when it raises, the request core aborts
+    the record and the push counts as not applied.
+    """
+
+    name: str  # as Hello and checkpoints report it
+    waits: bool  # True: a PushPull waits for the step its push joined before it pulls
+
+    def submit(self, store: Store, entries: Sequence[GradEntry], origin: Origin) -> PushResult:
+        """Apply (or hold, or drop) a validated push; RequestError (nothing changed) to refuse it."""
+
+    def set_state(self, store: Store, updates: Sequence[Update],
+                  max_versions: Sequence[int | None] = ()) -> list[int]:
+        """`Store.set_state` (load_state_dict), and whatever the policy keeps about those keys."""
+
+    def describe_wait(self, key: Key) -> str:
+        """Why a wait for `key`'s next version may not have ended (for the ABORTED message)."""
+
+    def checkpoint_lock(self) -> ContextManager:
+        """Held while a checkpoint copies the store and `checkpoint_state()`."""
+
+    def checkpoint_state(self) -> tuple[list, dict[str, torch.Tensor]]:
+        """What a checkpoint keeps besides the store: JSON-able state and shard-level tensors."""
+
+    def restore_state(self, state: list, tensors: dict[str, torch.Tensor], store: Store) -> None:
+        """Take back `checkpoint_state()`'s output (possibly another policy's); raise ValueError,
+        KeyError or TypeError for contents that do not fit the store."""
 
 
 class AsyncPolicy:
@@ -40,7 +90,7 @@ class AsyncPolicy:
     def __init__(self):
         self.name = "async"
 
-    def submit(self, store: Store, entries: Sequence[GradEntry], origin: tuple[str, int]) -> PushResult:
+    def submit(self, store: Store, entries: Sequence[GradEntry], origin: Origin) -> PushResult:
         return store.apply(entries, origin=origin)
 
     def describe_wait(self, key: Key) -> str:
@@ -53,7 +103,8 @@ class AsyncPolicy:
         """What a checkpoint must keep besides the store (JSON, tensors): nothing here."""
         return [], {}
 
-    def set_state(self, store: Store, updates, max_versions=()) -> list[int]:
+    def set_state(self, store: Store, updates: Sequence[Update],
+                  max_versions: Sequence[int | None] = ()) -> list[int]:
         return store.set_state(updates, max_versions)
 
     def restore_state(self, state: list, tensors: dict[str, torch.Tensor], store: Store) -> None:
@@ -92,7 +143,7 @@ class SSPPolicy(AsyncPolicy):
                            f"{key.version}, over the staleness bound {self.bound}; pull and recompute",
                            reason=STALE)
 
-    def submit(self, store: Store, entries: Sequence[GradEntry], origin: tuple[str, int]) -> PushResult:
+    def submit(self, store: Store, entries: Sequence[GradEntry], origin: Origin) -> PushResult:
         try:
             return store.apply(entries, self._decide, origin)
         except RequestError as exc:
@@ -128,16 +179,12 @@ class SyncPolicy:
         self._lock = threading.Lock()  # order: this lock, then the store's (in Store.apply)
         self._rounds: dict[str, _Round] = {}
 
-    def submit(self, store: Store, entries: Sequence[GradEntry], origin: tuple[str, int]) -> PushResult:
-        client_id = origin[0]
+    def submit(self, store: Store, entries: Sequence[GradEntry], origin: Origin) -> PushResult:
+        client_id = origin.client_id
         with self._lock:
             late, current = [], []
             for e in entries:
-                if e.version_read > e.key.version:
-                    raise RequestError(StatusCode.FAILED_PRECONDITION,
-                                       f"key {e.key.name!r}: gradient computed from version {e.version_read}, "
-                                       f"ahead of the shard's version {e.key.version}; pull again",
-                                       reason=AHEAD)
+                e.refuse_if_ahead()
                 if e.version_read < e.key.version:
                     late.append(e)  # its version was stepped already (by the first W - b workers)
                     continue
@@ -155,13 +202,13 @@ class SyncPolicy:
                 for offset, g in e.pieces:
                     r.total[offset:offset + g.numel()].add_(g)
                 r.clients.add(client_id)
-                r.origins.add(origin)
+                r.origins.add((origin.client_id, origin.seq))
             self._step_complete(store, [e.key for e in current])
             if late:
                 store.count_dropped([e.key for e in late])
             result = PushResult([e.key.version for e in entries], [0] * len(entries),
                                 dropped=[e.key.name for e in late])
-            store.dedupe.finish(*origin, result)
+            origin.record(result)  # acknowledged on joining its round: the round is checkpointed with it
             return result
 
     def _step_complete(self, store: Store, keys: Sequence[Key]) -> None:
@@ -177,7 +224,8 @@ class SyncPolicy:
         if step:
             store.apply(step)
 
-    def set_state(self, store: Store, updates, max_versions=()) -> list[int]:
+    def set_state(self, store: Store, updates: Sequence[Update],
+                  max_versions: Sequence[int | None] = ()) -> list[int]:
         """SetState (load_state_dict) rewrites keys: a round open on one of them is void, its
         gradients (of a state that no longer is) counted as dropped."""
         with self._lock:
@@ -225,7 +273,7 @@ class SyncPolicy:
                 f"gradients ({self.workers} workers, {self.backups} backups)")
 
 
-def parse_policy(spec: str, workers: int = 0, backups: int = 0, on_stale: str = "reject"):
+def parse_policy(spec: str, workers: int = 0, backups: int = 0, on_stale: str = "reject") -> Policy:
     """The policy named by `spec` (as given to `optserve serve --policy`): async, sync or ssp:S."""
     if spec == "async":
         return AsyncPolicy()

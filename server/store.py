@@ -1,7 +1,9 @@
 """A shard's keys: parameters, Adam state, versions and counters, under one lock.
 
 The store owns the tensors and the lock discipline; it calls server/adam.py for the math and does no
-network I/O. Every method either changes nothing and raises RequestError, or completes.
+network I/O. Every method either changes nothing and raises RequestError, or completes. Its helpers
+have their own homes: the exactly-once table (server/dedupe.py), the buffer pool and the
+copy-on-write leases of pull snapshots (server/buffers.py).
 
 Lock discipline (docs/ARCHITECTURE.md): one `threading.Lock` per shard guards every key's tensors,
 step and counters. Decoding and validating a request's bytes happen outside it (keys are never
@@ -11,25 +13,22 @@ no update is lost under concurrent clients), and the copies that snapshot keys f
 """
 from __future__ import annotations
 
-import bisect
-import contextlib
 import dataclasses
-import heapq
 import json
 import math
 import threading
-import time
-from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TextIO
 
 import torch
 
-from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.errors import AHEAD, ROLLBACK, RequestError, StatusCode, invalid
 from optserve.hyper import AdamConfig
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.server.adam import adam_fast
+from optserve.server.buffers import BufferPool, Leases
 from optserve.server.checkpoint import KeyRecord
+from optserve.server.dedupe import NO_ORIGIN, Dedupe, Origin, PushResult
 
 STALENESS_BUCKETS = 32  # histogram[i] counts staleness i; the last bucket collects >= 31
 
@@ -101,165 +100,13 @@ class GradEntry:
     cfg: AdamConfig
     pieces: Sequence[tuple[int, torch.Tensor]]
 
-
-@dataclass(frozen=True)
-class PushResult:
-    versions: list[int]
-    staleness: list[int]
-    dropped: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Record:
-    """One (client_id, seq) in the table: what the push was, and its result (an Event while in flight).
-    Results are kept as int64 arrays: a push of many keys costs 16 bytes a key, not ~70 as lists."""
-    fingerprint: int | None  # None: unknown (restored from a format-1 checkpoint), any retry matches
-    outcome: threading.Event | tuple[array, array, tuple[str, ...]]
-
-    def result(self) -> PushResult:
-        versions, staleness, dropped = self.outcome
-        return PushResult(versions.tolist(), staleness.tolist(), list(dropped))
-
-
-class Dedupe:
-    """Which pushes, by (client_id, seq), were applied, with their results: each applies at most once.
-
-    A retried push whose original is still in flight waits for it and gets its result; one whose
-    original was applied gets the recorded result; one whose original failed is applied anew. A
-    retry is the same push: one whose keys, versions or options differ from the original's (its
-    `fingerprint`) is refused, since it means two clients share an id. Per client the newest `window`
-    results are kept; a seq older than those and not among them is refused rather than risk applying
-    it twice. A client with no push for `idle_seconds` is forgotten (retries come within the client's
-    retry budget, a minute by default). Pushes without a client id (or with seq 0) are not tracked.
-    The table is part of the shard's state: a checkpoint keeps each client's newest `kept` results
-    (retries after a restart are of the pushes in flight at the stop) and the floor below them.
-    """
-
-    def __init__(self, window: int = 1024, kept: int = 64, idle_seconds: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.window = window
-        self.kept = kept
-        self.idle_seconds = idle_seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._clients: dict[str, dict[int, _Record]] = {}
-        self._floor: dict[str, int] = {}  # per client: the newest seq dropped from the window
-        self._done: dict[str, list[int]] = {}  # per client: a min-heap of the seqs with results
-        self._last: dict[str, float] = {}  # per client: clock() of its last push
-        self._next_sweep = clock() + idle_seconds
-
-    def begin(self, client_id: str, seq: int, fingerprint: int = 0,
-              waiting=contextlib.nullcontext) -> PushResult | None:
-        """None: the caller applies the push, then calls finish or abort. Else: the original result.
-
-        `waiting()` is entered around the wait for an original still in flight (the data channel
-        lends its request slot meanwhile: see service.RequestSlots)."""
-        if not client_id or not seq:
-            return None
-        while True:
-            with self._lock:
-                self._last[client_id] = self._clock()
-                seen = self._clients.setdefault(client_id, {})
-                entry = seen.get(seq)
-                if entry is None:
-                    if seq <= self._floor.get(client_id, 0):
-                        raise RequestError(StatusCode.FAILED_PRECONDITION,
-                                           f"push {seq} of client {client_id!r} is older than the last "
-                                           f"{self.window} this shard remembers; it may have been applied")
-                    seen[seq] = _Record(fingerprint, threading.Event())  # in flight
-                    return None
-                if entry.fingerprint is not None and entry.fingerprint != fingerprint:
-                    raise RequestError(StatusCode.FAILED_PRECONDITION,
-                                       f"push {seq} of client {client_id!r} differs from the push this shard "
-                                       f"took under that seq (other keys, versions or options): do two "
-                                       f"clients share the client id?")
-                if not isinstance(entry.outcome, threading.Event):
-                    return entry.result()
-                event = entry.outcome
-            with waiting():
-                event.wait()  # the original is in flight: its outcome decides
-
-    def finish(self, client_id: str, seq: int, result: PushResult) -> None:
-        if not client_id or not seq:
-            return
-        with self._lock:
-            seen = self._clients[client_id]
-            record = seen[seq]
-            event = record.outcome
-            record.outcome = (array("q", result.versions), array("q", result.staleness), tuple(result.dropped))
-            done = self._done.setdefault(client_id, [])
-            heapq.heappush(done, seq)
-            while len(done) > self.window:  # forget the oldest results beyond the window
-                old = heapq.heappop(done)
-                del seen[old]
-                self._floor[client_id] = max(self._floor.get(client_id, 0), old)
-            self._sweep()
-        event.set()
-
-    def abort(self, client_id: str, seq: int) -> None:
-        if not client_id or not seq:
-            return
-        with self._lock:
-            event = self._clients[client_id].pop(seq).outcome
-        event.set()
-
-    def forget(self, client_id: str, seq: int) -> None:
-        """Drop a finished record: its push counts as never applied (a sync round a restore drops)."""
-        with self._lock:
-            record = self._clients.get(client_id, {}).pop(seq, None)
-            if record is not None and seq in self._done.get(client_id, ()):
-                self._done[client_id].remove(seq)
-                heapq.heapify(self._done[client_id])
-
-    def _sweep(self) -> None:
-        """(Under the lock, at most once per idle_seconds.) Forget clients idle that long, unless a
-        push of theirs is in flight."""
-        now = self._clock()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + self.idle_seconds
-        for client, last in list(self._last.items()):
-            seen = self._clients.get(client, {})
-            if now - last >= self.idle_seconds and not any(
-                    isinstance(r.outcome, threading.Event) for r in seen.values()):
-                for table in (self._clients, self._floor, self._done, self._last):
-                    table.pop(client, None)
-
-    def __len__(self) -> int:
-        """Clients remembered."""
-        return len(self._clients)
-
-    def to_json(self) -> dict:
-        """Each client's newest `kept` finished records, and the floor below them (in-flight ones are
-        not applied yet)."""
-        with self._lock:
-            clients, floor = {}, dict(self._floor)
-            for c, seen in self._clients.items():
-                done = sorted(s for s, r in seen.items() if not isinstance(r.outcome, threading.Event))
-                if not done and c not in floor:
-                    continue  # a client whose pushes were all refused: nothing to remember
-                cut = len(done) - self.kept
-                in_flight = [s for s, r in seen.items() if isinstance(r.outcome, threading.Event)]
-                if in_flight:  # the floor stays below a push in flight: after a restart it is retried
-                    cut = min(cut, bisect.bisect_left(done, min(in_flight)))
-                if cut > 0:
-                    floor[c] = max(floor.get(c, 0), done[cut - 1])
-                clients[c] = {str(s): {"fp": seen[s].fingerprint, **dataclasses.asdict(seen[s].result())}
-                              for s in done[max(cut, 0):]}
-            return {"floor": floor, "clients": clients}
-
-    def load_json(self, data: dict) -> None:
-        floor = {str(c): int(f) for c, f in data.get("floor", {}).items()}
-        clients = {str(c): {int(s): _Record(None if r.get("fp") is None else int(r["fp"]),
-                                            (array("q", r["versions"]), array("q", r["staleness"]),
-                                             tuple(str(d) for d in r["dropped"])))
-                            for s, r in seen.items()}
-                   for c, seen in data.get("clients", {}).items()}
-        now = self._clock()
-        with self._lock:
-            self._floor, self._clients = floor, clients
-            self._done = {c: sorted(seen) for c, seen in clients.items()}  # a sorted list is a heap
-            self._last = {c: now for c in clients}
+    def refuse_if_ahead(self) -> None:
+        """(Under the lock that reads the key's version.) A gradient computed from a version the key
+        has not reached cannot be applied: FAILED_PRECONDITION, reason AHEAD (the client re-pulls)."""
+        if self.version_read > self.key.version:
+            raise RequestError(StatusCode.FAILED_PRECONDITION,
+                               f"key {self.key.name!r}: gradient computed from version {self.version_read}, "
+                               f"ahead of the shard's version {self.key.version}; pull again", reason=AHEAD)
 
 
 @dataclass(frozen=True)
@@ -267,47 +114,6 @@ class StoreLimits:
     max_keys: int = 1 << 20
     max_tensor_elements: int = 1 << 34
     max_shard_elements: int = 1 << 36
-
-
-class BufferPool:
-    """Reusable flat float32 host buffers, by size: staging for pushed gradients and pull snapshots.
-
-    A large tensor that is freed goes back to the OS, and a fresh one costs a page fault per 4 KiB on
-    first touch (~3 GB/s here, against ~40 GB/s into warm memory: ../shared/ANCHORS.md). Reusing
-    buffers keeps every copy warm. For a GPU shard the buffers are pinned and come from torch's
-    caching host allocator instead, which already reuses them and knows when an asynchronous copy
-    out of one has finished; `give` is then a no-op.
-    """
-
-    def __init__(self, device: torch.device, budget: Callable[[], int] = lambda: 1 << 30):
-        self._pinned = device.type == "cuda"
-        # Free buffers are kept up to this many elements in all (asked at each give): the store
-        # passes twice its parameter count, one whole push's staging plus one whole pull's snapshot,
-        # so a worker's steady state never allocates, however many same-sized slices it has.
-        self._budget = budget
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._kept = 0  # elements in _free
-        self._lock = threading.Lock()
-
-    def take(self, numel: int) -> torch.Tensor:
-        if self._pinned:
-            return torch.empty(numel, dtype=torch.float32, pin_memory=True)
-        with self._lock:
-            free = self._free.get(numel)
-            if free:
-                self._kept -= numel
-                return free.pop()
-        return torch.empty(numel, dtype=torch.float32)
-
-    def give(self, buffers: Sequence[torch.Tensor]) -> None:
-        if self._pinned:
-            return
-        budget = self._budget()
-        with self._lock:
-            for t in buffers:
-                if self._kept + t.numel() <= budget:
-                    self._free.setdefault(t.numel(), []).append(t)
-                    self._kept += t.numel()
 
 
 @dataclass(frozen=True)
@@ -335,7 +141,7 @@ class Store:
         self._keys: dict[str, Key] = {}
         self._elements = 0
         self.buffers = BufferPool(self.device, lambda: 2 * self._elements)
-        self._leases: dict[int, list] = {}  # id(tensor) -> [tensor, snapshots reading it, retired]
+        self._leases = Leases()  # the key tensors pull snapshots are sending in place (copy on write)
         self.dedupe = Dedupe()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified whenever versions change
@@ -418,22 +224,18 @@ class Store:
 
     def apply(self, entries: Sequence[GradEntry],
               decide: Callable[[Key, int, AdamConfig], AdamConfig] | None = None,
-              origin: tuple[str, int] = ("", 0)) -> PushResult:
+              origin: Origin = NO_ORIGIN) -> PushResult:
         """One Adam step on every key of a push, atomically; returns versions and staleness.
 
         decide(key, staleness, cfg) lets the policy refuse a push (raise RequestError) or change the
         options of a step (ssp's lr scaling); it runs for every entry before anything changes.
-        origin (client_id, seq) is recorded in the dedupe table under the same lock as the step, so a
-        checkpoint holds a push's effect exactly when it holds its record.
+        The result is recorded through `origin` (server/dedupe.py) under the same lock as the step, so
+        a checkpoint holds a push's effect exactly when it holds its record.
         """
         with self._lock:
             configs = []
             for e in entries:
-                if e.version_read > e.key.version:
-                    raise RequestError(StatusCode.FAILED_PRECONDITION,
-                                       f"key {e.key.name!r}: gradient computed from version "
-                                       f"{e.version_read}, ahead of the shard's version {e.key.version}; "
-                                       f"pull again", reason=AHEAD)
+                e.refuse_if_ahead()
                 s = e.key.version - e.version_read
                 configs.append(decide(e.key, s, e.cfg) if decide is not None else e.cfg)
             staleness = []
@@ -459,11 +261,11 @@ class Store:
             result = PushResult([e.key.version for e in entries], staleness)
             if self.apply_log is not None:
                 self.apply_log.write(json.dumps({
-                    "client_id": origin[0], "seq": origin[1], "keys": [e.key.name for e in entries],
+                    "client_id": origin.client_id, "seq": origin.seq, "keys": [e.key.name for e in entries],
                     "version_read": [e.version_read for e in entries], "versions": result.versions,
                     "lr": [cfg.lr for cfg in configs]}) + "\n")
                 self.apply_log.flush()
-            self.dedupe.finish(*origin, result)
+            origin.record(result)
             return result
 
     def count_dropped(self, keys: Sequence[Key]) -> None:
@@ -504,8 +306,7 @@ class Store:
                 for i, k in enumerate(keys):
                     for part in parts:
                         t = k.part(part)
-                        lease = self._leases.setdefault(id(t), [t, 0, False])  # tensor, leases, retired
-                        lease[1] += 1
+                        self._leases.take(t)
                         views[(i, part)] = t
             else:
                 views = buffers
@@ -520,15 +321,8 @@ class Store:
         if self.device.type != "cpu":
             self.buffers.give(list(snapshot.parts.values()))
             return
-        retired = []
         with self._lock:
-            for t in snapshot.parts.values():
-                lease = self._leases[id(t)]
-                lease[1] -= 1
-                if lease[1] == 0:
-                    del self._leases[id(t)]
-                    if lease[2]:
-                        retired.append(t)
+            retired = [t for t in snapshot.parts.values() if self._leases.end(t)]
         self.buffers.give(retired)
 
     def _own(self, key: Key, part: int, keep_values: bool = True) -> None:
@@ -536,14 +330,12 @@ class Store:
         holds the tensor, move the key onto a copy (or a blank buffer, when every value is about to
         be overwritten) and retire the leased one."""
         t = key.part(part)
-        lease = self._leases.get(id(t))
-        if lease is None:
+        if not self._leases.retire(t):
             return
         fresh = self.buffers.take(t.numel())
         if keep_values:
             fresh.copy_(t)
         key.replace_part(part, fresh)
-        lease[2] = True
 
     def set_state(self, updates: Sequence[tuple[Key, int, AdamConfig | None, dict[int, torch.Tensor]]],
                   max_versions: Sequence[int | None] = ()) -> list[int]:

@@ -111,8 +111,8 @@ def test_a_shard_announces_its_data_port_and_steps_travel_over_it():
         train(shard.address, steps=3)
 
         # the pull that follows registration (values another worker may have set), then one PushPull a step
-        assert shard.servicer.counters.data_calls == 1 + 3
-        assert shard.servicer.store.pushes == 3
+        assert shard.core.counters.data_calls == 1 + 3
+        assert shard.core.store.pushes == 3
 
 
 def test_without_a_data_port_everything_travels_over_grpc():
@@ -124,16 +124,16 @@ def test_without_a_data_port_everything_travels_over_grpc():
         train(shard.address, steps=3)
 
         assert shard.data is None
-        assert shard.servicer.counters.data_calls == 0
-        assert shard.servicer.store.pushes == 3
+        assert shard.core.counters.data_calls == 0
+        assert shard.core.store.pushes == 3
 
 
 def test_a_client_can_keep_to_grpc_with_data_channel_false():
     with running() as shard:
         train(shard.address, steps=2, data_channel=False)
 
-        assert shard.servicer.counters.data_calls == 0
-        assert shard.servicer.store.pushes == 2
+        assert shard.core.counters.data_calls == 0
+        assert shard.core.store.pushes == 2
 
 
 def test_an_unreachable_data_port_falls_back_to_grpc_with_a_warning(caplog):
@@ -143,8 +143,8 @@ def test_an_unreachable_data_port_falls_back_to_grpc_with_a_warning(caplog):
         with caplog.at_level(logging.WARNING, logger="optserve.client"):
             model = train(shard.address, steps=2)
 
-        assert shard.servicer.store.pushes == 2
-        assert shard.servicer.counters.data_calls == 0
+        assert shard.core.store.pushes == 2
+        assert shard.core.counters.data_calls == 0
         assert any("unreachable" in r.getMessage() and "gRPC" in r.getMessage() for r in caplog.records)
         assert torch.isfinite(model.weight).all()
 
@@ -173,7 +173,7 @@ def test_refusals_over_the_data_channel_change_nothing_and_keep_the_connection()
     assert "NaN" in nan.value.details
     assert "stream ended after 7 of 8" in short.value.details
     assert version == 0 and torch.equal(value, before)
-    assert shard.servicer.counters.data_calls == 4
+    assert shard.core.counters.data_calls == 4
     assert connections == 1  # every refusal left the connection usable
 
 
@@ -228,7 +228,7 @@ def test_a_frame_cut_one_byte_short_applies_nothing():
         sock.close()
         client.close()
 
-    assert version == 0 and shard.servicer.store.pushes == 0
+    assert version == 0 and shard.core.store.pushes == 0
 
 
 @pytest.mark.parametrize("opening", [
@@ -244,7 +244,7 @@ def test_a_connection_that_breaks_the_framing_is_closed_and_the_shard_serves_on(
         assert closed_by_peer(sock)
         sock.close()
         train(shard.address, steps=1)
-        assert shard.servicer.store.pushes == 1
+        assert shard.core.store.pushes == 1
 
 
 def test_a_pull_frame_carrying_data_is_refused():
@@ -275,7 +275,7 @@ def test_the_data_channel_needs_the_shards_token(tmp_path, given):
         sock.close()
         raw_connection(shard.data.port, TOKEN.encode()).close()  # the right one is let in
         train(shard.address, steps=1, token=TOKEN)
-        calls = shard.servicer.counters.data_calls
+        calls = shard.core.counters.data_calls
 
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert message == ("missing bearer token" if not given else "wrong bearer token")
@@ -325,7 +325,7 @@ def test_a_port_that_does_not_speak_the_protocol_falls_back_to_grpc(caplog):
     imposter.close()
 
     assert version == 1
-    assert shard.servicer.counters.data_calls == 0
+    assert shard.core.counters.data_calls == 0
     assert any("not an optserve data frame" in r.getMessage() for r in caplog.records)
 
 
@@ -409,7 +409,7 @@ def test_the_accept_loop_survives_an_accept_error():
             return getattr(self.sock, name)
 
     with running(data_port=-1) as shard:
-        server = DataServer(shard.servicer, "127.0.0.1", 0)
+        server = DataServer(shard.core, "127.0.0.1", 0)
         server._sock = FailsOnce(server._sock)
         server.start()
         try:
@@ -442,7 +442,7 @@ def test_pulls_racing_pushes_always_see_one_whole_version(data_channel, run_thre
     (copy on write must never let a push change a tensor that is being sent)."""
     from optserve.hyper import AdamConfig
     from optserve.server.adam import adam_fast
-    from optserve.server.service import hyper_to_proto
+    from optserve.serde import hyper_to_proto
     numel, pushes, cfg = 1 << 20, 60, AdamConfig(lr=0.01)
     grads = [torch.randn(numel, generator=torch.Generator().manual_seed(t)) for t in range(pushes)]
     start = torch.randn(numel, generator=torch.Generator().manual_seed(99))
@@ -485,7 +485,7 @@ def test_pulls_racing_pushes_always_see_one_whole_version(data_channel, run_thre
 
 
 def test_request_slots_are_lent_while_a_request_waits_on_others():
-    from optserve.server.service import RequestSlots
+    from optserve.server.requests import RequestSlots
     slots = RequestSlots(1)
     order = []
     inside = threading.Event()
@@ -512,9 +512,9 @@ def test_request_slots_are_lent_while_a_request_waits_on_others():
 
 def test_sync_rounds_over_the_data_channel_need_no_more_slots_than_one(run_threads):
     """Three sync workers, one request slot: each push waits for the round holding no slot."""
-    from optserve.server.service import RequestSlots
+    from optserve.server.requests import RequestSlots
     with running(policy="sync", workers=3, wait_timeout=20) as shard:
-        shard.servicer.slots = RequestSlots(1)
+        shard.core.slots = RequestSlots(1)
 
         def worker(i):
             torch.manual_seed(i)
@@ -526,7 +526,7 @@ def test_sync_rounds_over_the_data_channel_need_no_more_slots_than_one(run_threa
                     opt.step()
 
         run_threads(worker, [(i,) for i in range(3)])
-        versions = {shard.servicer.store.get(n).version for n in shard.servicer.store.names()}
+        versions = {shard.core.store.get(n).version for n in shard.core.store.names()}
 
     assert versions == {4}  # four rounds of three gradients each, none timed out
 
@@ -536,9 +536,9 @@ def test_a_peer_that_stalls_mid_request_keeps_no_slot_from_the_others(stalls_in)
     """One request slot; a peer stops mid-request (a stopped or paused worker): in its request's
     head, in its payload, or without reading a reply larger than the socket buffers. Another
     worker's push and pull are served all the same."""
-    from optserve.server.service import RequestSlots
+    from optserve.server.requests import RequestSlots
     with running() as shard:
-        shard.servicer.slots = RequestSlots(1)
+        shard.core.slots = RequestSlots(1)
         client = ShardClient(shard.address, timeout=5, retry=RetryPolicy(budget=0))
         register(client)
         big = 1 << 22  # 16 MiB of float32: far more than the loopback buffers hold
@@ -565,9 +565,9 @@ def test_a_peer_that_trickles_its_payload_keeps_no_slot_from_the_others():
     """One request slot; a peer sends its push's payload a few bytes every 10 ms (a slow link: it
     never stalls for long). Once it has kept the shard waiting 50 ms in all it waits without the
     slot, so another worker's push and pull are served while it trickles."""
-    from optserve.server.service import RequestSlots
+    from optserve.server.requests import RequestSlots
     with running() as shard:
-        shard.servicer.slots = RequestSlots(1)
+        shard.core.slots = RequestSlots(1)
         client = ShardClient(shard.address, timeout=5, retry=RetryPolicy(budget=0))
         register(client)
         big = 1 << 16
@@ -621,7 +621,7 @@ def test_a_worker_follows_a_restarted_shard_to_its_new_data_port(tmp_path):
 
     assert list(reply.versions) == [2]
     assert new_port == second.data.port != old_port
-    assert second.servicer.counters.data_calls == 1  # over the data channel, not a fallback to gRPC
+    assert second.core.counters.data_calls == 1  # over the data channel, not a fallback to gRPC
 
 
 def test_the_client_timeout_bounds_the_whole_call_not_each_read():

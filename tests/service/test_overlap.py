@@ -75,15 +75,15 @@ def test_a_second_backward_without_no_sync_is_refused(shard):
 def test_a_bucket_push_reaches_the_shard_before_backward_returns():
     shard = Shard(ServerConfig())
     applied = threading.Event()
-    servicer = shard.servicer
-    submit = servicer.policy.submit
+    core = shard.core
+    submit = core.policy.submit
 
     def observed_submit(*args):
         result = submit(*args)
         applied.set()
         return result
 
-    servicer.policy.submit = observed_submit
+    core.policy.submit = observed_submit
     shard.start()
     try:
         model = small_cnn()

@@ -226,7 +226,7 @@ def test_stopping_a_shard_ends_the_waits_of_calls_in_flight_with_unavailable():
 
     def waiter():
         try:
-            shard.servicer.pull(pb.PullRequest(keys=["w"], min_versions=[1]))
+            shard.core.pull(pb.PullRequest(keys=["w"], min_versions=[1]))
         except RequestError as exc:
             outcome.append(exc.code)
 

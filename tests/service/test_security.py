@@ -123,7 +123,7 @@ def test_tensors_travel_over_the_tls_data_channel_and_plaintext_is_refused_there
     finally:
         shard.stop()
 
-    assert shard.servicer.counters.data_calls == 2  # the pull after registration, the step's PushPull
+    assert shard.core.counters.data_calls == 2  # the pull after registration, the step's PushPull
     assert MAGIC not in answer  # nothing of the protocol answers a plaintext peer
 
 
@@ -359,4 +359,4 @@ def test_a_tls_worker_retries_across_a_shard_restart(pki, tmp_path):
         second.stop()
 
     assert list(reply.versions) == [2] and not reply.duplicate
-    assert second.servicer.counters.data_calls == 1
+    assert second.core.counters.data_calls == 1

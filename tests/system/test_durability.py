@@ -495,10 +495,10 @@ class FailEveryNthDataReply:
                 fail = self._handled % self.every == 0
             if not fail:
                 return handle(conn, receiver, kind, meta_len, data_len)
-            before = data_server.servicer.counters.rejected
+            before = data_server.core.counters.rejected
             handle(_DropReplies(conn), receiver, kind, meta_len, data_len)
             with self._lock:
-                self.injected += data_server.servicer.counters.rejected == before
+                self.injected += data_server.core.counters.rejected == before
             raise _ReplyLost("injected: the reply was lost")  # the shard closes the connection
 
         data_server._handle = faulty

@@ -1,10 +1,10 @@
-"""The shard's table of applied pushes (server/store.py Dedupe): each (client_id, seq) once, a window."""
+"""The shard's table of applied pushes (server/dedupe.py): each (client_id, seq) once, a window."""
 from __future__ import annotations
 
 import pytest
 
 from optserve.errors import RequestError, StatusCode
-from optserve.server.store import Dedupe, PushResult
+from optserve.server.dedupe import Dedupe, PushResult
 
 
 def result(seq: int) -> PushResult:

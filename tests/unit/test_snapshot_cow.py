@@ -30,7 +30,7 @@ def test_a_pull_that_no_push_races_copies_nothing():
     store.release(snap)
 
     assert sent is key.param  # the key's own tensor was read, not a copy
-    assert store._leases == {} and store.buffers._kept == 0
+    assert len(store._leases) == 0 and store.buffers._kept == 0
 
 
 def test_a_push_during_a_pull_moves_the_key_to_a_copy_and_leaves_the_pulled_tensor_alone():
@@ -45,7 +45,7 @@ def test_a_push_during_a_pull_moves_the_key_to_a_copy_and_leaves_the_pulled_tens
     assert key.param is not sent and not torch.equal(key.param, before)
     assert snap.versions == [0] and key.version == 1
     store.release(snap)
-    assert store._leases == {} and store.buffers._kept == N  # the retired tensor is pooled
+    assert len(store._leases) == 0 and store.buffers._kept == N  # the retired tensor is pooled
 
 
 def test_a_second_push_while_the_same_pull_is_in_flight_copies_no_more():
@@ -71,7 +71,7 @@ def test_set_state_during_a_pull_does_not_change_the_pulled_tensor():
     assert torch.equal(snap.parts[(0, pb.EXP_AVG)], torch.zeros(N))
     assert torch.equal(key.param, torch.full((N,), 3.0)) and torch.equal(key.exp_avg, torch.full((N,), 4.0))
     store.release(snap)
-    assert store._leases == {}
+    assert len(store._leases) == 0
 
 
 def test_overlapping_pulls_share_one_lease_until_the_last_ends():

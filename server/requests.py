@@ -1,0 +1,438 @@
+"""The shard's request core: what every request does, whichever door it came through.
+
+Both doors, the gRPC servicer (server/service.py) and the data channel (server/data.py), hand a
+request here as (first message, receive) and send back what comes out; neither knows the store or
+the policy. Each handler parses and validates the whole request (keys, shapes, options, segments,
+NaN/Inf) before anything changes, then hands it on (policy -> store): a refused request raises
+RequestError (optserve/errors.py) and leaves the shard exactly as it was. Exactly-once is
+`Dedupe.run_once` (server/dedupe.py). No math happens here, no tensor is kept, no grpc is imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from optserve import __version__
+from optserve.errors import TIMEOUT, RequestError, StatusCode, invalid
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, STATE_PARTS, Expected, Outgoing,
+                            dtype_from_proto, dtype_to_proto, hyper_from_proto, hyper_to_proto)
+from optserve.server.dedupe import Origin, PushResult
+from optserve.server.policy import Policy
+from optserve.server.store import GradEntry, Key, Store
+
+log = logging.getLogger("optserve.server")
+
+PROTOCOL = "optserve.v1"
+MAX_NAME_LENGTH = 1024
+MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
+# How a handler receives a request's tensors, whatever carried them (a gRPC stream, the data
+# channel): receive(expected, dests) validates the segments against `expected` and fills the flat
+# float32 host tensors `dests`, converting from the wire dtype; RequestError when anything is wrong.
+Receive = Callable[[dict[tuple[int, int], Expected], dict[tuple[int, int], torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shard_index: int = 0
+    num_shards: int = 1
+    policy: str = "async"
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    wait_timeout: float = 60.0  # longest a call waits for a version (sync steps, min_versions)
+
+
+@dataclass(frozen=True)
+class PullReply:
+    """What a pull sends back, as of one instant (Store.snapshot: copy on write): the reply's head and
+    its tensors. `release()` once they are sent, or the send failed."""
+    head: pb.PullHead
+    items: list[Outgoing]
+    dtype: torch.dtype  # of PARAM on the wire (state travels as float32)
+    release: Callable[[], None]
+
+
+class RequestSlots:
+    """How many requests the data channel works on at once (server/data.py): one thread per
+    connection, but on CPython the handlers share one GIL, and many threads passing it to and fro
+    cost more than they overlap (docs/MEASUREMENTS.md). A request holds a slot from its header to
+    its reply, except while it waits: on other requests (a sync round, min_versions, a retry's
+    original), or on a peer that stalls (server/data.py's _Peer). Then the slot is lent out
+    (`lent`), so waiting can never starve the requests it waits for, and a stopped worker keeps no
+    slot. Threads that hold no slot (gRPC's) pass through `lent` unchanged."""
+
+    def __init__(self, slots: int):
+        self._sem = threading.BoundedSemaphore(slots)
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def held(self):
+        self._sem.acquire()
+        self._local.held = True
+        try:
+            yield
+        finally:
+            self._local.held = False
+            self._sem.release()
+
+    @contextlib.contextmanager
+    def lent(self):
+        if not getattr(self._local, "held", False):
+            yield
+            return
+        self._local.held = False
+        self._sem.release()
+        try:
+            yield
+        finally:
+            self._sem.acquire()
+            self._local.held = True
+
+
+class Counters:
+    """What the doors count: bytes in and out, refusals by code, duplicates, data-channel calls."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.bytes_in = self.bytes_out = self.rejected = self.duplicates = 0
+        self.data_calls = 0  # Push / Pull / PushPull requests that came over the data channel
+        self._rejected: dict[str, int] = {}
+
+    def add(self, bytes_in: int = 0, bytes_out: int = 0, duplicates: int = 0, data_calls: int = 0) -> None:
+        with self._lock:
+            self.data_calls += data_calls
+            self.bytes_in += bytes_in
+            self.bytes_out += bytes_out
+            self.duplicates += duplicates
+
+    def refused(self, code: StatusCode) -> None:
+        with self._lock:
+            self.rejected += 1
+            self._rejected[code.name] = self._rejected.get(code.name, 0) + 1
+
+    def rejected_by_code(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._rejected)
+
+
+class RequestCore:
+    """The requests of optserve.v1.OptServe over one shard's store and policy, transport-neutral."""
+
+    def __init__(self, store: Store, policy: Policy, info: ShardInfo, checkpointer=None, metrics=None):
+        self.store = store
+        self.policy = policy
+        self.info = info
+        self.checkpointer = checkpointer  # server.main.Checkpointer, when run with a checkpoint dir
+        self.metrics = metrics  # server.metrics.ShardMetrics
+        self.counters = Counters()
+        # Cleared while a checkpoint is restored: calls get UNAVAILABLE (clients retry) meanwhile.
+        self.ready = threading.Event()
+        self.ready.set()
+        self.not_ready = "the shard is restoring a checkpoint"  # what callers are told meanwhile
+        self.data_port = 0  # the data channel's port, announced in Hello (server/data.py); 0: none
+        self.slots = RequestSlots(max(2, os.cpu_count() or 2))  # held by data-channel requests only
+
+    def check_ready(self) -> None:
+        if not self.ready.is_set():
+            raise RequestError(StatusCode.UNAVAILABLE, self.not_ready)
+
+    def stop_serving(self, why: str) -> None:
+        """Refuse new calls with UNAVAILABLE, and end the waits of calls in flight the same way."""
+        self.not_ready = why
+        self.ready.clear()
+        self.store.wake()
+
+    def refused(self, method: str, exc: RequestError) -> None:
+        self.counters.refused(exc.code)
+        log.info("refused %s: %s: %s", method, exc.code.name, exc.message)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _keys(self, names: Sequence[str]) -> list[Key]:
+        _unique(names)
+        return [self.store.get(n) for n in names]
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A float32 host tensor on the shard's device (itself on a CPU shard)."""
+        if self.store.device.type == "cpu":
+            return t
+        # From pinned memory (BufferPool) the copy is asynchronous, ordered before the Adam step on
+        # the same stream; torch's caching host allocator keeps the block until it is done.
+        return t.to(self.store.device, non_blocking=True)
+
+    def snapshot(self, keys: Sequence[Key], parts: Sequence[int], dtype: torch.dtype,
+                 push: pb.PushReply | None = None) -> PullReply:
+        """Keys' parts as of one instant (Store.snapshot: copy on write), ready to send."""
+        snap = self.store.snapshot(keys, parts)
+        infos = [pb.KeyInfo(key=k.name, shape=k.shape, version=v, step=st,
+                            hyper=hyper_to_proto(h) if h else None, param=k.info.get("param", ""),
+                            param_shape=k.info.get("param_shape", ()), offset=k.info.get("offset", 0))
+                 for k, v, st, h in zip(snap.keys, snap.versions, snap.steps, snap.hypers)]
+        head = pb.PullHead(entries=infos, dtype=dtype_to_proto(dtype), push=push)
+        items = [Outgoing(i, part, t) for (i, part), t in snap.parts.items()]
+        return PullReply(head, items, dtype, lambda: self.store.release(snap))
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def hello(self) -> pb.HelloReply:
+        i = self.info
+        return pb.HelloReply(
+            server_version=__version__, protocol=PROTOCOL, shard_index=i.shard_index,
+            num_shards=i.num_shards, policy=i.policy, device=str(self.store.device),
+            num_keys=len(self.store), data_port=self.data_port,
+            limits=pb.Limits(max_message_bytes=i.max_message_bytes, chunk_bytes=i.chunk_bytes,
+                             max_keys=self.store.limits.max_keys,
+                             max_tensor_elements=self.store.limits.max_tensor_elements))
+
+    def register(self, first: pb.RegisterRequest, receive: Receive) -> pb.RegisterReply:
+        """Create keys (all or none) with the values sent, or, without values, say which exist."""
+        head = first.head
+        if (head.shard_index, head.num_shards) != (self.info.shard_index, self.info.num_shards):
+            raise RequestError(StatusCode.FAILED_PRECONDITION,
+                               f"this is shard {self.info.shard_index} of {self.info.num_shards}; the "
+                               f"request is addressed to shard {head.shard_index} of {head.num_shards}")
+        specs, infos = [], []
+        _unique([k.name for k in head.keys])
+        for k in head.keys:
+            if not k.name or len(k.name) > MAX_NAME_LENGTH:
+                raise invalid(f"key name must be 1..{MAX_NAME_LENGTH} characters, got {len(k.name)}")
+            if k.dtype != pb.FLOAT32:
+                dtype = pb.DType.Name(k.dtype) if k.dtype in pb.DType.values() else k.dtype
+                raise invalid(f"key {k.name!r}: dtype {dtype} is not supported; keys are FLOAT32")
+            # Provenance (param, param_shape, offset) is kept for ever and echoed in every pull's head
+            # and every manifest: bounded like the name, and it must describe where the key sits.
+            if len(k.param) > MAX_NAME_LENGTH:
+                raise invalid(f"key {k.name!r}: param name must be at most {MAX_NAME_LENGTH} characters, "
+                              f"got {len(k.param)}")
+            if len(k.shape) > MAX_DIMS or len(k.param_shape) > MAX_DIMS:
+                raise invalid(f"key {k.name!r}: shapes have at most {MAX_DIMS} dimensions")
+            shape = tuple(int(d) for d in k.shape)
+            if k.param and k.param_shape and k.offset + math.prod(shape) > math.prod(k.param_shape):
+                raise invalid(f"key {k.name!r}: elements {k.offset}..{k.offset + math.prod(shape)} lie "
+                              f"outside its parameter {k.param!r} of shape {list(k.param_shape)}")
+            specs.append((k.name, shape, self.store.check_spec(k.name, shape)))
+            infos.append({"param": k.param or k.name,
+                          "param_shape": list(k.param_shape) if k.param else list(shape),
+                          "offset": int(k.offset)})
+        if not head.with_values:
+            try:
+                receive({}, {})  # nothing may follow the head
+            except RequestError:
+                raise invalid("Register without values must not carry segments") from None
+            return pb.RegisterReply(keys=[pb.KeyStatus(name=n, exists=key is not None,
+                                                       version=key.version if key else 0)
+                                          for n, _, key in specs])
+        self.store.check_capacity([(n, s) for n, s, _ in specs])
+        expected = {(i, pb.PARAM): Expected(math.prod(s), torch.float32, n) for i, (n, s, _) in enumerate(specs)}
+        dests = {k: _allocate(lambda: torch.empty(e.numel, dtype=torch.float32), e) for k, e in expected.items()}
+        receive(expected, dests)
+        values = []
+        for i, (name, shape, _) in enumerate(specs):
+            value = dests[(i, pb.PARAM)]
+            check_finite(name, "initial value", value)
+            values.append((name, shape, self._on_device(value), infos[i]))
+        result = self.store.create(values)
+        created = [n for (key, c), (n, _, _) in zip(result, specs) if c]
+        if created:
+            log.info("registered %d keys (%s%s)", len(created), ", ".join(created[:3]),
+                     ", ..." if len(created) > 3 else "")
+        return pb.RegisterReply(keys=[pb.KeyStatus(name=key.name, exists=True, created=c, version=key.version)
+                                      for key, c in result])
+
+    def _decode_push(self, first: pb.PushRequest, receive: Receive,
+                     staging: list[torch.Tensor]) -> tuple[pb.PushHead, list[GradEntry]]:
+        """Validate a push and receive its gradients into pool buffers appended to `staging`."""
+        head = first.head
+        wire = dtype_from_proto(head.wire_dtype, default=torch.float32)
+        keys = self._keys([e.key for e in head.entries])
+        configs = [hyper_from_proto(h, f"hyper[{i}]") for i, h in enumerate(head.hyper)]
+        for e in head.entries:
+            if e.hyper >= len(configs):
+                raise invalid(f"key {e.key!r}: hyper index {e.hyper} out of range ({len(configs)} sets sent)")
+        expected = {(i, pb.GRAD): Expected(k.numel, wire, k.name) for i, k in enumerate(keys)}
+        dests = {}
+        for (i, part), e in expected.items():
+            # float32: the copy converts bf16/fp16
+            dests[(i, part)] = _allocate(lambda: self.store.buffers.take(e.numel), e)
+            staging.append(dests[(i, part)])
+        receive(expected, dests)
+        entries = []
+        for i, (e, key) in enumerate(zip(head.entries, keys)):
+            grad = dests[(i, pb.GRAD)]
+            check_finite(key.name, "gradient", grad)
+            entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
+                                     pieces=[(0, self._on_device(grad))]))
+        return head, entries
+
+    def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
+        """Hand a push to the policy once per (client_id, seq); a retry gets the original's result."""
+        # What makes a retry the same push: its keys, the versions they were read at, the options.
+        fingerprint = zlib.crc32(pb.PushHead(entries=head.entries, hyper=head.hyper).SerializeToString())
+
+        def apply(origin: Origin) -> PushResult:
+            start = time.perf_counter()
+            # The store (or the sync policy) records the result under the lock that applies it.
+            result = self.policy.submit(self.store, entries, origin)
+            if self.metrics is not None:
+                self.metrics.update_seconds.observe(time.perf_counter() - start)
+            return result
+
+        result, duplicate = self.store.dedupe.run_once(head.client_id, head.seq, fingerprint, apply,
+                                                       self.slots.lent)
+        if duplicate:
+            self.counters.add(duplicates=1)
+            return pb.PushReply(versions=result.versions, staleness=result.staleness,
+                                dropped=result.dropped, duplicate=True)
+        return pb.PushReply(versions=result.versions, staleness=result.staleness, dropped=result.dropped)
+
+    def _wait(self, keys: Sequence[Key], minimum: Sequence[int]) -> None:
+        """Block until the keys reach these versions (a sync step); ABORTED after the wait timeout."""
+        with self.slots.lent():
+            reached = self.store.wait_versions(keys, minimum, self.info.wait_timeout,
+                                               stop=lambda: not self.ready.is_set())
+        self.check_ready()  # a stopping shard ends its waits at once: UNAVAILABLE, retried
+        if not reached:
+            behind = [k for k, m in zip(keys, minimum) if k.version < m]
+            raise RequestError(StatusCode.ABORTED,
+                               f"waited {self.info.wait_timeout:g} s for version {minimum[keys.index(behind[0])]}"
+                               f" of key {behind[0].name!r}: {self.policy.describe_wait(behind[0])}",
+                               reason=TIMEOUT)
+
+    def push(self, first: pb.PushRequest, receive: Receive) -> pb.PushReply:
+        """A push: validate, receive, apply once."""
+        staging: list[torch.Tensor] = []
+        try:
+            head, entries = self._decode_push(first, receive, staging)
+            if not entries:
+                raise invalid("a Push must carry at least one key")
+            return self._submit(head, entries)
+        finally:
+            self.store.buffers.give(staging)
+
+    def push_pull(self, first: pb.PushRequest, receive: Receive) -> PullReply:
+        """A push (possibly of no keys), then the pull of its keys and `pull_keys`, after the policy's
+        wait (sync: until the step the push joined has been taken)."""
+        staging: list[torch.Tensor] = []
+        try:
+            head, entries = self._decode_push(first, receive, staging)
+            pull_names = list(dict.fromkeys([e.key for e in head.entries] + list(head.pull_keys)))
+            pull_keys = [self.store.get(n) for n in pull_names]
+            dtype = dtype_from_proto(head.pull_dtype, default=torch.float32)
+            reply = None
+            if entries:
+                reply = self._submit(head, entries)
+        finally:
+            self.store.buffers.give(staging)
+        if reply is not None and self.policy.waits:
+            stepped = [e for e in entries if e.key.name not in set(reply.dropped)]
+            self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped])
+        return self.snapshot(pull_keys, [pb.PARAM], dtype, reply)
+
+    def pull(self, request: pb.PullRequest) -> PullReply:
+        """Validate a pull, wait for its min_versions, and snapshot what it asks for."""
+        keys = self._keys(list(request.keys))
+        parts = _state_parts(request.parts) or [pb.PARAM]
+        dtype = dtype_from_proto(request.dtype, default=torch.float32)
+        if dtype != torch.float32 and parts != [pb.PARAM]:
+            raise invalid("Adam state travels as FLOAT32; ask for another dtype with parts=[PARAM] only")
+        if request.min_versions:
+            if len(request.min_versions) != len(keys):
+                raise invalid(f"min_versions has {len(request.min_versions)} values for {len(keys)} keys")
+            self._wait(keys, list(request.min_versions))
+        return self.snapshot(keys, parts, dtype)
+
+    def set_state(self, first: pb.SetStateRequest, receive: Receive) -> pb.SetStateReply:
+        """Overwrite keys' step, options and parts (load_state_dict), conditionally on max_version."""
+        head = first.head
+        keys = self._keys([e.key for e in head.entries])
+        parts = _state_parts(head.parts, name_them=False)
+        configs = [hyper_from_proto(e.hyper, f"key {e.key!r}") if e.HasField("hyper") else None
+                   for e in head.entries]
+        expected = {(i, p): Expected(k.numel, torch.float32, k.name) for i, k in enumerate(keys) for p in parts}
+        dests = {k: _allocate(lambda: torch.empty(e.numel, dtype=torch.float32), e) for k, e in expected.items()}
+        receive(expected, dests)
+        updates = []
+        for i, (e, key) in enumerate(zip(head.entries, keys)):
+            values = {}
+            for p in parts:
+                check_finite(key.name, pb.Part.Name(p), dests[(i, p)])
+                values[p] = self._on_device(dests[(i, p)])
+            updates.append((key, e.step, configs[i], values))
+        bounds = [e.max_version if e.HasField("max_version") else None for e in head.entries]
+        return pb.SetStateReply(versions=self.policy.set_state(self.store, updates, bounds))
+
+    def checkpoint(self) -> pb.CheckpointReply:
+        if self.checkpointer is None:
+            raise RequestError(StatusCode.FAILED_PRECONDITION,
+                               "this shard runs without --checkpoint-dir; it cannot checkpoint")
+        path, keys, seconds = self.checkpointer.write()
+        return pb.CheckpointReply(path=str(path), keys=keys, seconds=seconds)
+
+    def stats(self) -> pb.StatsReply:
+        store = self.store
+        with store.locked():
+            keys = [pb.KeyStats(key=k.name, shape=k.shape, version=k.version, pushes=k.pushes,
+                                dropped=k.dropped, staleness=k.staleness.to_proto())
+                    for k in (store.get(n) for n in store.names())]
+            totals = dict(pushes=store.pushes, pulls=store.pulls, dropped=store.dropped,
+                          staleness=store.staleness.to_proto())
+        c = self.counters
+        ckpt = self.checkpointer.last() if self.checkpointer else ("", 0.0)
+        return pb.StatsReply(shard=self.hello(), keys=keys, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
+                             rejected=c.rejected, duplicates=c.duplicates, data_calls=c.data_calls,
+                             checkpoint=ckpt[0], checkpoint_age=ckpt[1], **totals)
+
+
+def check_finite(name: str, what: str, t: torch.Tensor) -> None:
+    """Refuse NaN and Inf (INVALID_ARGUMENT naming the key and the first bad element)."""
+    # A float32 sum is one read pass with no allocation; NaN/Inf always make it non-finite. Only then
+    # (or when finite values overflow the sum) is the exact elementwise check run.
+    if t.numel() and not math.isfinite(t.sum().item()):
+        bad = (~torch.isfinite(t)).nonzero()
+        if bad.numel():
+            raise invalid(f"key {name!r}: {what} holds NaN or Inf (first at element {int(bad[0])}); "
+                          f"non-finite values are rejected")
+
+
+def parse(raw: bytes, message_type):
+    """A request message that is not a stream (Hello, Pull, ...); INVALID_ARGUMENT when malformed."""
+    try:
+        return message_type.FromString(raw)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and its relatives
+        raise invalid(f"malformed {message_type.DESCRIPTOR.name}: {exc}") from None
+
+
+def _state_parts(parts: Sequence[int], name_them: bool = True) -> list[int]:
+    """Parts a Pull or SetState names: distinct key tensors (INVALID_ARGUMENT otherwise)."""
+    parts = list(parts)
+    if len(set(parts)) != len(parts) or any(p not in STATE_PARTS for p in parts):
+        allowed = [pb.Part.Name(p) for p in STATE_PARTS]
+        raise invalid(f"parts must be distinct values of {allowed}"
+                      + (f", got {parts}" if name_them else ""))
+    return parts
+
+
+def _allocate(make: Callable[[], torch.Tensor], want: Expected) -> torch.Tensor:
+    """Allocate a receive buffer; running out of memory is the request's problem, said as such."""
+    try:
+        return make()
+    except (RuntimeError, MemoryError) as exc:
+        raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
+                           f"key {want.name!r}: cannot allocate {want.numel * 4} bytes for it: {exc}") from None
+
+
+def _unique(names: Sequence[str]) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise invalid(f"key {n!r} is named twice in one request")
+        seen.add(n)
