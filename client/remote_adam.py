@@ -33,13 +33,13 @@ import torch
 from optserve.errors import DROP_GRADIENT, ROLLBACK
 from optserve.hyper import AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, WIRE_DTYPES, Outgoing, dtype_to_proto
+from optserve.serde import (ADAM_STATE, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, WIRE_DTYPES, Outgoing,
+                            dtype_to_proto, hyper_to_proto)
 from optserve.client.partition import DEFAULT_SLICE_ELEMENTS, Placement, partition
 from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
 
 log = logging.getLogger("optserve.client")
 
-_STATE_PARTS = {"exp_avg": pb.EXP_AVG, "exp_avg_sq": pb.EXP_AVG_SQ, "max_exp_avg_sq": pb.MAX_EXP_AVG_SQ}
 _INITS = ("shard", "model")
 # The top-level entry state_dict() adds to torch's format (plain strings and ints).
 _META = "optserve"
@@ -327,8 +327,12 @@ class RemoteAdam(torch.optim.Optimizer):
         # or read the shards' values into it (pulls write through .data, which leaves it alone), and
         # whether its values are the user's (registered from the model, init="model") rather than
         # values pulled from the shards.
-        self._seen_version: dict[torch.Tensor, int] = {}
-        self._user_values: set[torch.Tensor] = set()
+        # Lists in parameter order (and a slot per id(p)): step() checks every parameter, and hashing
+        # a tensor goes through Python.
+        self._plist: list[torch.Tensor] = []
+        self._seen: list[int] = []
+        self._slot: dict[int, int] = {}
+        self._user_values: set[int] = set()
         self._staging: dict[torch.Tensor, torch.Tensor] = {}  # contiguous stand-ins of strided params
 
         retry = RetryPolicy(budget=retry_budget)
@@ -472,29 +476,33 @@ class RemoteAdam(torch.optim.Optimizer):
 
     def _mark_synced(self, p: torch.Tensor, user: bool) -> None:
         """The model's p now equals the shards' values; `user`: values the user gave, not pulled ones."""
-        self._seen_version[p] = p._version
+        slot = self._slot.get(id(p))
+        if slot is None:
+            slot = self._slot[id(p)] = len(self._plist)
+            self._plist.append(p)
+            self._seen.append(p._version)
+        self._seen[slot] = p._version
         if user:
-            self._user_values.add(p)
+            self._user_values.add(id(p))
         else:
-            self._user_values.discard(p)
+            self._user_values.discard(id(p))
+
+    def _mark_pulled(self) -> None:
+        """After a step: the model holds the shards' values of every parameter (pulled through .data,
+        so the version counters seen stay as they were)."""
+        self._user_values.clear()
 
     def _changed_by_user(self, p: torch.Tensor) -> bool:
         """p was changed in place outside the optimizer since it last synchronised it."""
-        return p._version != self._seen_version[p]
+        return p._version != self._seen[self._slot[id(p)]]
 
     def _hyper(self) -> list[pb.HyperParams]:
-        out = []
-        for g in self.param_groups:
-            c = _config(g)
-            out.append(pb.HyperParams(lr=c.lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
-                                      weight_decay=c.weight_decay, weight_decouple=c.weight_decouple,
-                                      absolute=c.absolute, optimized_update=c.optimized_update,
-                                      amsgrad=c.amsgrad))
-        return out
+        return [hyper_to_proto(_config(g)) for g in self.param_groups]
 
     def _state_names(self) -> list[str]:
+        """torch's Adam state keys this optimizer's parameters have (max_exp_avg_sq with amsgrad)."""
         amsgrad = any(g["amsgrad"] for g in self.param_groups)
-        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        return [n for n in ADAM_STATE if amsgrad or ADAM_STATE[n] != pb.MAX_EXP_AVG_SQ]
 
     # -- torch.optim.Optimizer API ---------------------------------------------------------------
 
@@ -580,7 +588,10 @@ class RemoteAdam(torch.optim.Optimizer):
         """Write parameters the user changed in place since the last sync to the shards (value only,
         Adam state kept), so the step goes on from them as torch's Adam would. Conditional on the
         versions this worker last saw: another worker's newer step is never overwritten."""
-        changed = [p for p in params if self._changed_by_user(p)]
+        if params is self._names:  # every parameter, each step: the fast path
+            changed = [p for p, seen in zip(self._plist, self._seen) if p._version != seen]
+        else:
+            changed = [p for p in params if self._changed_by_user(p)]
         if not changed:
             return
         log.info("parameter(s) %s changed in place since the last step; writing them to the shards",
@@ -641,8 +652,7 @@ class RemoteAdam(torch.optim.Optimizer):
         try:
             self._fan_out(shard_step, range(len(self._shards)))
         finally:
-            for p in self._names:
-                self._mark_synced(p, user=False)
+            self._mark_pulled()
         return loss
 
     def _pull_shard(self, index: int, min_versions: dict[str, int] | None = None) -> pb.PullHead:
@@ -739,6 +749,7 @@ class RemoteAdam(torch.optim.Optimizer):
         # A gradient changed in place after it was sent (clipping, GradScaler.unscale_): the shards
         # applied the unchanged one. Finish the step (the model then equals the shards), then say so.
         altered = [self._names[p] for p, (g, v) in self._pushed.items() if p.grad is not g or g._version != v]
+        self._write_changed(self._names)  # parameters changed by hand that no hook pushed this step
         self._launch([p for p in self._names if p.grad is not None and p not in self._pushed])
         inflight, self._inflight = self._inflight, []
         self._pushed.clear()
@@ -768,8 +779,7 @@ class RemoteAdam(torch.optim.Optimizer):
         except BaseException as exc:  # noqa: BLE001 - a push's error comes first
             error = error or exc
         finally:
-            for p in self._names:
-                self._mark_synced(p, user=False)
+            self._mark_pulled()
         if error is not None:
             raise error
         if altered:
@@ -801,7 +811,7 @@ class RemoteAdam(torch.optim.Optimizer):
         and the version of every key read."""
         params = list(self._names) if params is None else list(params)
         names = self._state_names()
-        parts = [_STATE_PARTS[n] for n in names]
+        parts = [ADAM_STATE[n] for n in names]
         tensors = {p: {n: torch.zeros(p.shape, dtype=p.dtype, device=p.device) for n in names} for p in params}
         steps: dict[torch.Tensor, set[int]] = {p: set() for p in params}
         versions: dict[str, int] = {}
@@ -895,7 +905,7 @@ class RemoteAdam(torch.optim.Optimizer):
         for p, name in self._names.items():
             st = state.get(p, {})
             step = int(st["step"]) if "step" in st else 0
-            user = p in self._user_values or self._changed_by_user(p)
+            user = id(p) in self._user_values or self._changed_by_user(p)
             for pl in self._placed[p]:
                 s = int(versions_read.get(pl.key, step))
                 if not user and self.versions[pl.key] != s:
@@ -925,7 +935,7 @@ class RemoteAdam(torch.optim.Optimizer):
                 raise
             raise ValueError(self._rollback_message(exc.details, None)) from None
         for p in self._names:
-            self._mark_synced(p, user=p in self._user_values or self._changed_by_user(p))
+            self._mark_synced(p, user=id(p) in self._user_values or self._changed_by_user(p))
 
     @staticmethod
     def _rollback_message(detail: str, count: int | None) -> str:
@@ -981,8 +991,8 @@ class RemoteAdam(torch.optim.Optimizer):
             for n in names:
                 value = st.get(n)
                 value = torch.zeros(p.shape) if value is None else value.detach().to("cpu", torch.float32)
-                items.append(Outgoing(i, _STATE_PARTS[n], self._flat(pl, value.contiguous())))
-        head = pb.SetStateHead(entries=entries, parts=[pb.PARAM] + [_STATE_PARTS[n] for n in names])
+                items.append(Outgoing(i, ADAM_STATE[n], self._flat(pl, value.contiguous())))
+        head = pb.SetStateHead(entries=entries, parts=[pb.PARAM] + [ADAM_STATE[n] for n in names])
         reply = self._shards[index].set_state(head, items)
         for pl, v in zip(placements, reply.versions):
             self.versions[pl.key] = v

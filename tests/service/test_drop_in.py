@@ -188,12 +188,13 @@ def test_copying_or_pickling_is_refused_and_points_to_state_dict(shard, how):
     (True, lambda m: m[0].weight.fill_(0.25)),  # a frozen layer set by hand after construction
     (False, lambda m: m[2].weight.clamp_(-0.1, 0.1)),  # WGAN-style weight clipping between steps
 ], ids=["frozen-set", "trained-clamped"])
-def test_a_parameter_set_by_hand_behaves_as_with_torch(shard, frozen, set_by_hand):
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_a_parameter_set_by_hand_behaves_as_with_torch(shard, frozen, set_by_hand, overlap):
     remote, local = mlp(), mlp()
     for m in (remote, local):
         m[0].requires_grad_(not frozen)
     ref = torch.optim.Adam(local.parameters(), lr=0.05)
-    with RemoteAdam(remote.named_parameters(), [shard], lr=0.05, **TORCH) as opt:
+    with RemoteAdam(remote.named_parameters(), [shard], lr=0.05, overlap=overlap, **TORCH) as opt:
         train(remote, opt, batches(2))
         train(local, ref, batches(2))
         with torch.no_grad():
