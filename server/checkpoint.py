@@ -33,14 +33,17 @@ import safetensors
 import safetensors.torch
 import torch
 
+from optserve.serde import PART_NAMES
+
 FORMAT_VERSION = 2  # 2: the manifest carries its own digest, and shard-level tensors (extra_tensors)
 READABLE_VERSIONS = (1, 2)  # 1: written before either; read as it is, so an upgrade keeps the state
 
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
-REQUIRED_TENSORS = ("param", "exp_avg", "exp_avg_sq")
+# A key's tensors in the file, named as on the wire (serde.PART_NAMES); max_exp_avg_sq once amsgrad ran.
+KNOWN_TENSORS = tuple(PART_NAMES.values())
 OPTIONAL_TENSORS = ("max_exp_avg_sq",)
-KNOWN_TENSORS = REQUIRED_TENSORS + OPTIONAL_TENSORS
+REQUIRED_TENSORS = tuple(name for name in KNOWN_TENSORS if name not in OPTIONAL_TENSORS)
 
 _PREFIX = "ckpt-"
 _TMP_PREFIX = ".tmp-"

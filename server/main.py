@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -29,7 +30,7 @@ from optserve.net import is_loopback
 from optserve.server.auth import TokenInterceptor, load_token, server_credentials, server_ssl_context
 from optserve.server.data import DataServer
 from optserve.server.metrics import ShardMetrics
-from optserve.server.policy import parse_policy
+from optserve.server.policy import Policy, parse_policy
 from optserve.server.requests import RequestCore, ShardInfo
 from optserve.server.service import SERVICE_NAME, Servicer, generic_handler
 from optserve.server.store import Store, StoreLimits
@@ -104,7 +105,15 @@ class ServerConfig:
         resolve_device(self.device)
         self.make_policy()
 
-    def make_policy(self):
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
+        """The configuration `add_serve_arguments` parsed: every field from the argument of its name
+        (an optional path left out, None, takes the field's default, "")."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{f.name: f.default if values[f.name] is None else values[f.name]
+                      for f in dataclasses.fields(cls)})
+
+    def make_policy(self) -> Policy:
         return parse_policy(self.policy, self.workers, self.backup_workers, self.stale)
 
 
@@ -361,17 +370,7 @@ def run_server(port: int = 0, host: str = "127.0.0.1", interceptors: Sequence[gr
 
 def serve_main(args: argparse.Namespace) -> int:
     """`optserve serve`: run a shard until SIGTERM or SIGINT (then write a final checkpoint)."""
-    cfg = ServerConfig(host=args.host, port=args.port, device=args.device, policy=args.policy,
-                       workers=args.workers, backup_workers=args.backup_workers, stale=args.stale,
-                       wait_timeout=args.wait_timeout, checkpoint_dir=args.checkpoint_dir or "",
-                       checkpoint_every=args.checkpoint_every, keep=args.keep, apply_log=args.apply_log or "",
-                       shard_index=args.shard_index, num_shards=args.num_shards, threads=args.threads,
-                       chunk_bytes=args.chunk_bytes, max_message_bytes=args.max_message_bytes,
-                       max_keys=args.max_keys, max_tensor_elements=args.max_tensor_elements,
-                       max_shard_elements=args.max_shard_elements, insecure=args.insecure,
-                       tls_cert=args.tls_cert or "", tls_key=args.tls_key or "",
-                       tls_client_ca=args.tls_client_ca or "", token_file=args.token_file or "",
-                       metrics_port=args.metrics_port, metrics_host=args.metrics_host, data_port=args.data_port)
+    cfg = ServerConfig.from_args(args)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())

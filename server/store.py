@@ -25,6 +25,7 @@ import torch
 from optserve.errors import AHEAD, ROLLBACK, RequestError, StatusCode, invalid
 from optserve.hyper import AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import PART_NAMES
 from optserve.server.adam import adam_fast
 from optserve.server.buffers import BufferPool, Leases
 from optserve.server.checkpoint import KeyRecord
@@ -49,11 +50,6 @@ class StalenessStats:
     def to_proto(self) -> pb.StalenessStats:
         mean = self.total / self.count if self.count else 0.0
         return pb.StalenessStats(count=self.count, mean=mean, max=self.max, histogram=self.histogram)
-
-
-# A key's tensors by wire part (Key.part, Key.replace_part).
-_PART_NAMES = {pb.PARAM: "param", pb.EXP_AVG: "exp_avg", pb.EXP_AVG_SQ: "exp_avg_sq",
-               pb.MAX_EXP_AVG_SQ: "max_exp_avg_sq"}
 
 
 @dataclass
@@ -81,7 +77,7 @@ class Key:
         return self.step
 
     def part(self, part: int) -> torch.Tensor:
-        name = _PART_NAMES.get(part)
+        name = PART_NAMES.get(part)
         if name is None:
             raise invalid(f"key {self.name!r}: part {part} is not a tensor of a key")
         if part == pb.MAX_EXP_AVG_SQ and self.max_exp_avg_sq is None:
@@ -89,7 +85,11 @@ class Key:
         return getattr(self, name)
 
     def replace_part(self, part: int, tensor: torch.Tensor) -> None:
-        setattr(self, _PART_NAMES[part], tensor)
+        setattr(self, PART_NAMES[part], tensor)
+
+    def held_parts(self) -> list[int]:
+        """The parts this key holds a tensor for (max_exp_avg_sq only once amsgrad has used it)."""
+        return [part for part, name in PART_NAMES.items() if getattr(self, name) is not None]
 
 
 @dataclass(frozen=True)
@@ -251,8 +251,7 @@ class Store:
             self.staleness.record(max(staleness))  # per push: how far behind its oldest key was
             if self._leases:  # a pull is sending some tensors from their keys: never write those
                 for e in entries:
-                    for part in (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ) + ((pb.MAX_EXP_AVG_SQ,)
-                                                                        if e.key.max_exp_avg_sq is not None else ()):
+                    for part in e.key.held_parts():
                         self._own(e.key, part)
             for cfg, group in groups.items():
                 _adam_step(group, cfg)
@@ -368,10 +367,7 @@ class Store:
         with self._lock:
             records = []
             for key in self._keys.values():
-                tensors = {"param": key.param.to("cpu", copy=True), "exp_avg": key.exp_avg.to("cpu", copy=True),
-                           "exp_avg_sq": key.exp_avg_sq.to("cpu", copy=True)}
-                if key.max_exp_avg_sq is not None:
-                    tensors["max_exp_avg_sq"] = key.max_exp_avg_sq.to("cpu", copy=True)
+                tensors = {PART_NAMES[part]: key.part(part).to("cpu", copy=True) for part in key.held_parts()}
                 records.append(KeyRecord(name=key.name, shape=key.shape, step=key.step,
                                          hyper=dataclasses.asdict(key.hyper) if key.hyper else None,
                                          tensors=tensors, info=dict(key.info)))
@@ -386,9 +382,9 @@ class Store:
             keys = {}
             for r in records:
                 t = {n: v.to(self.device) for n, v in r.tensors.items()}
-                keys[r.name] = Key(name=r.name, shape=tuple(r.shape), param=t["param"], exp_avg=t["exp_avg"],
-                                   exp_avg_sq=t["exp_avg_sq"], max_exp_avg_sq=t.get("max_exp_avg_sq"),
-                                   step=r.step, hyper=AdamConfig(**r.hyper) if r.hyper else None,
+                keys[r.name] = Key(name=r.name, shape=tuple(r.shape), param=t["param"],
+                                   exp_avg=t["exp_avg"], exp_avg_sq=t["exp_avg_sq"],
+                                   max_exp_avg_sq=t.get("max_exp_avg_sq"), step=r.step, hyper=AdamConfig(**r.hyper) if r.hyper else None,
                                    info=dict(r.info))
             self.dedupe.load_json(dedupe)
             self._keys = keys

@@ -398,3 +398,20 @@ def test_an_unknown_wire_dtype_is_refused():
         serde.dtype_from_proto(99)
 
     assert err.value.code == StatusCode.INVALID_ARGUMENT
+
+
+def test_adam_options_travel_as_hyper_params_and_back_unchanged():
+    from optserve.hyper import AdamConfig
+
+    cfg = AdamConfig(lr=0.25, beta1=0.5, beta2=0.75, eps=1e-8, weight_decay=0.125, weight_decouple=False,
+                     absolute=True, optimized_update=False, amsgrad=True)
+
+    assert serde.hyper_from_proto(serde.hyper_to_proto(cfg), "test") == cfg
+    assert set(pb.HyperParams.DESCRIPTOR.fields_by_name) == set(serde._HYPER_FIELDS)
+
+
+def test_options_out_of_range_on_the_wire_are_refused_naming_where():
+    with pytest.raises(RequestError, match="hyper\\[0\\]: AdamConfig.lr") as err:
+        serde.hyper_from_proto(pb.HyperParams(lr=-1.0, beta1=0.9, beta2=0.999), "hyper[0]")
+
+    assert err.value.code == StatusCode.INVALID_ARGUMENT
