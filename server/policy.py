@@ -1,7 +1,9 @@
 """When and how a shard applies a push: the training-mode policies (DESIGN.md "Policies").
 
-A policy receives a decoded, validated push and decides when it reaches `Store.apply` and with which
-options; it never does tensor math beyond summing gradients of one sync round.
+A policy receives a decoded, validated push from the request core (server/requests.py) and decides
+when it reaches `Store.apply` and with which options; it never does tensor math beyond summing
+gradients of one sync round. `Policy` is the seam, with its lock and checkpoint rules written on it;
+tests/unit/test_policy.py drives each policy against a bare Store.
 
 - `async`: every push is applied at once, one Adam step per push; never waits.
 - `sync:W[-b]`: per key, gradients of W workers computed on the key's current version are averaged
@@ -19,7 +21,7 @@ import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import ContextManager, Protocol, Sequence
+from typing import ContextManager, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -37,6 +39,7 @@ log = logging.getLogger("optserve.server")
 Update = tuple[Key, int, "AdamConfig | None", dict[int, torch.Tensor]]
 
 
+@runtime_checkable
 class Policy(Protocol):
     """When a validated push reaches `Store.apply`, and with which options: the seam between the
     request core (server/requests.py) and the store.

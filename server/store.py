@@ -101,8 +101,9 @@ class GradEntry:
     pieces: Sequence[tuple[int, torch.Tensor]]
 
     def refuse_if_ahead(self) -> None:
-        """(Under the lock that reads the key's version.) A gradient computed from a version the key
-        has not reached cannot be applied: FAILED_PRECONDITION, reason AHEAD (the client re-pulls)."""
+        """A gradient computed from a version the key has not reached cannot be applied:
+        FAILED_PRECONDITION, reason AHEAD (the client re-pulls). Called under a lock that orders it
+        with the key's steps: the store's (Store.apply), or the sync policy's (its rounds)."""
         if self.version_read > self.key.version:
             raise RequestError(StatusCode.FAILED_PRECONDITION,
                                f"key {self.key.name!r}: gradient computed from version {self.version_read}, "
