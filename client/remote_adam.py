@@ -136,6 +136,28 @@ def _check_options(lr, betas, eps, weight_decay, foreach, fused) -> None:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
+def _check_arguments(servers, init: str, capturable: bool, differentiable: bool, wire_dtype: torch.dtype,
+                     pull_dtype: torch.dtype, chunk_bytes: int, max_message_bytes: int,
+                     bucket_bytes: int) -> list[str]:
+    """RemoteAdam's own arguments (torch's are _check_options'); returns the server list."""
+    if capturable or differentiable:
+        raise ValueError("RemoteAdam applies Adam on the shards: capturable=True (CUDA graphs) and "
+                         "differentiable=True (autograd through step) cannot apply; leave them False")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    servers = [servers] if isinstance(servers, str) else list(servers)
+    if not servers:
+        raise ValueError("RemoteAdam needs at least one server address")
+    for name, dtype in (("wire_dtype", wire_dtype), ("pull_dtype", pull_dtype)):
+        if dtype not in WIRE_DTYPES:
+            raise ValueError(f"{name} must be one of {list(WIRE_DTYPES)}, got {dtype}")
+    if not 4096 <= chunk_bytes <= max_message_bytes - (64 << 10):
+        raise ValueError(f"chunk_bytes must be in 4096..{max_message_bytes - (64 << 10)}, got {chunk_bytes}")
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    return servers
+
+
 class _ShardState(MutableMapping):
     """`opt.state`: each parameter's Adam state as torch's Adam keeps it, fetched from the shards on
     access (one fetch per parameter, kept until the next step or load), so step() pays nothing for it.
@@ -271,22 +293,10 @@ class RemoteAdam(torch.optim.Optimizer):
                  tls: bool = False, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,
                  token: str | None = None, client_id: str | None = None, data_channel: bool = True):
+        # 1. check the options (torch's checks in torch's words, then RemoteAdam's own)
         _check_options(lr, betas, eps, weight_decay, foreach, fused)
-        if capturable or differentiable:
-            raise ValueError("RemoteAdam applies Adam on the shards: capturable=True (CUDA graphs) and "
-                             "differentiable=True (autograd through step) cannot apply; leave them False")
-        if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
-        servers = [servers] if isinstance(servers, str) else list(servers)
-        if not servers:
-            raise ValueError("RemoteAdam needs at least one server address")
-        for name, dtype in (("wire_dtype", wire_dtype), ("pull_dtype", pull_dtype)):
-            if dtype not in WIRE_DTYPES:
-                raise ValueError(f"{name} must be one of {list(WIRE_DTYPES)}, got {dtype}")
-        if not 4096 <= chunk_bytes <= max_message_bytes - (64 << 10):
-            raise ValueError(f"chunk_bytes must be in 4096..{max_message_bytes - (64 << 10)}, got {chunk_bytes}")
-        if bucket_bytes < 1:
-            raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        servers = _check_arguments(servers, init, capturable, differentiable, wire_dtype, pull_dtype,
+                                   chunk_bytes, max_message_bytes, bucket_bytes)
         if decoupled_weight_decay is not None:  # torch >= 2.6's name for AdamW's decay
             weight_decouple = bool(decoupled_weight_decay)
         betas = tuple(float(b) for b in betas)
@@ -309,6 +319,26 @@ class RemoteAdam(torch.optim.Optimizer):
         # Shards apply each (push_id, seq) once: a fresh id per instance keeps a rebuilt or restarted
         # worker with the same client_id (seq starting at 1 again) from being answered as a retry.
         self.push_id = f"{client_id}/{uuid.uuid4().hex[:12]}" if client_id else self.client_id
+        self._init_tracking(len(servers))
+
+        # 2. connect; 3. place the parameters on the shards and register them
+        self._connect(servers, Security.from_env(tls, root_certificates, certificate_chain, private_key, token),
+                      timeout, chunk_bytes, max_message_bytes, RetryPolicy(budget=retry_budget), data_channel)
+        try:
+            self._check_topology(connect_timeout)
+            self._place(self.param_groups, names)
+            if overlap:
+                self._bucket_bytes = bucket_bytes
+                self._setup_overlap()
+        except BaseException:
+            self.close()
+            raise
+        self.state = _ShardState(self)
+
+    # -- construction ----------------------------------------------------------------------------
+
+    def _init_tracking(self, num_shards: int) -> None:
+        """What the optimizer keeps about its parameters, keys, pushes and snapshots (no Adam state)."""
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._sync = True
@@ -322,7 +352,7 @@ class RemoteAdam(torch.optim.Optimizer):
         self._group_of: dict[torch.Tensor, int] = {}
         self._placed: dict[torch.Tensor, list[Placement]] = {}
         self.placements: list[Placement] = []
-        self._by_shard: list[list[Placement]] = [[] for _ in servers]
+        self._by_shard: list[list[Placement]] = [[] for _ in range(num_shards)]
         # What the model holds, per parameter: the version counter seen when the optimizer last wrote
         # or read the shards' values into it (pulls write through .data, which leaves it alone), and
         # whether its values are the user's (registered from the model, init="model") rather than
@@ -335,23 +365,12 @@ class RemoteAdam(torch.optim.Optimizer):
         self._user_values: set[int] = set()
         self._staging: dict[torch.Tensor, torch.Tensor] = {}  # contiguous stand-ins of strided params
 
-        retry = RetryPolicy(budget=retry_budget)
-        security = Security.from_env(tls, root_certificates, certificate_chain, private_key, token)
+    def _connect(self, servers: Sequence[str], security: Security, timeout: float, chunk_bytes: int,
+                 max_message_bytes: int, retry: RetryPolicy, data_channel: bool) -> None:
+        """A client per shard (channels open lazily) and a thread per shard for the fan-out."""
         self._shards = [ShardClient(a, timeout=timeout, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes,
                                     retry=retry, security=security, data_channel=data_channel) for a in servers]
         self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="remote-adam")
-        try:
-            self._check_topology(connect_timeout)
-            self._place(self.param_groups, names)
-            if overlap:
-                self._bucket_bytes = bucket_bytes
-                self._setup_overlap()
-        except BaseException:
-            self.close()
-            raise
-        self.state = _ShardState(self)
-
-    # -- construction ----------------------------------------------------------------------------
 
     def _check_topology(self, connect_timeout: float) -> None:
         hellos = self._fan_out(lambda s: s.hello(wait=connect_timeout))

@@ -141,6 +141,8 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 class DataServer:
+    """The data channel's listener: `bind()` takes the port, `start()` accepts, `stop()` drains."""
+
     def __init__(self, core: RequestCore, host: str, port: int, token: str = "",
                  ssl_context: ssl.SSLContext | None = None, max_connections: int = 256,
                  max_meta_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
@@ -149,15 +151,20 @@ class DataServer:
         self._ssl = ssl_context
         self._max_connections = max_connections
         self._max_meta = max_meta_bytes  # a request's head, bounded like a gRPC message
-        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-        self._sock = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
-        self.port = self._sock.getsockname()[1]
+        self._address = (host.strip("[]"), port)
+        self._sock: socket.socket | None = None
+        self.port = 0  # bound: the port taken (any free one for 0)
         self._lock = threading.Condition()
         self._conns: set[socket.socket] = set()  # as served: the TLS socket once wrapped
         self._pending = 0  # accepted, not yet authenticated
         self._in_flight = 0
         self._closing = False
         self._thread = threading.Thread(target=self._accept, name="data-accept", daemon=True)
+
+    def bind(self) -> None:
+        family = socket.AF_INET6 if ":" in self._address[0] else socket.AF_INET
+        self._sock = socket.create_server(self._address, family=family, backlog=128)
+        self.port = self._sock.getsockname()[1]
 
     def start(self) -> None:
         self._thread.start()
@@ -169,9 +176,12 @@ class DataServer:
         client sees a broken connection and retries (exactly once, against the restarted shard)."""
         with self._lock:
             self._closing = True
+        if self._sock is None:  # never bound
+            return
         _shutdown(self._sock)  # wakes the blocked accept()
         self._sock.close()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         with self._lock:
             self._lock.wait_for(lambda: self._in_flight == 0, timeout=grace or 0)
             conns = list(self._conns)

@@ -240,8 +240,9 @@ class Checkpointer:
 
 
 class Shard:
-    """One shard's process-level pieces, wired: store, policy, servicer, grpc server, health,
-    reflection, checkpoints and metrics. `start()` binds and serves; `stop()` ends it."""
+    """One shard's process-level pieces, wired: store, policy, request core, its two doors (gRPC
+    servicer, data channel), health, reflection, checkpoints and metrics. Named phases: the
+    constructor wires and binds nothing; `start()` binds every port, restores, serves; `stop()` drains."""
 
     def __init__(self, cfg: ServerConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()):
         self.cfg = cfg
@@ -281,25 +282,16 @@ class Shard:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        address = f"{_bracketed(cfg.host)}:{cfg.port}"
-        credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
+        self._credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
             if cfg.tls_cert else None
-        with _binding(address):
-            self.port = self.server.add_secure_port(address, credentials) if credentials \
-                else self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise BindError(f"could not bind {address}")
         self.data = None
         if cfg.data_port >= 0:
             ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
                 if cfg.tls_cert else None
-            # on failure, the gRPC port bound above is released
-            with _binding(f"the data channel on {_bracketed(cfg.host)}:{cfg.data_port}",
-                          lambda: self.server.stop(None)):
-                self.data = DataServer(self.core, cfg.host, cfg.data_port, token, ssl_context,
-                                       max_meta_bytes=cfg.max_message_bytes)
-            self.core.data_port = self.data.port
+            self.data = DataServer(self.core, cfg.host, cfg.data_port, token, ssl_context,
+                                   max_meta_bytes=cfg.max_message_bytes)
         self.token = bool(token)
+        self.port = 0  # the gRPC port, once start() bound it
         self.metrics_port = None
 
     @property
@@ -311,8 +303,26 @@ class Shard:
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
+    def _bind(self) -> None:
+        """Bind the gRPC port, then the data channel's (BindError naming the port; then nothing stays
+        bound)."""
+        address = f"{_bracketed(self.cfg.host)}:{self.cfg.port}"
+        with _binding(address):
+            self.port = self.server.add_secure_port(address, self._credentials) if self._credentials \
+                else self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise BindError(f"could not bind {address}")
+        if self.data is not None:
+            # on failure, the gRPC port bound above is released
+            with _binding(f"the data channel on {_bracketed(self.cfg.host)}:{self.cfg.data_port}",
+                          lambda: self.server.stop(None)):
+                self.data.bind()
+            self.core.data_port = self.data.port
+
     def start(self) -> None:
-        """Serve: health says NOT_SERVING (and calls get UNAVAILABLE) until a checkpoint is restored."""
+        """Bind, then serve: health says NOT_SERVING (and calls get UNAVAILABLE) until a checkpoint is
+        restored."""
+        self._bind()
         self._set_health(False)
         self.core.ready.clear()
         self.server.start()

@@ -410,6 +410,7 @@ def test_the_accept_loop_survives_an_accept_error():
 
     with running(data_port=-1) as shard:
         server = DataServer(shard.core, "127.0.0.1", 0)
+        server.bind()
         server._sock = FailsOnce(server._sock)
         server.start()
         try:
