@@ -21,6 +21,7 @@ demo: install
 	$(VENV)/bin/optserve demo
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # About 3-10 minutes here; `make bench ARGS=--quick` runs a reduced set in under 2 minutes.

@@ -143,7 +143,8 @@ class DataChannel:
                 sock.close()
             if not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
                 # certificates or protocol: an error, as it is on gRPC (not retried)
-                raise DataCallError(grpc.StatusCode.UNAVAILABLE, f"data channel: TLS handshake failed: {exc}") from None
+                raise DataCallError(grpc.StatusCode.UNAVAILABLE, "data channel: TLS handshake failed: "
+                                                                 f"{exc}") from None
             return self._unreachable(port, exc)  # the peer hung up mid-handshake
         except OSError as exc:  # refused, timed out, or not an optserve data port
             if sock is not None:
@@ -217,7 +218,7 @@ class DataChannel:
                 with self._lock:
                     self._idle.append(conn)
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - closed, and raised again as what it means
             conn.close()
             raise self._failure(exc) from None
         with self._lock:
@@ -241,7 +242,8 @@ class DataChannel:
             raise DataCallError(code, message, reason)
         return meta, data_len
 
-    def _send(self, conn: _Conn, kind: int, message, items: Sequence[Outgoing], wire_dtype: torch.dtype) -> None:
+    def _send(self, conn: _Conn, kind: int, message, items: Sequence[Outgoing],
+              wire_dtype: torch.dtype) -> None:
         message.segments.extend(whole_segments(items))
         send_frame(conn.sock, kind, message.SerializeToString(), items, wire_dtype)
 
@@ -255,7 +257,8 @@ class DataChannel:
         conn.receiver.segments(pull_expected(head, dests), reply.segments, data_len, dests)
         return head
 
-    def push(self, conn: _Conn, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype) -> pb.PushReply:
+    def push(self, conn: _Conn, head: pb.PushHead, grads: Sequence[Outgoing],
+             wire_dtype: torch.dtype) -> pb.PushReply:
         self._send(conn, PUSH, pb.PushRequest(head=head), grads, wire_dtype)
         meta, _ = self._reply(conn)
         return pb.PushReply.FromString(meta)

@@ -71,8 +71,8 @@ def gather(addresses: Sequence[str], timeout: float = 300.0, security: Security 
                                  f"(or key {key!r} overlaps another); list every shard")
             at = stop
         if at != flat[name].numel():
-            raise ValueError(f"parameter {name!r}: elements [{at}, {flat[name].numel()}) are on no shard given; "
-                             f"list every shard")
+            raise ValueError(f"parameter {name!r}: elements [{at}, {flat[name].numel()}) are on no shard "
+                             f"given; list every shard")
     return {name: t.reshape(shapes[name]) for name, t in flat.items()}
 
 

@@ -5,7 +5,8 @@ its flattened elements named `name[start:stop]`. Slices start at multiples of hy
 (`slice_elements` is rounded up to one), which keeps the numbers bitwise identical to one shard.
 Placement is greedy: each key goes to the shard holding the fewest elements so far (the lowest index
 on ties). Slices of large tensors are placed first and whole tensors after, each in name order, so
-the large pieces spread first and the small ones fill the gaps. Adam is elementwise, so any partition gives the same numbers as one shard.
+the large pieces spread first and the small ones fill the gaps. Adam is elementwise, so any partition gives
+the same numbers as one shard.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class Placement:
 
 
 def partition(named_shapes: Sequence[tuple[str, Sequence[int]]], num_shards: int,
-              slice_elements: int = DEFAULT_SLICE_ELEMENTS, load: Sequence[int] | None = None) -> list[Placement]:
+              slice_elements: int = DEFAULT_SLICE_ELEMENTS,
+              load: Sequence[int] | None = None) -> list[Placement]:
     """Place every parameter on the shards; returns placements in parameter order, slices in order.
 
     load: the elements each shard already holds (parameters placed before, by add_param_group); the

@@ -70,15 +70,17 @@ def _named_groups(params) -> tuple[list[dict[str, Any]], list[str]]:
         ps = group["params"]
         if isinstance(ps, set):
             raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
-                            "ordering of tensors in sets will change between runs. Please use a list instead.")
+                            "ordering of tensors in sets will change between runs. Please use a list "
+                            "instead.")
         ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
         tensors, group_names = [], []
         kinds = {isinstance(item, tuple) for item in ps}
         if len(kinds) > 1:  # torch's words, here and below
-            raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            raise ValueError("all optimizer params should be with/without names. Some param names are "
+                             "missing")
         if kinds and named is not None and kinds != {named}:
-            raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
-                             f"{'with names' if named is False else 'without names'} to the optimizer")
+            raise ValueError("all optimizer param groups should be with/without names. cannot add param "
+                             f"group {'with names' if named is False else 'without names'} to the optimizer")
         for item in ps:
             is_named = isinstance(item, tuple)
             named = is_named
@@ -131,7 +133,8 @@ def _check_options(lr, betas, eps, weight_decay, foreach, fused) -> None:
     for i, b in enumerate(betas):
         if isinstance(b, torch.Tensor):
             if foreach:
-                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and "
+                                 "foreach=True")
             if b.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
@@ -198,7 +201,8 @@ class _ShardState(MutableMapping):
             return
         current = self[p]
         same = isinstance(value, dict) and value.keys() == current.keys() and all(
-            value[k] is current[k] or (isinstance(value[k], torch.Tensor) and value[k].device == current[k].device
+            value[k] is current[k] or (isinstance(value[k], torch.Tensor)
+                                       and value[k].device == current[k].device
                                        and torch.equal(value[k], current[k])) for k in current)
         if not same:
             raise TypeError("RemoteAdam's Adam state lives on the shards: change it with load_state_dict(), "
@@ -212,7 +216,8 @@ class _ShardState(MutableMapping):
 
     def _stepped(self) -> list[torch.Tensor]:
         versions = self._opt.versions
-        return [p for p in self._opt._names if any(versions.get(pl.key, 0) > 0 for pl in self._opt._placed[p])]
+        return [p for p in self._opt._names
+                if any(versions.get(pl.key, 0) > 0 for pl in self._opt._placed[p])]
 
     def __iter__(self):
         return iter(self._stepped() + list(self.extra))
@@ -322,8 +327,9 @@ class RemoteAdam(torch.optim.Optimizer):
         self._init_tracking(len(servers))
 
         # 2. connect; 3. place the parameters on the shards and register them
-        self._connect(servers, Security.from_env(tls, root_certificates, certificate_chain, private_key, token),
-                      timeout, chunk_bytes, max_message_bytes, RetryPolicy(budget=retry_budget), data_channel)
+        security = Security.from_env(tls, root_certificates, certificate_chain, private_key, token)
+        self._connect(servers, security, timeout, chunk_bytes, max_message_bytes,
+                      RetryPolicy(budget=retry_budget), data_channel)
         try:
             self._check_topology(connect_timeout)
             self._place(self.param_groups, names)
@@ -368,8 +374,9 @@ class RemoteAdam(torch.optim.Optimizer):
     def _connect(self, servers: Sequence[str], security: Security, timeout: float, chunk_bytes: int,
                  max_message_bytes: int, retry: RetryPolicy, data_channel: bool) -> None:
         """A client per shard (channels open lazily) and a thread per shard for the fan-out."""
-        self._shards = [ShardClient(a, timeout=timeout, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes,
-                                    retry=retry, security=security, data_channel=data_channel) for a in servers]
+        self._shards = [ShardClient(a, timeout=timeout, chunk_bytes=chunk_bytes,
+                                    max_message_bytes=max_message_bytes, retry=retry, security=security,
+                                    data_channel=data_channel) for a in servers]
         self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="remote-adam")
 
     def _check_topology(self, connect_timeout: float) -> None:
@@ -426,8 +433,8 @@ class RemoteAdam(torch.optim.Optimizer):
         missing = [pl for pl in placements if pl.key not in existing]
         if missing:
             # Only this worker's values for keys no one has registered; existing keys keep theirs.
-            head = pb.RegisterHead(**base | {"keys": [s for s, pl in zip(specs, placements) if pl in missing]},
-                                   with_values=True)
+            mine = [s for s, pl in zip(specs, placements) if pl in missing]
+            head = pb.RegisterHead(**base | {"keys": mine}, with_values=True)
             reply = shard.register(head, [Outgoing(i, pb.PARAM, self._flat(pl, self._model_values(pl)))
                                           for i, pl in enumerate(missing)])
             existing |= {pl.key for pl, st in zip(missing, reply.keys) if not st.created}  # lost a race
@@ -436,7 +443,8 @@ class RemoteAdam(torch.optim.Optimizer):
             self._write_shard(placements[0].shard, [pl for pl in placements if pl.key in existing], {})
             existing = set()
         with torch.no_grad():  # adopt the shard's values (another worker's, if it registered first)
-            head = shard.pull(pb.PullRequest(keys=[pl.key for pl in placements]), self._param_sink(placements))
+            head = shard.pull(pb.PullRequest(keys=[pl.key for pl in placements]),
+                              self._param_sink(placements))
         self._unstage(placements)
         self._note_versions(head)
         return existing
@@ -460,7 +468,8 @@ class RemoteAdam(torch.optim.Optimizer):
         return results
 
     def _flat(self, pl: Placement, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1)[pl.start:pl.stop] if t.is_contiguous() else t.contiguous().view(-1)[pl.start:pl.stop]
+        flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1)
+        return flat[pl.start:pl.stop]
 
     def _model_values(self, pl: Placement) -> torch.Tensor:
         """The model's own values of a key's parameter, contiguous (a copy for strided parameters)."""
@@ -540,7 +549,8 @@ class RemoteAdam(torch.optim.Optimizer):
                 raise ValueError(f"parameter {name!r} is already in this optimizer as {self._names[p]!r}")
         _config(dict(self.defaults, **group))
         if self.overlap and self._inflight:
-            raise RuntimeError("add_param_group while gradients are in flight (overlap=True): call step() first")
+            raise RuntimeError("add_param_group while gradients are in flight (overlap=True): call step() "
+                               "first")
         super().add_param_group(group)
         try:
             self._place([self.param_groups[-1]], names)
@@ -556,8 +566,8 @@ class RemoteAdam(torch.optim.Optimizer):
                         "them too; save opt.state_dict() and load it into another RemoteAdam instead")
 
     def __reduce_ex__(self, protocol):
-        raise TypeError("a RemoteAdam cannot be pickled: its state lives on the shards; save opt.state_dict() "
-                        "(torch.save) and load it into a new RemoteAdam instead")
+        raise TypeError("a RemoteAdam cannot be pickled: its state lives on the shards; save "
+                        "opt.state_dict() (torch.save) and load it into a new RemoteAdam instead")
 
     def _next_seq(self) -> int:
         with self._seq_lock:  # hooks push from autograd's thread, step() from the caller's
@@ -576,9 +586,9 @@ class RemoteAdam(torch.optim.Optimizer):
                 g = p.grad.reshape(-1) if p.grad.is_contiguous() else p.grad.contiguous().view(-1)
                 flat[p] = g.neg() if self.param_groups[gi]["maximize"] else g
             grads.append(Outgoing(i, pb.GRAD, flat[p][pl.start:pl.stop]))
-        head = pb.PushHead(client_id=self.push_id, seq=self._next_seq(), wire_dtype=dtype_to_proto(self.wire_dtype),
-                           entries=entries, hyper=hyper, pull_dtype=dtype_to_proto(self.pull_dtype),
-                           pull_keys=pull_keys)
+        head = pb.PushHead(client_id=self.push_id, seq=self._next_seq(),
+                           wire_dtype=dtype_to_proto(self.wire_dtype), entries=entries, hyper=hyper,
+                           pull_dtype=dtype_to_proto(self.pull_dtype), pull_keys=pull_keys)
         return head, grads
 
     def _note_staleness(self, keys: Iterable[str], reply: pb.PushReply) -> None:
@@ -653,9 +663,11 @@ class RemoteAdam(torch.optim.Optimizer):
                 return
             pushed = [pl for pl in placements if self._params_by_name[pl.param].grad is not None]
             pushed_keys = {pl.key for pl in pushed}
-            head, grads = self._push_head(pushed, hyper, [pl.key for pl in placements if pl.key not in pushed_keys])
+            head, grads = self._push_head(pushed, hyper,
+                                          [pl.key for pl in placements if pl.key not in pushed_keys])
             try:
-                reply = self._shards[index].push_pull(head, grads, self.wire_dtype, self._param_sink(placements))
+                reply = self._shards[index].push_pull(head, grads, self.wire_dtype,
+                                                      self._param_sink(placements))
             except ShardError as exc:
                 if exc.code == grpc.StatusCode.NOT_FOUND:
                     self._reregister(index, exc)
@@ -754,7 +766,8 @@ class RemoteAdam(torch.optim.Optimizer):
             if mine:
                 head, grads = self._push_head(mine, hyper)
                 future = self._pool.submit(self._shards[index].push, head, grads, self.wire_dtype)
-                self._inflight.append((index, [(pl.key, self.versions[pl.key]) for pl in mine], hyper, future))
+                read = [(pl.key, self.versions[pl.key]) for pl in mine]
+                self._inflight.append((index, read, hyper, future))
 
     def _finish_overlapped_step(self) -> None:
         """Push what the hooks did not (unused or no_sync-accumulated gradients), wait, pull all."""
@@ -805,8 +818,8 @@ class RemoteAdam(torch.optim.Optimizer):
             raise RuntimeError(
                 f"the gradient of {altered[:4]} changed after backward() had pushed it (overlap=True sends "
                 f"gradients during backward): gradient clipping (clip_grad_norm_, Trainer's max_grad_norm, "
-                f"Lightning's gradient_clip_val) or GradScaler.unscale_ changed .grad in place afterwards, so "
-                f"the shards applied the unchanged gradient. Use overlap=False with them, or transform "
+                "Lightning's gradient_clip_val) or GradScaler.unscale_ changed .grad in place afterwards, "
+                f"so the shards applied the unchanged gradient. Use overlap=False with them, or transform "
                 f"gradients in the loss or in hooks")
 
     @contextlib.contextmanager
@@ -831,7 +844,8 @@ class RemoteAdam(torch.optim.Optimizer):
         params = list(self._names) if params is None else list(params)
         names = self._state_names()
         parts = [ADAM_STATE[n] for n in names]
-        tensors = {p: {n: torch.zeros(p.shape, dtype=p.dtype, device=p.device) for n in names} for p in params}
+        tensors = {p: {n: torch.zeros(p.shape, dtype=p.dtype, device=p.device) for n in names}
+                   for p in params}
         steps: dict[torch.Tensor, set[int]] = {p: set() for p in params}
         versions: dict[str, int] = {}
         placements = [pl for p in params for pl in self._placed[p]]
@@ -905,7 +919,8 @@ class RemoteAdam(torch.optim.Optimizer):
                     g.setdefault(option, self.defaults[option])
                 _config(g)
             state = {p: v for p, v in self.state.items() if isinstance(p, torch.Tensor) and p in self._names}
-            extra = {k: v for k, v in self.state.items() if not (isinstance(k, torch.Tensor) and k in self._names)}
+            extra = {k: v for k, v in self.state.items()
+                     if not (isinstance(k, torch.Tensor) and k in self._names)}
             self.state = shard_state
             meta = state_dict.get(_META) or {}
             if meta.get("snapshot") not in self._snapshots:
@@ -929,10 +944,10 @@ class RemoteAdam(torch.optim.Optimizer):
                 s = int(versions_read.get(pl.key, step))
                 if not user and self.versions[pl.key] != s:
                     raise ValueError(
-                        f"load_state_dict: parameter {name!r}: this state is of step {s}, but the model holds "
-                        f"the shards' values of step {self.versions[pl.key]} (adopted when RemoteAdam was "
-                        f"built, or pulled by the last step()); pairing them would step one step's weights "
-                        f"with another's moments. Load the model weights saved with this state first "
+                        f"load_state_dict: parameter {name!r}: this state is of step {s}, but the model "
+                        f"holds the shards' values of step {self.versions[pl.key]} (adopted when RemoteAdam "
+                        "was built, or pulled by the last step()); pairing them would step one step's "
+                        f"weights with another's moments. Load the model weights saved with this state first "
                         f"(model.load_state_dict), then this state; to resume a checkpoint against shards "
                         f"that are still running, build RemoteAdam(..., init='model')")
                 keys.append(pl)
@@ -972,7 +987,8 @@ class RemoteAdam(torch.optim.Optimizer):
             mine = [pl for pl in placements if pl.shard == index]
             if not mine:
                 return
-            head = pb.RegisterHead(keys=[pb.KeySpec(name=pl.key, shape=pl.shape, dtype=pb.FLOAT32) for pl in mine],
+            head = pb.RegisterHead(keys=[pb.KeySpec(name=pl.key, shape=pl.shape, dtype=pb.FLOAT32)
+                                         for pl in mine],
                                    shard_index=index, num_shards=len(self._shards), with_values=False)
             for pl, st in zip(mine, self._shards[index].register(head).keys):
                 out[pl.key] = int(st.version)
@@ -990,7 +1006,8 @@ class RemoteAdam(torch.optim.Optimizer):
 
     def _write_shard(self, index: int, placements: Sequence[Placement],
                      state: dict[torch.Tensor, dict[str, Any]] | None,
-                     bounds: dict[str, int | None] | None = None, steps: dict[str, int] | None = None) -> None:
+                     bounds: dict[str, int | None] | None = None,
+                     steps: dict[str, int] | None = None) -> None:
         """One shard's part of _write_keys (called directly where a fan-out is already running)."""
         if not placements:
             return
@@ -1042,6 +1059,7 @@ def _config(group: dict[str, Any]) -> AdamConfig:
     """A group's options as the shard will apply them (validated: ValueError names the bad one)."""
     beta1, beta2 = group["betas"]
     return AdamConfig(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                      weight_decay=float(group["weight_decay"]), weight_decouple=bool(group["weight_decouple"]),
+                      weight_decay=float(group["weight_decay"]),
+                      weight_decouple=bool(group["weight_decouple"]),
                       absolute=bool(group["absolute"]), optimized_update=bool(group["optimized_update"]),
                       amsgrad=bool(group["amsgrad"]))

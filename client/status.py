@@ -52,7 +52,7 @@ def render(shards: list[dict], out: TextIO) -> None:
         print(f"  keys {len(s['keys'])}  pushes {s['pushes']}  pulls {s['pulls']}  "
               f"bytes in {s['bytes_in']}  out {s['bytes_out']}  rejected {s['rejected']}  "
               f"duplicates {s['duplicates']}  dropped {s['dropped']}", file=out)
-        print(f"  data channel: " + (f"port {h['data_port']}, {s['data_calls']} calls"
+        print("  data channel: " + (f"port {h['data_port']}, {s['data_calls']} calls"
                                      if h["data_port"] else "none (tensors over gRPC)"), file=out)
         hist = s["staleness"]["histogram"]
         top = max((i for i, n in enumerate(hist) if n), default=0)
@@ -67,8 +67,8 @@ def render(shards: list[dict], out: TextIO) -> None:
             for k in s["keys"]:
                 shape = "x".join(str(d) for d in k["shape"]) or "scalar"
                 ks = k["staleness"]
-                print(f"  {k['key']:<{width}}  {shape:<16} {k['version']:>8} {k['pushes']:>8} {k['dropped']:>8} "
-                      f"{ks['mean']:>10.2f} {ks['max']:>5}", file=out)
+                print(f"  {k['key']:<{width}}  {shape:<16} {k['version']:>8} {k['pushes']:>8} "
+                      f"{k['dropped']:>8} {ks['mean']:>10.2f} {ks['max']:>5}", file=out)
 
 
 def health_main(address: str, security: Security | None, out: TextIO) -> int:
@@ -84,7 +84,8 @@ def health_main(address: str, security: Security | None, out: TextIO) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def status_main(addresses: Sequence[str], as_json: bool, out: TextIO, security: Security | None = None) -> int:
+def status_main(addresses: Sequence[str], as_json: bool, out: TextIO,
+                security: Security | None = None) -> int:
     shards = collect(addresses, security=security)
     if as_json:
         json.dump(shards, out, indent=2)

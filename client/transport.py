@@ -35,7 +35,8 @@ Sink = Callable[[pb.PullHead], dict[tuple[int, int], torch.Tensor]]
 
 # CANCELLED too: optserve never cancels its own calls, so a CANCELLED comes from a shard shutting down
 # with the call in flight; retrying is safe because every push is applied once per (client_id, seq).
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.CANCELLED})
 # An UNAVAILABLE that is a failed TLS handshake will not heal by waiting: it is not retried. Phrases
 # of handshake failures only (grpc's "Tls handshake failed ... SSL_ERROR_SSL", the data channel's
 # "TLS handshake failed", Python's "certificate verify failed"), matched with the target address
@@ -111,7 +112,8 @@ class ShardError(RuntimeError):
         self.method = method
         self.code = code
         self.details = details
-        self.reason = reason  # the shard's `optserve-reason` trailing metadata (errors.STALE, errors.AHEAD, ...)
+        # the shard's `optserve-reason` trailing metadata (errors.STALE, errors.AHEAD, ...)
+        self.reason = reason
 
 
 class ShardClient:
@@ -133,11 +135,13 @@ class ShardClient:
         c = self.channel
         self._hello = c.unary_unary(_METHOD + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
                                     response_deserializer=pb.HelloReply.FromString)
-        self._register = c.stream_unary(_METHOD + "Register", response_deserializer=pb.RegisterReply.FromString)
+        self._register = c.stream_unary(_METHOD + "Register",
+                                        response_deserializer=pb.RegisterReply.FromString)
         self._push = c.stream_unary(_METHOD + "Push", response_deserializer=pb.PushReply.FromString)
         self._pull = c.unary_stream(_METHOD + "Pull", request_serializer=pb.PullRequest.SerializeToString)
         self._push_pull = c.stream_stream(_METHOD + "PushPull")
-        self._set_state = c.stream_unary(_METHOD + "SetState", response_deserializer=pb.SetStateReply.FromString)
+        self._set_state = c.stream_unary(_METHOD + "SetState",
+                                         response_deserializer=pb.SetStateReply.FromString)
         self._stats = c.unary_unary(_METHOD + "Stats", request_serializer=pb.StatsRequest.SerializeToString,
                                     response_deserializer=pb.StatsReply.FromString)
         self._checkpoint = c.unary_unary(_METHOD + "Checkpoint",
@@ -176,7 +180,8 @@ class ShardClient:
                 details = (exc.details() or "").lower().replace(self.address.lower(), "")
                 tls_failure = any(phrase in details for phrase in _TLS_FAILURE)
                 if code not in RETRYABLE or tls_failure or time.monotonic() + pause > give_up:
-                    trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+                    trailing = dict(exc.trailing_metadata() or ()) \
+                        if hasattr(exc, "trailing_metadata") else {}
                     raise ShardError(self.address, method, code, exc.details(),
                                      trailing.get(REASON_METADATA, "")) from None
                 log.info("%s on %s: %s (%s); retrying in %.2f s", method, self.address, code.name,
@@ -195,7 +200,8 @@ class ShardClient:
         return self._hello(pb.HelloRequest(), timeout=self.timeout, metadata=self._md)
 
     def stats(self) -> pb.StatsReply:
-        return self._call("Stats", lambda: self._stats(pb.StatsRequest(), timeout=self.timeout, metadata=self._md))
+        return self._call("Stats", lambda: self._stats(pb.StatsRequest(), timeout=self.timeout,
+                                                       metadata=self._md))
 
     def checkpoint(self) -> pb.CheckpointReply:
         return self._call("Checkpoint", lambda: self._checkpoint(pb.CheckpointRequest(), timeout=self.timeout,
@@ -203,7 +209,8 @@ class ShardClient:
 
     def register(self, head: pb.RegisterHead, values: Sequence[Outgoing] = ()) -> pb.RegisterReply:
         return self._call("Register", lambda: self._register(
-            self._stream(pb.RegisterRequest, head, values, torch.float32), timeout=self.timeout, metadata=self._md))
+            self._stream(pb.RegisterRequest, head, values, torch.float32), timeout=self.timeout,
+            metadata=self._md))
 
     def push(self, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype) -> pb.PushReply:
         return self._call("Push", lambda: self._either(
@@ -228,7 +235,8 @@ class ShardClient:
 
     def set_state(self, head: pb.SetStateHead, items: Sequence[Outgoing]) -> pb.SetStateReply:
         return self._call("SetState", lambda: self._set_state(
-            self._stream(pb.SetStateRequest, head, items, torch.float32), timeout=self.timeout, metadata=self._md))
+            self._stream(pb.SetStateRequest, head, items, torch.float32), timeout=self.timeout,
+            metadata=self._md))
 
     def health(self) -> str:
         """The standard grpc.health.v1 status of the shard ("SERVING", "NOT_SERVING", ...)."""

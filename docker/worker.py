@@ -55,7 +55,8 @@ def main() -> int:
     sklearn, _, _ = demo.require_demo_packages()
     x_train, y_train, x_test, y_test = demo.load_digits(sklearn, cfg.seed)
     # The demo's split: every worker computes the same shuffle and takes its own part.
-    share = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed)).chunk(cfg.workers)[index]
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))
+    share = order.chunk(cfg.workers)[index]
     remote = dict(lr=cfg.lr, **demo.ADAM_OPTIONS, **demo.REMOTE_ONLY_OPTIONS, **security)
     print(f"{name}: {len(share)} training images, {cfg.steps} steps of batch {cfg.batch_size} against "
           f"{', '.join(servers)}", flush=True)
@@ -64,7 +65,8 @@ def main() -> int:
     start = time.perf_counter()
     loss = float("nan")
     with RemoteAdam(model.named_parameters(), servers=servers, **remote) as opt:
-        batches = demo.batches(x_train[share], y_train[share], cfg.batch_size, cfg.steps, cfg.seed + 1 + index)
+        batches = demo.batches(x_train[share], y_train[share], cfg.batch_size, cfg.steps,
+                               cfg.seed + 1 + index)
         for step, (xb, yb) in enumerate(batches, 1):
             loss = demo.train_step(model, opt, xb, yb)
             if step % every == 0 or step == cfg.steps:

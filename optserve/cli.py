@@ -40,7 +40,8 @@ def _security(args: argparse.Namespace):
 
     token = load_token(args.token_file) or None  # an empty file is an error, as it is for serve
     return Security.from_env(tls=bool(args.tls_ca), root_certificates=read(args.tls_ca),
-                             certificate_chain=read(args.tls_cert), private_key=read(args.tls_key), token=token)
+                             certificate_chain=read(args.tls_cert), private_key=read(args.tls_key),
+                             token=token)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="run one shard"))
-    status = sub.add_parser("status", help="print each shard's keys, versions, pushes, staleness, checkpoint, data channel")
+    status = sub.add_parser("status", help="print each shard's keys, versions, pushes, staleness, "
+                                           "checkpoint, data channel")
     status.add_argument("addresses", nargs="+", metavar="ADDR", help="shard addresses (host:port)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     health = sub.add_parser("health", help="exit 0 when the shard's grpc.health.v1 status is SERVING")

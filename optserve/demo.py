@@ -156,22 +156,26 @@ def _run_optserve(cfg: DemoConfig, x_train, y_train, x_test, y_test, tqdm, progr
     wire = getattr(torch, cfg.wire_dtype)
     remote = dict(lr=cfg.lr, **ADAM_OPTIONS, **REMOTE_ONLY_OPTIONS, wire_dtype=wire, pull_dtype=wire)
     # Each worker trains on its own disjoint share of a seeded shuffle of the training set.
-    shares = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed)).chunk(cfg.workers)
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))
+    shares = order.chunk(cfg.workers)
     losses: list[float] = []
     lock = threading.Lock()
     with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(run_server(shard_index=i, num_shards=cfg.shards)) for i in range(cfg.shards)]
+        servers = [stack.enter_context(run_server(shard_index=i, num_shards=cfg.shards))
+                   for i in range(cfg.shards)]
         log.info("%d shards on %s", cfg.shards, ", ".join(servers))
         # Replicas and optimizers are built here, in order, so worker 0 registers the (shared) initial
         # weights; the others adopt the shards' values at construction.
         models = [make_model(cfg.seed) for _ in range(cfg.workers)]
-        opts = [stack.enter_context(RemoteAdam(m.named_parameters(), servers=servers, **remote)) for m in models]
+        opts = [stack.enter_context(RemoteAdam(m.named_parameters(), servers=servers, **remote))
+                for m in models]
         bar = stack.enter_context(tqdm(total=cfg.workers * cfg.steps, desc="optserve", unit="step",
                                        disable=not progress, leave=False))
 
         def work(w: int) -> None:
             share = shares[w]
-            for xb, yb in batches(x_train[share], y_train[share], cfg.batch_size, cfg.steps, cfg.seed + 1 + w):
+            for xb, yb in batches(x_train[share], y_train[share], cfg.batch_size, cfg.steps,
+                                  cfg.seed + 1 + w):
                 loss = train_step(models[w], opts[w], xb, yb)
                 with lock:  # the merged curve: every worker's losses in the order their steps returned
                     losses.append(loss)
@@ -279,15 +283,20 @@ def run_demo(workers: int = 4, shards: int = 2, steps: int = DemoConfig.steps,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
-    parser.add_argument("--workers", type=int, default=d.workers, help=f"worker threads (default {d.workers})")
-    parser.add_argument("--shards", type=int, default=d.shards, help=f"in-process shards (default {d.shards})")
+    parser.add_argument("--workers", type=int, default=d.workers, help="worker threads (default "
+                                                                       f"{d.workers})")
+    parser.add_argument("--shards", type=int, default=d.shards, help="in-process shards (default "
+                                                                     f"{d.shards})")
     parser.add_argument("--steps", type=int, default=d.steps,
-                        help=f"optimizer steps per worker; local Adam takes workers x steps (default {d.steps})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"minibatch size (default {d.batch_size})")
+                        help="optimizer steps per worker; local Adam takes workers x steps (default "
+                             f"{d.steps})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size (default "
+                                                                             f"{d.batch_size})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
     parser.add_argument("--seed", type=int, default=d.seed,
                         help=f"seed of split, weights and shuffles (default {d.seed})")
-    parser.add_argument("--out", default="demo-out", help="folder for demo_loss.png (default demo-out, created)")
+    parser.add_argument("--out", default="demo-out", help="folder for demo_loss.png (default demo-out, "
+                                                          "created)")
     parser.add_argument("--wire-dtype", choices=WIRE_DTYPE_NAMES, default=d.wire_dtype,
                         help="gradients and pulled parameters on the wire (default float32; the shards "
                              "keep float32 state either way)")
@@ -300,8 +309,10 @@ def main(args: argparse.Namespace) -> int:
                  lr=args.lr, seed=args.seed, out_dir=args.out, progress=not args.no_progress,
                  wire_dtype=args.wire_dtype)
     print(f"{'':<30}{'held-out accuracy':>18}{'train seconds':>15}{'steps':>8}")
-    print(f"{'optserve (async)' + ('' if args.wire_dtype == 'float32' else ', ' + args.wire_dtype):<30}{r['accuracy_optserve']:>18.2%}{r['seconds_optserve']:>15.2f}{r['pushes']:>8}")
-    print(f"{'local torch Adam':<30}{r['accuracy_local']:>18.2%}{r['seconds_local']:>15.2f}{r['steps_local']:>8}")
+    name = "optserve (async)" + ("" if args.wire_dtype == "float32" else ", " + args.wire_dtype)
+    print(f"{name:<30}{r['accuracy_optserve']:>18.2%}{r['seconds_optserve']:>15.2f}{r['pushes']:>8}")
+    print(f"{'local torch Adam':<30}{r['accuracy_local']:>18.2%}{r['seconds_local']:>15.2f}"
+          f"{r['steps_local']:>8}")
     print(f"pushes: {r['pushes']} RemoteAdam steps from {args.workers} workers; push requests per shard "
           f"{r['shard_pushes']}; mean staleness {r['staleness_mean']:.2f} versions")
     print(f"loss curves: {r['png']}")

@@ -146,8 +146,8 @@ class ExperimentConfig:
             parse_policy(mode, self.workers, self.backup_workers, self.stale)  # raises a clear ValueError
         for worker, seconds in self.delay.items():
             if not -self.workers <= worker < self.workers or not 0.0 <= seconds < math.inf:
-                raise ValueError(f"delay {worker}:{seconds}: worker must be in {-self.workers}..{self.workers - 1} "
-                                 f"and seconds >= 0")
+                raise ValueError(f"delay {worker}:{seconds}: worker must be in "
+                                 f"{-self.workers}..{self.workers - 1} and seconds >= 0")
         # A negative worker index counts from the end, as in Python: -1 is the last worker.
         object.__setattr__(self, "delay", {w % self.workers: s for w, s in self.delay.items()})
         if self.target_loss is not None and not 0.0 < self.target_loss < math.inf:
@@ -244,7 +244,8 @@ def _run_job(index: int, job: WorkerJob, results, go) -> None:
                 break
         else:
             if job.until_version:
-                raise RuntimeError(f"worker {index}: {limit} steps did not bring the model to version {job.steps}")
+                raise RuntimeError(f"worker {index}: {limit} steps did not bring the model to version "
+                                   f"{job.steps}")
         results.put(("done", index, opt.dropped_pushes, timed_out))
 
 
@@ -256,7 +257,8 @@ class _Workers:
         self.results = ctx.Queue()
         self.go = ctx.Event()
         self.jobs = [ctx.Queue() for _ in range(count)]
-        self.procs = [ctx.Process(target=_worker_main, args=(i, self.jobs[i], self.results, self.go, os.getpid()),
+        self.procs = [ctx.Process(target=_worker_main,
+                                  args=(i, self.jobs[i], self.results, self.go, os.getpid()),
                                   name=f"optserve-experiment-worker{i}", daemon=True) for i in range(count)]
         for p in self.procs:
             p.start()
@@ -366,13 +368,14 @@ def _run_mode(cfg: ExperimentConfig, mode: str, servers: list[str], workers: _Wo
     start = time.monotonic()  # the common start: CLOCK_MONOTONIC is one clock for all processes
     workers.go.set()
     rows, dropped, timed_out = [], {}, 0
-    with tqdm(total=cfg.workers * cfg.steps, desc=f"{cfg.task} {mode}", unit="step", disable=not progress) as bar:
+    with tqdm(total=cfg.workers * cfg.steps, desc=f"{cfg.task} {mode}", unit="step",
+              disable=not progress) as bar:
         while len(dropped) < cfg.workers:
             msg = workers.receive(deadline)
             if msg[0] == "step":
                 _, w, step, t, loss, stale, stale_max, n_dropped = msg
-                rows.append(dict(mode=mode, worker=w, step=step, wall_time=t - start, loss=loss, staleness=stale,
-                                 staleness_max=stale_max, dropped=n_dropped))
+                rows.append(dict(mode=mode, worker=w, step=step, wall_time=t - start, loss=loss,
+                                 staleness=stale, staleness_max=stale_max, dropped=n_dropped))
                 bar.update()
                 if bar.n % 25 == 0:
                     bar.set_postfix(loss=f"{loss:.3f}")
@@ -454,9 +457,9 @@ def _markdown(cfg: ExperimentConfig, target: float, summary: dict[str, dict]) ->
     ]
     for mode, s in summary.items():
         ttt = "not reached" if s["time_to_target"] is None else f"{s['time_to_target']:.2f}"
-        lines.append(f"| {mode} | {ttt} | {s['final_loss']:.4f} | {s['accuracy']:.2%} | {s['staleness_mean']:.2f} "
-                     f"| {s['staleness_max']} | {s['dropped']} | {s['steps_dropped']} | {s['steps']} "
-                     f"| {s['wall_time']:.2f} "
+        lines.append(f"| {mode} | {ttt} | {s['final_loss']:.4f} | {s['accuracy']:.2%} | "
+                     f"{s['staleness_mean']:.2f} | {s['staleness_max']} | {s['dropped']} | "
+                     f"{s['steps_dropped']} | {s['steps']} | {s['wall_time']:.2f} "
                      f"| {s['steps'] / s['wall_time']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -468,12 +471,14 @@ def _write_csv(path: Path, results: dict[str, dict]) -> None:
         for r in results.values():
             for row in r["rows"]:
                 writer.writerow({**row, "wall_time": f"{row['wall_time']:.6f}", "loss": f"{row['loss']:.6g}",
-                                 "staleness": "" if math.isnan(row["staleness"]) else f"{row['staleness']:.4g}",
+                                 "staleness": ("" if math.isnan(row["staleness"])
+                                               else f"{row['staleness']:.4g}"),
                                  "staleness_max": "" if math.isnan(row["staleness_max"]) else
                                  int(row["staleness_max"])})
 
 
-def _plot(Figure: Callable, path: Path, cfg: ExperimentConfig, results: dict[str, dict], target: float) -> None:
+def _plot(Figure: Callable, path: Path, cfg: ExperimentConfig, results: dict[str, dict],
+          target: float) -> None:
     # matplotlib.figure.Figure needs no pyplot and no backend switch: it renders with Agg on savefig.
     fig = Figure(figsize=(16, 4.6), layout="constrained")
     ax_time, ax_step, ax_hist = fig.subplots(1, 3)
@@ -509,9 +514,11 @@ def _plot(Figure: Callable, path: Path, cfg: ExperimentConfig, results: dict[str
 
 # -- entry points -----------------------------------------------------------------------------------
 
-def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2, modes: Sequence[str] = DEFAULT_MODES,
-                   steps: int = ExperimentConfig.steps, batch_size: int = 0, lr: float = 0.0, seed: int = 0,
-                   delay: str | Mapping[int, float] | None = None, backup_workers: int = 0, stale: str = "reject",
+def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2,
+                   modes: Sequence[str] = DEFAULT_MODES, steps: int = ExperimentConfig.steps,
+                   batch_size: int = 0, lr: float = 0.0, seed: int = 0,
+                   delay: str | Mapping[int, float] | None = None, backup_workers: int = 0,
+                   stale: str = "reject",
                    target_loss: float | None = None, out_dir: str | Path = "experiment-out",
                    progress: bool = True, timeout: float = 600.0) -> dict[str, Any]:
     """Run the task under every mode; write the CSV, PNG and summary; return what `main` prints.
@@ -525,11 +532,13 @@ def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2, mode
     """
     cfg = ExperimentConfig(task=task, workers=workers, shards=shards, modes=tuple(modes), steps=steps,
                            batch_size=batch_size, lr=lr, seed=seed, delay=parse_delay(delay),
-                           backup_workers=backup_workers, stale=stale, target_loss=target_loss, timeout=timeout)
+                           backup_workers=backup_workers, stale=stale, target_loss=target_loss,
+                           timeout=timeout)
     sklearn, Figure, tqdm = require_demo_packages()
     x_train, y_train, x_test, y_test = load_digits(sklearn, cfg.seed)
     # Each worker trains on its own disjoint share of a seeded shuffle of the training set (as the demo).
-    shares = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed)).chunk(cfg.workers)
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))
+    shares = order.chunk(cfg.workers)
     results: dict[str, dict] = {}
     shard_procs: dict[str, list[_Shard]] = {}
     pool, ok = None, False
@@ -564,32 +573,41 @@ def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2, mode
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ExperimentConfig()
     parser.add_argument("--task", choices=sorted(TASKS), default=d.task,
-                        help="; ".join(f"{k}: {t.description}" for k, t in TASKS.items()) + f" (default {d.task})")
-    parser.add_argument("--workers", type=int, default=d.workers, help=f"worker processes (default {d.workers})")
-    parser.add_argument("--shards", type=int, default=d.shards, help=f"shard processes per mode (default {d.shards})")
+                        help="; ".join(f"{k}: {t.description}" for k, t in TASKS.items()) + " (default "
+                                                                                            f"{d.task})")
+    parser.add_argument("--workers", type=int, default=d.workers, help="worker processes (default "
+                                                                       f"{d.workers})")
+    parser.add_argument("--shards", type=int, default=d.shards, help="shard processes per mode (default "
+                                                                     f"{d.shards})")
     parser.add_argument("--modes", default=",".join(d.modes),
-                        help=f"comma-separated policies to compare: sync, async, ssp:S (default {','.join(d.modes)})")
+                        help="comma-separated policies to compare: sync, async, ssp:S (default "
+                             f"{','.join(d.modes)})")
     parser.add_argument("--steps", type=int, default=d.steps,
-                        help=f"optimizer steps per worker; sync: every worker trains until the model took this "
-                             f"many steps, so with backup workers a straggler takes fewer (default {d.steps})")
+                        help="optimizer steps per worker; sync: every worker trains until the model took "
+                             "this many steps, so with backup workers a straggler takes fewer (default "
+                             f"{d.steps})")
     parser.add_argument("--batch-size", type=int, default=0, help="minibatch size (default: the task's, 32)")
     parser.add_argument("--lr", type=float, default=0.0, help="Adam learning rate (default: the task's)")
     parser.add_argument("--seed", type=int, default=d.seed,
                         help=f"seed of split, weights and shuffles (default {d.seed})")
     parser.add_argument("--delay", default="", metavar="W:SEC[,W:SEC...]",
-                        help="stragglers: worker W sleeps SEC seconds before each step, e.g. 3:0.05; -1 is the last "
-                             "worker, written --delay=-1:0.05 (default none)")
+                        help="stragglers: worker W sleeps SEC seconds before each step, e.g. 3:0.05; -1 is "
+                             "the last worker, written --delay=-1:0.05 (default none)")
     parser.add_argument("--backup-workers", type=int, default=d.backup_workers,
-                        help="sync: step after the first workers - b gradients; later ones are dropped (default 0)")
+                        help="sync: step after the first workers - b gradients; later ones are dropped "
+                             "(default 0)")
     parser.add_argument("--stale", choices=("reject", "scale"), default=d.stale,
                         help="ssp: refuse pushes over the bound, or apply them with lr / (staleness + 1) "
                              "(default reject)")
     parser.add_argument("--target-loss", type=float, default=None,
-                        help="loss for the time-to-target column (default: the highest final loss among the modes)")
+                        help="loss for the time-to-target column (default: the highest final loss among the "
+                             "modes)")
     parser.add_argument("--timeout", type=float, default=d.timeout,
-                        help=f"seconds one mode may take before the experiment gives up (default {d.timeout:g})")
+                        help="seconds one mode may take before the experiment gives up (default "
+                             f"{d.timeout:g})")
     parser.add_argument("--out", default="experiment-out",
-                        help=f"folder for {CSV_NAME}, {PNG_NAME}, {SUMMARY_NAME} (default experiment-out, created)")
+                        help=f"folder for {CSV_NAME}, {PNG_NAME}, {SUMMARY_NAME} (default experiment-out, "
+                             "created)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -160,7 +160,7 @@ def decode(raw: bytes, message_type):
             return message_type.FromString(raw), view[0:0]
         tag_start, start, stop = data_span
         meta = message_type.FromString(bytes(view[:tag_start]) + bytes(view[stop:]))
-    except Exception as exc:  # protobuf's DecodeError and friends
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: a malformed request
         raise invalid(f"malformed {message_type.DESCRIPTOR.name}: {exc}") from None
     return meta, view[start:stop]
 
@@ -188,7 +188,8 @@ def chunk_stream(items: Iterable[Outgoing], wire_dtype: torch.dtype, chunk_bytes
     itemsize = torch.empty((), dtype=wire_dtype).element_size()
     per_chunk = chunk_bytes // itemsize
     if per_chunk < CUT_ELEMENTS:
-        raise ValueError(f"chunk_bytes {chunk_bytes} holds fewer than {CUT_ELEMENTS} elements of {wire_dtype}")
+        raise ValueError(f"chunk_bytes {chunk_bytes} holds fewer than {CUT_ELEMENTS} elements of "
+                         f"{wire_dtype}")
     segments: list[pb.Segment] = []
     parts: list[memoryview] = []
     room = per_chunk
@@ -261,8 +262,9 @@ class Assembler:
         for seg in segments:
             want = self._expected.get((seg.entry, seg.part))
             if want is None:
-                raise invalid(f"segment names entry {seg.entry} part {pb.Part.Name(seg.part) if seg.part in pb.Part.values() else seg.part}, "
-                              f"which this stream did not declare")
+                raise invalid(f"segment names entry {seg.entry} part "
+                              f"{pb.Part.Name(seg.part) if seg.part in pb.Part.values() else seg.part}, "
+                              "which this stream did not declare")
             at = self._next[(seg.entry, seg.part)]
             if seg.offset != at:
                 raise invalid(f"key {want.name!r}: segment offset {seg.offset}, expected {at} "

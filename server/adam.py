@@ -309,7 +309,8 @@ def adam_fast(
     steps: Sequence[int],
     cfg: AdamConfig,
 ) -> None:
-    """The server's kernel: ``adam_fused`` where ``fused_supported(params[0].device)``, else ``adam_foreach``."""
+    """The server's kernel: ``adam_fused`` where ``fused_supported(params[0].device)``, else
+    ``adam_foreach``."""
     # Empty lists go to adam_foreach, which checks them and returns.
     kernel = adam_fused if params and fused_supported(params[0].device) else adam_foreach
     kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, cfg)

@@ -264,8 +264,8 @@ def load_checkpoint(path: str | Path) -> CheckpointData:
         raise CheckpointError(f"{path / MANIFEST_FILE}: malformed manifest ({type(e).__name__}: {e})") from e
     if not isinstance(extra, dict) or not isinstance(key_entries, list) or not isinstance(extra_names, list):
         raise CheckpointError(f"{path / MANIFEST_FILE}: expected 'extra' an object, 'keys' and "
-                              f"'extra_tensors' lists, got {type(extra).__name__}, {type(key_entries).__name__} "
-                              f"and {type(extra_names).__name__}")
+                              f"'extra_tensors' lists, got {type(extra).__name__}, "
+                              f"{type(key_entries).__name__} and {type(extra_names).__name__}")
 
     tensor_path = path / TENSORS_FILE
     try:
@@ -357,7 +357,8 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{manifest_path}: expected format_version {FORMAT_VERSION}, got {version!r}")
     digest = manifest.pop("manifest_sha256", None)
     if version >= 2 and digest != _manifest_digest(manifest):
-        raise CheckpointError(f"{manifest_path}: its contents do not match its manifest_sha256 (corrupt or edited)")
+        raise CheckpointError(f"{manifest_path}: its contents do not match its manifest_sha256 (corrupt or "
+                              "edited)")
     return manifest
 
 

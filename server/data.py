@@ -2,7 +2,8 @@
 
 Translation only, like service.py: every request goes to the same request core the gRPC handlers
 call (server/requests.py: validation, dedupe, policy, waits, snapshot), so the two paths refuse,
-apply and answer alike; only the carriage differs. Gradients are read with `recv_into` straight into the staging buffers the
+apply and answer alike; only the carriage differs. Gradients are read with `recv_into` straight into the
+staging buffers the
 gRPC path copies into, and pulled tensors leave with `sendall` from the snapshot copy.
 
 Threads: one accepts connections; each connection has its own thread, serving one request at a time
@@ -47,7 +48,8 @@ class _Peer:
     bytes yet, writes that found the peer's window full; one call may wait that long, so 50-100 ms),
     every further read and write of the request waits with the slot lent out, as a plain blocking
     call: a worker that stops mid-request (SIGSTOP, a debugger, a paused VM) or sends slowly (a slow
-    link, a trickle) keeps no slot from the others, and costs no wake-ups while it waits. A loopback request of a few
+    link, a trickle) keeps no slot from the others, and costs no wake-ups while it waits. A loopback request
+    of a few
     hundred KB waits well under that, so the fast path is as it was: lending around every payload
     and reply cost 25% of the steps/s of 8 workers on one 2-core shard (1,015 -> 746).
 

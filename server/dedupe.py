@@ -121,7 +121,8 @@ class Dedupe:
             seen = self._clients[client_id]
             record = seen[seq]
             event = record.outcome
-            record.outcome = (array("q", result.versions), array("q", result.staleness), tuple(result.dropped))
+            record.outcome = (array("q", result.versions), array("q", result.staleness),
+                              tuple(result.dropped))
             done = self._done.setdefault(client_id, [])
             heapq.heappush(done, seq)
             while len(done) > self.window:  # forget the oldest results beyond the window

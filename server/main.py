@@ -181,8 +181,8 @@ class Checkpointer:
                 records, dedupe = self.store.checkpoint_records()
                 rounds, round_tensors = self.policy.checkpoint_state()
             data = CheckpointData(self.cfg.shard_index, self.cfg.num_shards, self.policy.name, records,
-                                  extra={"dedupe": dedupe, "sync_rounds": rounds}, extra_tensors=round_tensors,
-                                  created=taken)
+                                  extra={"dedupe": dedupe, "sync_rounds": rounds},
+                                  extra_tensors=round_tensors, created=taken)
             path = write_checkpoint(self.directory, data, keep=self.cfg.keep)
             self._last = (str(path), taken)
             seconds = time.monotonic() - start
@@ -210,8 +210,9 @@ class Checkpointer:
         if found is None:
             unusable = list_checkpoints(self.directory)
             if unusable:  # starting empty would soon prune them: the state would be gone for good
-                raise ValueError(f"none of the {len(unusable)} checkpoints in {self.directory} can be restored "
-                                 f"(the warnings above say why); move them away to start this shard empty")
+                raise ValueError(f"none of the {len(unusable)} checkpoints in {self.directory} can be "
+                                 "restored (the warnings above say why); move them away to start this "
+                                 "shard empty")
             log.info("no checkpoint in %s: starting empty", self.directory)
             return None
         data, path = found
@@ -299,7 +300,8 @@ class Shard:
         return f"{_bracketed(self.cfg.host)}:{self.port}"
 
     def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        response = health_pb2.HealthCheckResponse
+        status = response.SERVING if serving else response.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
@@ -341,8 +343,9 @@ class Shard:
         self.core.ready.set()
         self._set_health(True)
         cfg = self.cfg
-        log.info("shard %d/%d serving on %s%s (policy %s, device %s, %s, %s%s)", cfg.shard_index, cfg.num_shards,
-                 self.address, f", data channel on port {self.data.port}" if self.data else "",
+        log.info("shard %d/%d serving on %s%s (policy %s, device %s, %s, %s%s)",
+                 cfg.shard_index, cfg.num_shards, self.address,
+                 f", data channel on port {self.data.port}" if self.data else "",
                  self.core.policy.name, cfg.device,
                  ("mutual TLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "PLAINTEXT (no TLS)",
                  "token required" if self.token else "no token",
@@ -429,12 +432,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                                          "OPTSERVE_TOKEN environment variable; none: no token)")
     p.add_argument("--metrics-port", type=int, default=-1,
                    help="serve Prometheus metrics on this port (0: any free port; default off)")
-    p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default "
+                                                               "127.0.0.1)")
     p.add_argument("--data-port", type=int, default=0,
                    help="port of the data channel, which carries Push/Pull/PushPull as raw frames over TCP "
                         "(TLS and token as for gRPC); announced in Hello (default 0: any free port; "
                         "-1: none, tensors travel over gRPC)")
-    p.add_argument("--max-keys", type=int, default=StoreLimits.max_keys, help="keys per shard (RESOURCE_EXHAUSTED beyond)")
+    p.add_argument("--max-keys", type=int, default=StoreLimits.max_keys, help="keys per shard "
+                                                                              "(RESOURCE_EXHAUSTED beyond)")
     p.add_argument("--max-tensor-elements", type=int, default=StoreLimits.max_tensor_elements,
                    help="elements per key")
     p.add_argument("--max-shard-elements", type=int, default=StoreLimits.max_shard_elements,

@@ -74,5 +74,6 @@ class _ShardCollector(Collector):
             buckets.append((str(i), running))
         buckets.append(("+Inf", count))
         yield HistogramMetricFamily("optserve_staleness",
-                                    "Staleness (versions) of applied pushes: the largest over each push's keys",
+                                    "Staleness (versions) of applied pushes: the largest over each push's "
+                                    "keys",
                                     buckets=buckets, sum_value=total)

@@ -263,7 +263,8 @@ class SyncPolicy:
             if int(r["version"]) != key.version or total.numel() != key.numel:
                 raise ValueError(f"sync round {i} of key {key.name!r} does not match the key")
             rounds[key.name] = _Round(key.version, total.to(key.param.device), AdamConfig(**r["hyper"]),
-                                      {str(c) for c in r["clients"]}, {(str(c), int(s)) for c, s in r["origins"]})
+                                      {str(c) for c in r["clients"]},
+                                      {(str(c), int(s)) for c, s in r["origins"]})
         with self._lock:
             self._rounds = rounds
             self._step_complete(store, [store.get(name) for name in list(rounds)])

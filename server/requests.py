@@ -232,8 +232,9 @@ class RequestCore:
                                                        version=key.version if key else 0)
                                           for n, _, key in specs])
         self.store.check_capacity([(n, s) for n, s, _ in specs])
-        expected = {(i, pb.PARAM): Expected(math.prod(s), torch.float32, n) for i, (n, s, _) in enumerate(specs)}
-        dests = {k: _allocate(lambda: torch.empty(e.numel, dtype=torch.float32), e) for k, e in expected.items()}
+        expected = {(i, pb.PARAM): Expected(math.prod(s), torch.float32, n)
+                    for i, (n, s, _) in enumerate(specs)}
+        dests = _host_buffers(expected)
         receive(expected, dests)
         values = []
         for i, (name, shape, _) in enumerate(specs):
@@ -303,8 +304,9 @@ class RequestCore:
         if not reached:
             behind = [k for k, m in zip(keys, minimum) if k.version < m]
             raise RequestError(StatusCode.ABORTED,
-                               f"waited {self.info.wait_timeout:g} s for version {minimum[keys.index(behind[0])]}"
-                               f" of key {behind[0].name!r}: {self.policy.describe_wait(behind[0])}",
+                               f"waited {self.info.wait_timeout:g} s for version "
+                               f"{minimum[keys.index(behind[0])]} of key {behind[0].name!r}: "
+                               f"{self.policy.describe_wait(behind[0])}",
                                reason=TIMEOUT)
 
     def push(self, first: pb.PushRequest, receive: Receive) -> pb.PushReply:
@@ -357,8 +359,9 @@ class RequestCore:
         parts = _state_parts(head.parts, name_them=False)
         configs = [hyper_from_proto(e.hyper, f"key {e.key!r}") if e.HasField("hyper") else None
                    for e in head.entries]
-        expected = {(i, p): Expected(k.numel, torch.float32, k.name) for i, k in enumerate(keys) for p in parts}
-        dests = {k: _allocate(lambda: torch.empty(e.numel, dtype=torch.float32), e) for k, e in expected.items()}
+        expected = {(i, p): Expected(k.numel, torch.float32, k.name)
+                    for i, k in enumerate(keys) for p in parts}
+        dests = _host_buffers(expected)
         receive(expected, dests)
         updates = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
@@ -421,13 +424,19 @@ def _state_parts(parts: Sequence[int], name_them: bool = True) -> list[int]:
     return parts
 
 
+def _host_buffers(expected: dict[tuple[int, int], Expected]) -> dict[tuple[int, int], torch.Tensor]:
+    """A fresh float32 host tensor to receive each expected (entry, part) into."""
+    return {k: _allocate(lambda: torch.empty(e.numel, dtype=torch.float32), e) for k, e in expected.items()}
+
+
 def _allocate(make: Callable[[], torch.Tensor], want: Expected) -> torch.Tensor:
     """Allocate a receive buffer; running out of memory is the request's problem, said as such."""
     try:
         return make()
     except (RuntimeError, MemoryError) as exc:
         raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
-                           f"key {want.name!r}: cannot allocate {want.numel * 4} bytes for it: {exc}") from None
+                           f"key {want.name!r}: cannot allocate {want.numel * 4} bytes for it: "
+                           f"{exc}") from None
 
 
 def _unique(names: Sequence[str]) -> None:

@@ -200,7 +200,8 @@ class Store:
                                f"new keys would bring the shard to {total} elements, over the limit of "
                                f"{lim.max_shard_elements}")
 
-    def create(self, items: Sequence[tuple[str, tuple[int, ...], torch.Tensor, dict]]) -> list[tuple[Key, bool]]:
+    def create(self, items: Sequence[tuple[str, tuple[int, ...], torch.Tensor, dict]]
+               ) -> list[tuple[Key, bool]]:
         """Insert keys with these initial (flat, float32, on-device) values, all or none.
 
         Returns (key, created) per item. A key that exists already (perhaps created meanwhile by
@@ -385,8 +386,8 @@ class Store:
                 t = {n: v.to(self.device) for n, v in r.tensors.items()}
                 keys[r.name] = Key(name=r.name, shape=tuple(r.shape), param=t["param"],
                                    exp_avg=t["exp_avg"], exp_avg_sq=t["exp_avg_sq"],
-                                   max_exp_avg_sq=t.get("max_exp_avg_sq"), step=r.step, hyper=AdamConfig(**r.hyper) if r.hyper else None,
-                                   info=dict(r.info))
+                                   max_exp_avg_sq=t.get("max_exp_avg_sq"), step=r.step,
+                                   hyper=AdamConfig(**r.hyper) if r.hyper else None, info=dict(r.info))
             self.dedupe.load_json(dedupe)
             self._keys = keys
             self._elements = sum(k.numel for k in keys.values())

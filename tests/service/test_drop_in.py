@@ -118,7 +118,8 @@ def test_resume_against_running_shards_by_default_is_refused_and_changes_nothing
     with RemoteAdam(mlp().named_parameters(), [running]) as probe:
         before = shard_state(probe)
     # Lightning's order: the constructor adopted the shards' step-30 weights over the restored model.
-    with pytest.raises(ValueError, match="state is of step 15, but the model holds the shards' values of step 30"):
+    with pytest.raises(ValueError, match="state is of step 15, but the model holds the shards' values of "
+                                         "step 30"):
         resume([running], ckpt, order="lightning")
     # HF's order: the model holds the checkpoint's weights, but the shards are 15 steps ahead.
     with pytest.raises(ValueError, match="refused: the shards hold newer state.*init='model'"):

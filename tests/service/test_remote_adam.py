@@ -13,7 +13,8 @@ from optserve.hyper import AdamConfig
 from optserve.server.adam import adam_reference
 from optserve.server.main import run_server
 
-TOL = 1e-6  # the bound; fused vs reference kernels differ by a few fp32 ulps (tests/unit/test_adam.py)
+# the bound; fused vs reference kernels differ by a few fp32 ulps (tests/unit/test_adam.py)
+TOL = 1e-6
 
 
 def small_cnn() -> nn.Module:

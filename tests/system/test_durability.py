@@ -41,7 +41,6 @@ from optserve.hyper import AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import encode
 from optserve.server.checkpoint import TENSORS_FILE, list_checkpoints, load_checkpoint
-from optserve.server.main import run_server
 from optserve.server.store import GradEntry, Store
 
 pytestmark = pytest.mark.system
