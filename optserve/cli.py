@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 # Before torch loads OpenMP: threads that finish a parallel region sleep at once instead of spinning
-# (libgomp's default spins first). A shard serving many small pushes spent 1.85 ms of CPU per step
-# with spinning threads and 0.77 ms without, at the same 9.6 ms for a 16 M-element Adam step
-# (docs/ARCHITECTURE.md, "Data channel"). An explicit OMP_WAIT_POLICY is kept.
+# (libgomp's default spins first): a shard serving many small pushes spends less than half the CPU
+# per step, and large Adam steps take as long (docs/MEASUREMENTS.md). An explicit OMP_WAIT_POLICY is
+# kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from optserve import __version__  # noqa: E402 - after the environment above

@@ -210,9 +210,8 @@ def tune(sock: socket.socket) -> None:
     """No Nagle delay (heads are small writes); TCP keepalive, so a peer whose host vanished is
     noticed within about two minutes instead of holding its connection (and buffers) for ever. On
     loopback, small kernel buffers: there "bandwidth" is the kernel copying between two processes'
-    memory, and a buffer that stays in the CPU cache beats a large one (64+64 MiB round trip on the
-    2-core machine: 48 ms with the kernel's autotuned buffers, 37 ms with 256 KiB;
-    docs/ARCHITECTURE.md). Between hosts the kernel's autotuning, which sizes buffers to the path's
+    memory, and a buffer that stays in the CPU cache beats a large one (docs/MEASUREMENTS.md has
+    the step time by buffer size). Between hosts the kernel's autotuning, which sizes buffers to the path's
     bandwidth-delay product, is left alone."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -2,9 +2,9 @@
 
 Translation only, like service.py: every request goes to the same request core the gRPC handlers
 call (server/requests.py: validation, dedupe, policy, waits, snapshot), so the two paths refuse,
-apply and answer alike; only the carriage differs. Gradients are read with `recv_into` straight into the
-staging buffers the
-gRPC path copies into, and pulled tensors leave with `sendall` from the snapshot copy.
+apply and answer alike; only the carriage differs. Gradients are read with `recv_into` straight into
+the staging buffers the gRPC path copies into, and pulled tensors leave with `sendall` from the
+snapshot: on a CPU shard the key's own tensor, leased (copy on write: server/buffers.py).
 
 Threads: one accepts connections; each connection has its own thread, serving one request at a time
 (a worker keeps its connections open across steps). `stop(grace)` stops accepting, lets requests in
@@ -43,20 +43,19 @@ _NO_TIMEVAL = struct.pack("ll", 0, 0)
 
 
 class _Peer:
-    """A connection as its requests use it. A request holds a slot (service.RequestSlots) while it
+    """A connection as its requests use it. A request holds a slot (requests.RequestSlots) while it
     runs, but once it has waited on its peer for PEER_WAIT_SECONDS in all (reads that found no
-    bytes yet, writes that found the peer's window full; one call may wait that long, so 50-100 ms),
-    every further read and write of the request waits with the slot lent out, as a plain blocking
-    call: a worker that stops mid-request (SIGSTOP, a debugger, a paused VM) or sends slowly (a slow
-    link, a trickle) keeps no slot from the others, and costs no wake-ups while it waits. A loopback request
-    of a few
-    hundred KB waits well under that, so the fast path is as it was: lending around every payload
-    and reply cost 25% of the steps/s of 8 workers on one 2-core shard (1,015 -> 746).
+    bytes yet, writes that found the peer's window full; one call may wait that long, so up to twice
+    that), every further read and write of the request waits with the slot lent out, as a plain
+    blocking call: a worker that stops mid-request (SIGSTOP, a debugger, a paused VM) or sends slowly
+    (a slow link, a trickle) keeps no slot from the others, and costs no wake-ups while it waits. A
+    loopback request of a few hundred KB waits well under that, so the fast path keeps its slot:
+    lending around every payload and reply costs a quarter of the steps/s (docs/MEASUREMENTS.md).
 
     Plain TCP stays a blocking socket with kernel timeouts (SO_RCVTIMEO, SO_SNDTIMEO): a read or
     write blocked that long returns what it moved, or EAGAIN having moved nothing, and is simply
-    tried again; no poll() precedes each call, as Python's own socket timeouts do (those cost the
-    64+64 MiB step 6 ms, 15%). TLS uses Python's timeouts, and since a TLS write cannot be resumed
+    tried again; no poll() precedes each call, as Python's own socket timeouts do (a measurable cost
+    per step: docs/MEASUREMENTS.md). TLS uses Python's timeouts, and since a TLS write cannot be resumed
     after one, on TLS every write waits with the slot lent (`raw` tells frames.send_frame which)."""
 
     def __init__(self, sock: socket.socket, slots):

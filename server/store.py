@@ -9,7 +9,8 @@ Lock discipline (docs/ARCHITECTURE.md): one `threading.Lock` per shard guards ev
 step and counters. Decoding and validating a request's bytes happen outside it (keys are never
 removed and their shapes never change, so a validated key stays valid); under it run only the checks
 that read versions, the Adam step over all keys of one push (so a push is atomic over its key set and
-no update is lost under concurrent clients), and the copies that snapshot keys for a pull.
+no update is lost under concurrent clients), and the leases that snapshot keys for a pull (copy on
+write: a push moves a leased key onto a copy first, `_own`).
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ class StoreLimits:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Keys as they were at one instant: their versions, options, and copies of the parts asked for."""
+    """Keys as they were at one instant: their versions, options, and the parts asked for, unchanging
+    until `Store.release` (leased on a CPU shard, copied to host buffers on a GPU shard)."""
     keys: list[Key]
     versions: list[int]
     steps: list[int]
