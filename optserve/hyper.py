@@ -14,6 +14,10 @@ from dataclasses import dataclass
 # body; cutting on this grid keeps every element on the same code path whatever the partition or
 # chunking, so results are bitwise identical.
 CUT_ELEMENTS = 64
+# The highest step (version) a key may reach. Steps travel as uint64 and are kept in int64 tables
+# (the exactly-once table's results); bounding them far below both at the edge (SetState, checkpoint
+# restore) and refusing a push that would pass it means no counter can overflow after a step.
+MAX_STEP = 2**62
 
 
 @dataclass(frozen=True)

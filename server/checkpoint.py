@@ -33,6 +33,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from optserve.hyper import MAX_STEP
 from optserve.serde import PART_NAMES
 
 FORMAT_VERSION = 2  # 2: the manifest carries its own digest, and shard-level tensors (extra_tensors)
@@ -316,11 +317,12 @@ def _decode_key(path: Path, i: int, entry: object, loaded: dict[str, torch.Tenso
         hyper, info, parts = entry["hyper"], entry["info"], entry["tensors"]
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: malformed entry ({type(e).__name__}: {e})") from e
-    if not (isinstance(name, str) and isinstance(step, int) and isinstance(shape, list)
+    if not (isinstance(name, str) and isinstance(step, int) and 0 <= step <= MAX_STEP
+            and isinstance(shape, list)
             and all(isinstance(d, int) and d >= 0 for d in shape)
             and (hyper is None or isinstance(hyper, dict)) and isinstance(info, dict)
             and isinstance(parts, list)):
-        raise CheckpointError(f"{where}: expected name str, step int, shape list of ints >= 0, "
+        raise CheckpointError(f"{where}: expected name str, step int 0..{MAX_STEP}, shape list of ints >= 0, "
                               f"hyper object|null, info object, tensors list; got {entry!r:.200}")
     missing = [p for p in REQUIRED_TENSORS if p not in parts]
     unknown = [p for p in parts if p not in KNOWN_TENSORS]

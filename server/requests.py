@@ -23,6 +23,7 @@ import torch
 
 from optserve import __version__
 from optserve.errors import TIMEOUT, RequestError, StatusCode, invalid
+from optserve.hyper import MAX_STEP
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, STATE_PARTS, Expected, Outgoing,
                             dtype_from_proto, dtype_to_proto, hyper_from_proto, hyper_to_proto)
@@ -356,6 +357,10 @@ class RequestCore:
         """Overwrite keys' step, options and parts (load_state_dict), conditionally on max_version."""
         head = first.head
         keys = self._keys([e.key for e in head.entries])
+        for e in head.entries:
+            if e.step > MAX_STEP:
+                raise invalid(f"key {e.key!r}: step {e.step} is past the highest step a key may reach, "
+                              f"{MAX_STEP}")
         parts = _state_parts(head.parts, name_them=False)
         configs = [hyper_from_proto(e.hyper, f"key {e.key!r}") if e.HasField("hyper") else None
                    for e in head.entries]

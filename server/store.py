@@ -24,7 +24,7 @@ from typing import Callable, Sequence, TextIO
 import torch
 
 from optserve.errors import AHEAD, ROLLBACK, RequestError, StatusCode, invalid
-from optserve.hyper import AdamConfig
+from optserve.hyper import MAX_STEP, AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import PART_NAMES
 from optserve.server.adam import adam_fast
@@ -240,6 +240,10 @@ class Store:
             configs = []
             for e in entries:
                 e.refuse_if_ahead()
+                if e.key.step >= MAX_STEP:  # before anything changes: no counter may pass its bound
+                    raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
+                                       f"key {e.key.name!r} is at step {e.key.step}, the highest a key may "
+                                       f"reach ({MAX_STEP}); SetState a lower step to train it further")
                 s = e.key.version - e.version_read
                 configs.append(decide(e.key, s, e.cfg) if decide is not None else e.cfg)
             staleness = []

@@ -12,7 +12,7 @@ import pytest
 import safetensors
 import torch
 
-from optserve.hyper import AdamConfig
+from optserve.hyper import MAX_STEP, AdamConfig
 from optserve.server.checkpoint import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -216,6 +216,14 @@ def test_format_version_mismatch_raises(tmp_path):
     # Act / Assert
     with pytest.raises(CheckpointError, match=rf"expected format_version {FORMAT_VERSION}, got "
                                               rf"{FORMAT_VERSION + 1}"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("step", [-1, MAX_STEP + 1, 2**64 - 1])
+def test_a_step_out_of_range_is_refused_on_load(tmp_path, step):
+    path = write_checkpoint(tmp_path, _data([_record("w", (2,), step=step)]))
+
+    with pytest.raises(CheckpointError, match="step"):
         load_checkpoint(path)
 
 

@@ -1,0 +1,122 @@
+"""Hostile requests (issue 13): extreme values, oversized strings, starvation, probing.
+
+Each test is one thing an attacker tried. Requests are built by hand and sent as raw bytes straight
+through grpc; after each refusal the shard must still answer Stats, and a refused request must leave
+its state (a Pull of every part of every key, plus Stats' versions and counters) as it was. No answer
+may be UNKNOWN: every value a request supplies is bounded at the edge.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import grpc
+import pytest
+import torch
+
+from optserve.hyper import MAX_STEP
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import encode
+from optserve.server.main import run_server
+
+_METHOD = "/optserve.v1.OptServe/"
+_KINDS = {"Register": "stream_unary", "Push": "stream_unary", "SetState": "stream_unary",
+          "PushPull": "stream_stream", "Pull": "unary_stream", "Stats": "unary_unary"}
+TIMEOUT = 30.0  # a hang guard only
+HYPER = pb.HyperParams(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decouple=True, optimized_update=True)
+W0 = torch.arange(6, dtype=torch.float32) / 10
+G = torch.linspace(-1.0, 1.0, 6)
+
+
+def call(channel: grpc.Channel, method: str, request):
+    kind = _KINDS[method]
+    stub = getattr(channel, kind)(_METHOD + method)
+    reply = stub(iter(request) if kind.startswith("stream") else request, timeout=TIMEOUT)
+    return list(reply) if kind.endswith("_stream") else reply
+
+
+def floats(*tensors: torch.Tensor) -> bytes:
+    return b"".join(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() for t in tensors)
+
+
+def message(message_type, head, segments: Sequence[pb.Segment] = (), data: bytes = b"") -> bytes:
+    meta = message_type(segments=segments)
+    meta.head.CopyFrom(head)
+    return encode(meta.SerializeToString(), [data])
+
+
+def register(name: str = "w", value: torch.Tensor = W0) -> list[bytes]:
+    head = pb.RegisterHead(keys=[pb.KeySpec(name=name, shape=list(value.shape), dtype=pb.FLOAT32)],
+                           with_values=True, num_shards=1)
+    return [message(pb.RegisterRequest, head, [pb.Segment(entry=0, part=pb.PARAM, count=value.numel())],
+                    floats(value))]
+
+
+def push(grad: torch.Tensor = G, name: str = "w", version_read: int = 0, client_id: str = "c", seq: int = 1,
+         hyper: pb.HyperParams = HYPER) -> list[bytes]:
+    head = pb.PushHead(client_id=client_id, seq=seq, wire_dtype=pb.FLOAT32, hyper=[hyper],
+                       entries=[pb.PushEntry(key=name, version_read=version_read)])
+    return [message(pb.PushRequest, head, [pb.Segment(entry=0, part=pb.GRAD, count=grad.numel())],
+                    floats(grad))]
+
+
+def set_state(step: int, value: torch.Tensor = W0, part: int = pb.EXP_AVG, name: str = "w") -> list[bytes]:
+    head = pb.SetStateHead(entries=[pb.StateEntry(key=name, step=step)], parts=[part])
+    return [message(pb.SetStateRequest, head, [pb.Segment(entry=0, part=part, count=value.numel())],
+                    floats(value))]
+
+
+def stats(channel: grpc.Channel) -> pb.StatsReply:
+    return pb.StatsReply.FromString(call(channel, "Stats", b""))
+
+
+def fingerprint(channel: grpc.Channel) -> tuple:
+    s = stats(channel)
+    names = sorted(k.key for k in s.keys)
+    pulled = call(channel, "Pull", pb.PullRequest(
+        keys=names, parts=[pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ]).SerializeToString())
+    return ([(k.key, k.version, k.pushes) for k in sorted(s.keys, key=lambda k: k.key)], s.pushes,
+            b"".join(pulled))
+
+
+def refused(channel: grpc.Channel, method: str, request) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(channel, method, request)
+    return info.value
+
+
+@pytest.fixture
+def channel():
+    with run_server() as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        yield ch
+
+
+# --- 1. exactly-once at extreme step values ------------------------------------------------------
+
+@pytest.mark.parametrize("step", [MAX_STEP + 1, 2**63 - 1, 2**64 - 1])
+def test_set_state_refuses_a_step_past_the_bound_and_changes_nothing(channel, step):
+    before = fingerprint(channel)
+    error = refused(channel, "SetState", set_state(step))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'w'" in error.details() and str(MAX_STEP) in error.details()
+    assert fingerprint(channel) == before  # and Stats and Pull still answer
+
+
+def test_a_push_at_the_last_step_is_refused_every_time_and_never_applied(channel):
+    call(channel, "SetState", set_state(MAX_STEP))
+    before = fingerprint(channel)
+    for _ in range(3):  # the same (client_id, seq), sent three times
+        error = refused(channel, "Push", push(version_read=MAX_STEP))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "'w'" in error.details() and str(MAX_STEP) in error.details()
+    assert fingerprint(channel) == before
+    assert stats(channel).keys[0].version == MAX_STEP
+
+
+def test_a_push_one_before_the_last_step_applies_once(channel):
+    call(channel, "SetState", set_state(MAX_STEP - 1))
+    replies = [pb.PushReply.FromString(call(channel, "Push", push(version_read=MAX_STEP - 1)))
+               for _ in range(3)]
+    assert [r.versions[0] for r in replies] == [MAX_STEP] * 3
+    assert [r.duplicate for r in replies] == [False, True, True]
+    assert stats(channel).keys[0].pushes == 1
