@@ -4,7 +4,7 @@ What it is for: updating parameter shards in place from gradients, with
 
 * ``adam_reference`` -- one tensor, written line for line from the seed; it *is* the spec;
 * ``adam_foreach``   -- the same math over lists with ``torch._foreach_*`` ops;
-* ``adam_fused``     -- the same math via torch's fused Adam kernels (CPU since torch 2.4, CUDA);
+* ``adam_fused``     -- the same math via torch's fused Adam kernel (CPU since torch 2.4, CUDA);
 * ``adam_fast``      -- the server's kernel: fused where the device has it, else foreach.
 
 The fast kernels are checked against the reference in ``tests/unit/test_adam.py``.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -242,7 +242,7 @@ def adam_fused(
     steps: Sequence[int],
     cfg: AdamConfig,
 ) -> None:
-    """Same math as ``adam_reference`` via ``torch._fused_adam_`` / ``torch._fused_adamw_``.
+    """Same math as ``adam_reference`` via ``torch._fused_adam_`` (decoupled decay by a foreach multiply).
 
     All tensors on one device where ``fused_supported`` holds. One kernel call per distinct step.
     ``max_exp_avg_sqs`` is used only if ``cfg.amsgrad``. ``grads`` are never modified.
@@ -254,16 +254,17 @@ def adam_fused(
 
     # torch's fused kernels implement the textbook update (our optimized_update=False):
     #     theta_t = theta_{t-1} - alpha / (1 - beta1^t) * m_t / (sqrt(v_t) / sqrt(1 - beta2^t) + eps_torch)
-    # and L2 decay (_fused_adam_: g + lambda theta inside the kernel, grad not written) or
-    # AdamW decay (_fused_adamw_: theta * (1 - alpha lambda)); absolute decay they lack, so it is done here.
-    kernel: Callable[..., None] = torch._fused_adam_
+    # and L2 decay (_fused_adam_: g + lambda theta inside the kernel, grad not written), which we use.
+    # Decoupled decay is done here, before the kernel, with the reference's arithmetic: one multiply
+    # by float32(1 - alpha lambda) (or 1 - lambda, absolute). torch's CUDA _fused_adamw_ computes
+    # theta - alpha lambda theta instead, whose rounding differs from the multiply in the same direction
+    # every step and drifts past the reference's tolerance in a few hundred steps.
     kernel_weight_decay = 0.0
     if cfg.weight_decay != 0:
-        if cfg.weight_decouple and cfg.absolute:
-            # theta_{t-1} <- theta_{t-1} (1 - lambda), before the kernel, which then decays nothing
-            torch._foreach_mul_(list(params), 1.0 - cfg.weight_decay)
-        elif cfg.weight_decouple:
-            kernel, kernel_weight_decay = torch._fused_adamw_, cfg.weight_decay
+        if cfg.weight_decouple:
+            # theta_{t-1} <- theta_{t-1} (1 - lambda) or theta_{t-1} (1 - alpha lambda); the kernel: none
+            decay = cfg.weight_decay if cfg.absolute else cfg.lr * cfg.weight_decay
+            torch._foreach_mul_(list(params), 1.0 - decay)
         else:
             kernel_weight_decay = cfg.weight_decay
 
@@ -280,7 +281,7 @@ def adam_fused(
         # The kernel reads t from a float32 tensor on the params' device (torch's wrapper increments it
         # before the call; our t is already incremented). float32 holds t exactly up to 2^24.
         state_step = torch.full((), float(step), dtype=torch.float32, device=device)
-        kernel(
+        torch._fused_adam_(
             [params[i] for i in indices],
             [grads[i] for i in indices],
             [exp_avgs[i] for i in indices],
