@@ -71,19 +71,6 @@ def render(shards: list[dict], out: TextIO) -> None:
                       f"{k['dropped']:>8} {ks['mean']:>10.2f} {ks['max']:>5}", file=out)
 
 
-def health_main(address: str, security: Security | None, out: TextIO) -> int:
-    """`optserve health ADDR`: print the shard's grpc.health.v1 status; exit 0 only when SERVING."""
-    client = ShardClient(address, timeout=5.0, retry=RetryPolicy(budget=0.0), security=security)
-    try:
-        status = client.health()
-    except ShardError as exc:
-        status = f"unreachable ({exc.code.name}: {exc.details})"
-    finally:
-        client.close()
-    print(f"{address}: {status}", file=out)
-    return 0 if status == "SERVING" else 1
-
-
 def status_main(addresses: Sequence[str], as_json: bool, out: TextIO,
                 security: Security | None = None) -> int:
     shards = collect(addresses, security=security)

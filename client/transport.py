@@ -7,11 +7,9 @@ module knows nothing about models or Adam: RemoteAdam (remote_adam.py) decides w
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import grpc
@@ -20,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client.data import DataCallError, DataChannel, client_ssl_context
 from optserve.errors import REASON_METADATA
-from optserve.net import AUTHORIZATION, TOKEN_ENV, bearer
+from optserve.client.security import Security
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Assembler, Outgoing,
                             chunk_stream, decode, pull_expected)
@@ -42,51 +40,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 # "TLS handshake failed", Python's "certificate verify failed"), matched with the target address
 # taken out of the details: a shard named "ps-tls-0" that is briefly down is still waited for.
 _TLS_FAILURE = ("handshake failed", "ssl_error", "certificate verify failed")
-TLS_CA_ENV = "OPTSERVE_TLS_CA"
-TLS_CERT_ENV = "OPTSERVE_TLS_CERT"
-TLS_KEY_ENV = "OPTSERVE_TLS_KEY"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Security:
-    """How a worker reaches shards: TLS (optionally with a client certificate) and a bearer token.
-
-    `from_env` fills what was not given from OPTSERVE_TOKEN, OPTSERVE_TLS_CA (a PEM file path) and,
-    for mutual TLS, OPTSERVE_TLS_CERT and OPTSERVE_TLS_KEY (PEM file paths).
-    """
-    tls: bool = False
-    root_certificates: bytes | None = None  # PEM CA; None: the system's roots
-    certificate_chain: bytes | None = None  # mutual TLS: this client's certificate (PEM)
-    private_key: bytes | None = None
-    token: str | None = None
-
-    @classmethod
-    def from_env(cls, tls: bool = False, root_certificates: bytes | None = None,
-                 certificate_chain: bytes | None = None, private_key: bytes | None = None,
-                 token: str | None = None) -> "Security":
-        def from_file(value: bytes | None, env: str) -> bytes | None:
-            path = os.environ.get(env)
-            return Path(path).read_bytes() if value is None and path else value
-
-        root_certificates = from_file(root_certificates, TLS_CA_ENV)
-        certificate_chain = from_file(certificate_chain, TLS_CERT_ENV)
-        private_key = from_file(private_key, TLS_KEY_ENV)
-        if (certificate_chain is None) != (private_key is None):
-            raise ValueError("a client certificate needs both certificate_chain and private_key")
-        return cls(tls=tls or root_certificates is not None or certificate_chain is not None,
-                   root_certificates=root_certificates, certificate_chain=certificate_chain,
-                   private_key=private_key, token=token or os.environ.get(TOKEN_ENV) or None)
-
-    def channel(self, address: str, options: list[tuple[str, object]]) -> grpc.Channel:
-        """The one place channels are made."""
-        if not self.tls:
-            return grpc.insecure_channel(address, options=options)
-        creds = grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
-        return grpc.secure_channel(address, creds, options=options)
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((AUTHORIZATION, bearer(self.token)),) if self.token else ()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from optserve import __version__  # noqa: E402 - after the environment above
-from optserve.client.transport import ShardError  # noqa: E402
 
 
 def _client_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,8 +28,8 @@ def _client_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _security(args: argparse.Namespace):
-    from optserve.client.transport import Security
-    from optserve.server.auth import load_token
+    from optserve.client.security import Security
+    from optserve.net import load_token
 
     def read(path: str | None) -> bytes | None:
         try:
@@ -44,28 +43,50 @@ def _security(args: argparse.Namespace):
                              token=token)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from optserve import demo, experiment
-    from optserve.server.main import add_serve_arguments
-
+def _root_parser():
     parser = argparse.ArgumentParser(prog="optserve", description="Optimizer-as-a-service for PyTorch.")
     parser.add_argument("--version", action="version", version=f"optserve {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    sub = parser.add_subparsers(dest="command", required=True)
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def _add_health(sub) -> None:
+    health = sub.add_parser("health", help="exit 0 when the shard's grpc.health.v1 status is SERVING "
+                                           "(light: imports neither torch nor the server)")
+    health.add_argument("address", metavar="ADDR")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds for the call (default 5)")
+    _client_arguments(health)
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is not an option or --log-level's value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from optserve import demo, experiment
+    from optserve.server.main import add_serve_arguments
+
+    parser, sub = _root_parser()
     add_serve_arguments(sub.add_parser("serve", help="run one shard"))
     status = sub.add_parser("status", help="print each shard's keys, versions, pushes, staleness, "
                                            "checkpoint, data channel")
     status.add_argument("addresses", nargs="+", metavar="ADDR", help="shard addresses (host:port)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    health = sub.add_parser("health", help="exit 0 when the shard's grpc.health.v1 status is SERVING")
-    health.add_argument("address", metavar="ADDR")
+    _add_health(sub)
     ckpt = sub.add_parser("checkpoint", help="make each shard write a checkpoint now")
     ckpt.add_argument("addresses", nargs="+", metavar="ADDR", help="shard addresses (host:port)")
     export = sub.add_parser("export", help="write all parameters (slices reassembled) to a safetensors file")
     export.add_argument("addresses", nargs="+", metavar="ADDR", help="every shard's address (host:port)")
     export.add_argument("--out", required=True, help="the .safetensors file to write")
-    for p in (status, health, ckpt, export):
+    for p in (status, ckpt, export):
         _client_arguments(p)
     demo.add_arguments(sub.add_parser("demo", help="train digits with 2 in-process shards and 4 workers"))
     experiment.add_arguments(sub.add_parser(
@@ -85,11 +106,26 @@ class JsonFormatter(logging.Formatter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    light = _command(argv) == "health"  # a health probe parses and runs without torch or the server
+    if light:
+        parser, sub = _root_parser()
+        _add_health(sub)
+    else:
+        parser = build_parser()
+    args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if args.log_json else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    if light:
+        from optserve.client.probe import health_main
+        try:
+            return health_main(args.address, _security(args), sys.stdout, args.timeout)
+        except ValueError as exc:
+            print(f"optserve health: {exc}", file=sys.stderr)
+            return 2
+    from optserve.client.transport import ShardError
     from optserve.server.main import BindError
 
     try:
@@ -99,9 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from optserve.client.status import status_main
             return status_main(args.addresses, args.json, sys.stdout, _security(args))
-        if args.command == "health":
-            from optserve.client.status import health_main
-            return health_main(args.address, _security(args), sys.stdout)
         if args.command == "checkpoint":
             from optserve.client.export import checkpoint_main
             return checkpoint_main(args.addresses, _security(args))

@@ -1,7 +1,11 @@
-"""Names both ends of a connection agree on: the token's environment variable, the bearer header,
-and which hosts are this machine's own (loopback). No I/O here.
+"""Names both ends of a connection agree on: the token's environment variable and file, the bearer
+header, and which hosts are this machine's own (loopback). Standard library only: the light health
+probe (client/probe.py) imports it.
 """
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 TOKEN_ENV = "OPTSERVE_TOKEN"  # a shard's token (else --token-file), a worker's (else token=)
 AUTHORIZATION = "authorization"  # gRPC metadata key of the bearer token
@@ -18,3 +22,16 @@ def is_loopback(host: str) -> bool:
     buffers for it (optserve/frames.py `tune`)."""
     host = host.strip("[]")
     return host in ("localhost", "::1", "::ffff:127.0.0.1") or host.startswith("127.")
+
+
+def load_token(token_file: str | None) -> str:
+    """The shard's token: from the file if given, else from OPTSERVE_TOKEN, else "" (no token)."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"token file {token_file}: {exc.strerror or exc}") from None
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip()

@@ -8,28 +8,14 @@ can probe without the secret. No request handling lives here.
 from __future__ import annotations
 
 import hmac
-import os
 import ssl
 from pathlib import Path
 
 import grpc
 
-from optserve.net import AUTHORIZATION, TOKEN_ENV, bearer
+from optserve.net import AUTHORIZATION, bearer
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-
-
-def load_token(token_file: str | None) -> str:
-    """The shard's token: from the file if given, else from OPTSERVE_TOKEN, else "" (no token)."""
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"token file {token_file}: {exc.strerror or exc}") from None
-        if not token:
-            raise ValueError(f"token file {token_file} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV, "").strip()
 
 
 class TokenInterceptor(grpc.ServerInterceptor):

@@ -26,8 +26,8 @@ from grpc_reflection.v1alpha import reflection
 from optserve.errors import StatusCode
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from optserve.server.checkpoint import CheckpointData, list_checkpoints, restore_latest, write_checkpoint
-from optserve.net import is_loopback
-from optserve.server.auth import TokenInterceptor, load_token, server_credentials, server_ssl_context
+from optserve.net import is_loopback, load_token
+from optserve.server.auth import TokenInterceptor, server_credentials, server_ssl_context
 from optserve.server.data import DataServer
 from optserve.server.metrics import ShardMetrics
 from optserve.server.policy import Policy, parse_policy

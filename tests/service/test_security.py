@@ -5,6 +5,8 @@ import datetime
 import ipaddress
 import threading
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -224,6 +226,33 @@ def test_the_token_can_come_from_the_environment(token_shard, monkeypatch):
 
 
 # -- health, reflection, metrics ---------------------------------------------------------------
+
+_PROBE = """import sys
+from optserve.cli import main
+rc = main(sys.argv[1:])
+print("torch imported:", sorted(m for m in sys.modules if m == "torch" or m.startswith("optserve.server.")))
+sys.exit(rc)
+"""
+
+
+def _probe(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _PROBE, "--log-level", "WARNING", "health", *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_health_probe_imports_neither_torch_nor_the_server_and_speaks_tls(pki):
+    d, _, _ = pki
+    with run_server(tls_cert=str(d / "server.pem"), tls_key=str(d / "server.key")) as address:
+        served = _probe(address, "--tls-ca", str(d / "ca.pem"))
+        plaintext = _probe(address, "--timeout", "2")  # a plaintext probe of a TLS shard
+    gone = _probe(address, "--timeout", "2")
+
+    assert served.returncode == 0, served.stderr
+    assert f"{address}: SERVING" in served.stdout
+    assert "torch imported: []" in served.stdout  # what an orchestrator's 5 s health check must not pay
+    assert plaintext.returncode == 1 and "unreachable" in plaintext.stdout
+    assert gone.returncode == 1 and "unreachable (UNAVAILABLE" in gone.stdout
+
 
 def test_health_is_not_serving_while_a_checkpoint_is_restored_and_serving_after(tmp_path, monkeypatch):
     release, restoring = threading.Event(), threading.Event()
