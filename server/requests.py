@@ -270,7 +270,7 @@ class RequestCore:
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
             grad = dests[(i, pb.GRAD)]
-            check_finite(key.name, "gradient", grad)
+            check_finite(key.name, "gradient", grad, squares=True)
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
                                      pieces=[(0, self._on_device(grad))]))
         return head, entries
@@ -373,6 +373,8 @@ class RequestCore:
             values = {}
             for p in parts:
                 check_finite(key.name, pb.Part.Name(p), dests[(i, p)])
+                if p in (pb.EXP_AVG_SQ, pb.MAX_EXP_AVG_SQ):
+                    check_second_moment(key.name, pb.Part.Name(p), dests[(i, p)])
                 values[p] = self._on_device(dests[(i, p)])
             updates.append((key, e.step, configs[i], values))
         bounds = [e.max_version if e.HasField("max_version") else None for e in head.entries]
@@ -400,15 +402,37 @@ class RequestCore:
                              checkpoint=ckpt[0], checkpoint_age=ckpt[1], **totals)
 
 
-def check_finite(name: str, what: str, t: torch.Tensor) -> None:
-    """Refuse NaN and Inf (INVALID_ARGUMENT naming the key and the first bad element)."""
-    # A float32 sum is one read pass with no allocation; NaN/Inf always make it non-finite. Only then
-    # (or when finite values overflow the sum) is the exact elementwise check run.
-    if t.numel() and not math.isfinite(t.sum().item()):
-        bad = (~torch.isfinite(t)).nonzero()
+# A gradient element at least this large would make g^2, and so exp_avg_sq, Inf (float32 holds up to
+# ~3.4e38): refused with the gradient, so that no finite input makes the shard's state non-finite.
+MAX_GRADIENT = 2.0 ** 63
+
+
+def check_finite(name: str, what: str, t: torch.Tensor, squares: bool = False) -> None:
+    """Refuse NaN and Inf (INVALID_ARGUMENT naming the key and the first bad element); with
+    `squares` (a gradient) also elements whose square would overflow exp_avg_sq."""
+    # One read pass with no allocation and one sync: a float32 sum (or, for a gradient, the sum of
+    # squares, a dot product) is non-finite whenever an element is NaN or Inf (or its square
+    # overflows). Only then (or when finite values overflow the sum) is the exact elementwise check run.
+    if not t.numel() or math.isfinite((torch.dot(t, t) if squares else t.sum()).item()):
+        return
+    bad = (~torch.isfinite(t)).nonzero()
+    if bad.numel():
+        raise invalid(f"key {name!r}: {what} holds NaN or Inf (first at element {int(bad[0])}); "
+                      f"non-finite values are rejected")
+    if squares:
+        bad = (t.abs() >= MAX_GRADIENT).nonzero()
         if bad.numel():
-            raise invalid(f"key {name!r}: {what} holds NaN or Inf (first at element {int(bad[0])}); "
-                          f"non-finite values are rejected")
+            i = int(bad[0])
+            raise invalid(f"key {name!r}: {what} element {i} is {float(t[i]):g}; its square would overflow "
+                          f"exp_avg_sq (gradients must be below {MAX_GRADIENT:g} in magnitude)")
+
+
+def check_second_moment(name: str, what: str, t: torch.Tensor) -> None:
+    """Refuse a negative exp_avg_sq or max_exp_avg_sq (SetState): its square root would be NaN."""
+    if t.numel() and float(t.min()) < 0:
+        i = int((t < 0).nonzero()[0])
+        raise invalid(f"key {name!r}: {what} element {i} is {float(t[i]):g}; a second moment is never "
+                      f"negative")
 
 
 def parse(raw: bytes, message_type):

@@ -144,6 +144,9 @@ class Store:
         self._keys: dict[str, Key] = {}
         self._elements = 0
         self.buffers = BufferPool(self.device, lambda: 2 * self._elements)
+        # Keys outside host memory (a GPU shard): pulls and checkpoints copy to host buffers instead of
+        # leasing the keys' own tensors.
+        self._host_copies = self.device.type != "cpu"
         self._leases = Leases()  # the key tensors pull snapshots are sending in place (copy on write)
         self.dedupe = Dedupe()
         self._lock = threading.Lock()
@@ -246,6 +249,9 @@ class Store:
                                        f"reach ({MAX_STEP}); SetState a lower step to train it further")
                 s = e.key.version - e.version_read
                 configs.append(decide(e.key, s, e.cfg) if decide is not None else e.cfg)
+            for e, cfg in zip(entries, configs):
+                if cfg.eps == 0:
+                    _refuse_zero_denominator(e, cfg)
             staleness = []
             groups: dict[AdamConfig, list[GradEntry]] = {}
             for e, cfg in zip(entries, configs):
@@ -304,11 +310,13 @@ class Store:
         that must change a leased tensor first moves the key onto a copy (`_own`), and the leased
         tensor, no longer any key's, goes to the buffer pool when its last lease ends. A pull with
         no push racing it therefore copies nothing; one that races pays the copy it always paid.
-        GPU shard: the parts are copied to host buffers (the network needs host memory anyway)."""
-        if self.device.type != "cpu":
+        GPU shard: the parts are copied to pinned host buffers (the network needs host memory anyway):
+        queued without waiting under the lock, and one event recorded after them is waited on outside
+        it, so a pull never holds the lock across a device synchronization."""
+        if self._host_copies:
             buffers = {(i, part): self.buffers.take(k.numel) for i, k in enumerate(keys) for part in parts}
         with self._lock:
-            if self.device.type == "cpu":
+            if not self._host_copies:
                 views = {}
                 for i, k in enumerate(keys):
                     for part in parts:
@@ -318,14 +326,18 @@ class Store:
             else:
                 views = buffers
                 for (i, part), buf in buffers.items():
-                    buf.copy_(keys[i].part(part))  # to host; from a GPU this copy is synchronous
+                    buf.copy_(keys[i].part(part), non_blocking=True)  # queued behind every step
+                copied = self.buffers.event()
             self.pulls += 1
-            return Snapshot(list(keys), [k.version for k in keys], [k.step for k in keys],
-                            [k.hyper for k in keys], views)
+            snapshot = Snapshot(list(keys), [k.version for k in keys], [k.step for k in keys],
+                                [k.hyper for k in keys], views)
+        if self._host_copies:
+            copied.synchronize()  # the copies are done: outside the lock
+        return snapshot
 
     def release(self, snapshot: Snapshot) -> None:
         """The snapshot's tensors are no longer read (sent, or the send failed)."""
-        if self.device.type != "cpu":
+        if self._host_copies:
             self.buffers.give(list(snapshot.parts.values()))
             return
         with self._lock:
@@ -371,15 +383,31 @@ class Store:
 
     def checkpoint_records(self) -> tuple[list[KeyRecord], dict]:
         """Copies of every key and of the dedupe table, taken at one instant (the lock is held for the
-        copies only; writing them out happens after, without it)."""
+        copies only; writing them out happens after, without it). A GPU shard clones on the device
+        under the lock (queued, no wait) and moves the clones to host memory outside it."""
         with self._lock:
             records = []
             for key in self._keys.values():
-                tensors = {PART_NAMES[part]: key.part(part).to("cpu", copy=True) for part in key.held_parts()}
+                tensors = {PART_NAMES[part]: self._checkpoint_copy(key.part(part))
+                           for part in key.held_parts()}
                 records.append(KeyRecord(name=key.name, shape=key.shape, step=key.step,
                                          hyper=dataclasses.asdict(key.hyper) if key.hyper else None,
                                          tensors=tensors, info=dict(key.info)))
-            return records, self.dedupe.to_json()
+            dedupe = self.dedupe.to_json()
+        if self._host_copies:
+            for r in records:
+                r.tensors = {n: _to_host(t) for n, t in r.tensors.items()}
+        return records, dedupe
+
+    def _checkpoint_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """(Under the lock.) A copy of a key's tensor that no later step changes: on the device when it
+        has room (moved to host outside the lock), else on the host at once."""
+        if not self._host_copies:
+            return t.to("cpu", copy=True)
+        try:
+            return t.clone()
+        except torch.OutOfMemoryError:
+            return t.to("cpu", copy=True)
 
     def restore(self, records: Sequence[KeyRecord], dedupe: dict) -> None:
         """Load keys (and the dedupe table) from a checkpoint into an empty store: all or nothing
@@ -408,6 +436,29 @@ class Store:
     def locked(self):
         """The store's lock, for callers that must read several counters consistently."""
         return self._lock
+
+
+def _refuse_zero_denominator(e: GradEntry, cfg: AdamConfig) -> None:
+    """(eps = 0 only: one pass over the key, before anything changes.) Adam divides m by sqrt(v) + eps;
+    with eps = 0, an element whose v stays 0 (its gradient is 0 now and was before) would become NaN
+    or Inf. Refuse the push (INVALID_ARGUMENT, naming the key and the element)."""
+    k = e.key
+    for offset, g in e.pieces:
+        stop = offset + g.numel()
+        if cfg.weight_decay and not cfg.weight_decouple:
+            g = g + cfg.weight_decay * k.param[offset:stop]  # the gradient Adam sees
+        zero = (g == 0) & (k.exp_avg_sq[offset:stop] == 0)
+        if cfg.amsgrad and k.max_exp_avg_sq is not None:
+            zero &= k.max_exp_avg_sq[offset:stop] == 0
+        bad = zero.nonzero()
+        if bad.numel():
+            raise invalid(f"key {k.name!r}: with eps = 0, element {offset + int(bad[0])} (gradient 0, "
+                          f"exp_avg_sq 0) would divide by zero and become NaN; use eps > 0")
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's device clone in host memory (waits for the copy; called outside the lock)."""
+    return t.to("cpu")
 
 
 def _adam_step(group: Sequence[GradEntry], cfg: AdamConfig) -> None:

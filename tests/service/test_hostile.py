@@ -15,7 +15,7 @@ import torch
 
 from optserve.hyper import MAX_STEP
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
-from optserve.serde import encode
+from optserve.serde import decode, encode
 from optserve.server.main import run_server
 
 _METHOD = "/optserve.v1.OptServe/"
@@ -120,3 +120,56 @@ def test_a_push_one_before_the_last_step_applies_once(channel):
     assert [r.versions[0] for r in replies] == [MAX_STEP] * 3
     assert [r.duplicate for r in replies] == [False, True, True]
     assert stats(channel).keys[0].pushes == 1
+
+
+# --- 2. finite inputs that would poison state ----------------------------------------------------
+
+def _round_trips(channel: grpc.Channel) -> None:
+    """What the shard holds is what SetState takes back: every part of every key finite."""
+    for name in (k.key for k in stats(channel).keys):
+        for part in (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ):
+            messages = call(channel, "Pull", pb.PullRequest(keys=[name], parts=[part]).SerializeToString())
+            values = torch.cat([torch.frombuffer(bytearray(decode(m, pb.PullReply)[1]), dtype=torch.float32)
+                                for m in messages])
+            assert torch.isfinite(values).all(), (name, part)
+
+
+@pytest.mark.parametrize("case", ["gradient-square-overflows", "zero-eps-zero-gradient",
+                                  "zero-eps-zero-gradient-amsgrad"])
+def test_an_update_whose_result_would_be_non_finite_is_refused(channel, case):
+    grad, hyper = G.clone(), pb.HyperParams()
+    hyper.CopyFrom(HYPER)
+    if case == "gradient-square-overflows":
+        grad[2] = 3e38
+    else:
+        grad[3] = 0.0
+        hyper.eps = 0.0
+        hyper.amsgrad = case.endswith("amsgrad")
+    before = fingerprint(channel)
+    error = refused(channel, "Push", push(grad, hyper=hyper))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'w'" in error.details() and f"element {2 if case.startswith('gradient') else 3}" in error.details()
+    assert fingerprint(channel) == before
+    _round_trips(channel)
+
+
+@pytest.mark.parametrize("part", [pb.EXP_AVG_SQ, pb.MAX_EXP_AVG_SQ])
+def test_set_state_refuses_a_negative_second_moment(channel, part):
+    before = fingerprint(channel)
+    value = W0.clone()
+    value[4] = -1.0
+    error = refused(channel, "SetState", set_state(3, value, part=part))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'w'" in error.details() and "element 4" in error.details()
+    assert fingerprint(channel) == before
+
+
+def test_zero_eps_with_gradients_everywhere_nonzero_is_applied(channel):
+    hyper = pb.HyperParams()
+    hyper.CopyFrom(HYPER)
+    hyper.eps = 0.0
+    grad = G.clone()
+    grad[grad == 0] = 0.5
+    call(channel, "Push", push(grad, hyper=hyper))
+    assert stats(channel).keys[0].version == 1
+    _round_trips(channel)
