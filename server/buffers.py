@@ -15,29 +15,67 @@ from typing import Callable, Sequence
 import torch
 
 
+PINNED_BYTES = 2 << 30  # a GPU shard's pinned host memory, at most (staging, snapshots, SetState)
+
+
+class PinnedHost:
+    """How a GPU shard pins host memory and knows when an asynchronous copy out of it is done.
+    Tests replace it (tests/unit/test_pinned_pool.py), so the pool's bound is checked without CUDA."""
+
+    def pin(self, numel: int) -> torch.Tensor:
+        return torch.empty(numel, dtype=torch.float32, pin_memory=True)
+
+    def event(self):
+        """Recorded on the current stream now: every copy already queued there is done when it is."""
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def release(self) -> None:
+        """Hand the pinned blocks no tensor uses back to the driver (torch's cache keeps them otherwise)."""
+        empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+        if empty is not None:
+            empty()
+
+
 class BufferPool:
     """Reusable flat float32 host buffers, by size: staging for pushed gradients and pull snapshots.
 
     A large tensor that is freed goes back to the OS, and a fresh one costs a page fault per 4 KiB on
     first touch, several times slower than a copy into warm memory (docs/MEASUREMENTS.md). Reusing
-    buffers keeps every copy warm. For a GPU shard the buffers are pinned and come from torch's
-    caching host allocator instead, which already reuses them and knows when an asynchronous copy
-    out of one has finished; `give` is then a no-op.
+    buffers keeps every copy warm.
+
+    A GPU shard's buffers are pinned, so host <-> device copies are asynchronous, within one bound:
+    pinned elements in use or kept free never pass `pinned_budget` (default `PINNED_BYTES`). A buffer
+    that would pass it is pageable instead (its copies are synchronous; correct, slower). torch's
+    caching host allocator alone rounds every request up to a power of two and never frees, so the
+    pool keeps its own free lists, drops free pinned buffers of other sizes to make room (and asks
+    torch to free them), and records an event when a buffer comes back: a copy queued from it must
+    be done before the buffer is handed out again.
     """
 
-    def __init__(self, device: torch.device, budget: Callable[[], int] = lambda: 1 << 30):
-        self._pinned = device.type == "cuda"
+    def __init__(self, device: torch.device, budget: Callable[[], int] = lambda: 1 << 30,
+                 pinned_budget: Callable[[], int] = lambda: PINNED_BYTES // 4,
+                 host: PinnedHost | None = None):
+        self._pinned = device.type == "cuda" or host is not None
+        self._host = host or PinnedHost()
         # Free buffers are kept up to this many elements in all (asked at each give): the store
         # passes twice its parameter count, one whole push's staging plus one whole pull's snapshot,
         # so a worker's steady state never allocates, however many same-sized slices it has.
         self._budget = budget
         self._free: dict[int, list[torch.Tensor]] = {}
         self._kept = 0  # elements in _free
+        self._pinned_budget = pinned_budget  # elements
+        self._pinned_free: dict[int, list[tuple[torch.Tensor, object]]] = {}  # numel -> (buffer, event)
+        self._pinned_ids: set[int] = set()  # id() of every pinned buffer the pool made and holds or lent
+        self.pinned_elements = 0  # pinned elements in use or free: never above pinned_budget()
         self._lock = threading.Lock()
 
     def take(self, numel: int) -> torch.Tensor:
         if self._pinned:
-            return torch.empty(numel, dtype=torch.float32, pin_memory=True)
+            pinned = self._take_pinned(numel)
+            if pinned is not None:
+                return pinned
         with self._lock:
             free = self._free.get(numel)
             if free:
@@ -45,9 +83,54 @@ class BufferPool:
                 return free.pop()
         return torch.empty(numel, dtype=torch.float32)
 
+    def _take_pinned(self, numel: int) -> torch.Tensor | None:
+        dropped = False
+        with self._lock:
+            free = self._pinned_free.get(numel)
+            if free:
+                buf, event = free.pop()
+            else:
+                budget = self._pinned_budget()
+                # Make room by dropping free pinned buffers of other sizes, largest first.
+                for size in sorted(self._pinned_free, reverse=True):
+                    while self.pinned_elements + numel > budget and self._pinned_free[size]:
+                        old, _ = self._pinned_free[size].pop()
+                        self._pinned_ids.discard(id(old))
+                        self.pinned_elements -= size
+                        dropped = True
+                if self.pinned_elements + numel > budget:
+                    return None  # the bound is reached by buffers in use: pageable
+                self.pinned_elements += numel  # reserved before allocating, outside the lock
+                buf = event = None
+        if dropped:
+            self._host.release()
+        if buf is not None:
+            if event is not None:
+                event.synchronize()  # a copy queued from it is done (long since, as a rule)
+            return buf
+        try:
+            buf = self._host.pin(numel)
+        except (RuntimeError, MemoryError):
+            with self._lock:
+                self.pinned_elements -= numel
+            return None
+        with self._lock:
+            self._pinned_ids.add(id(buf))
+        return buf
+
+    def event(self):
+        """An event recorded now on the device's current stream (`synchronize()` waits for it)."""
+        return self._host.event()
+
     def give(self, buffers: Sequence[torch.Tensor]) -> None:
         if self._pinned:
-            return
+            pinned = [t for t in buffers if id(t) in self._pinned_ids]
+            if pinned:
+                event = self._host.event()  # after every copy queued so far, those out of these included
+                with self._lock:
+                    for t in pinned:
+                        self._pinned_free.setdefault(t.numel(), []).append((t, event))
+                buffers = [t for t in buffers if id(t) not in self._pinned_ids]
         budget = self._budget()
         with self._lock:
             for t in buffers:
