@@ -35,6 +35,7 @@ from optserve.hyper import AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import (ADAM_STATE, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, WIRE_DTYPES, Outgoing,
                             dtype_to_proto, hyper_to_proto)
+from optserve.client.discovery import client_id_from_env, servers_from_env
 from optserve.client.partition import DEFAULT_SLICE_ELEMENTS, Placement, partition
 from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
 
@@ -148,6 +149,8 @@ def _check_arguments(servers, init: str, capturable: bool, differentiable: bool,
                          "differentiable=True (autograd through step) cannot apply; leave them False")
     if init not in _INITS:
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    if servers is None:  # the environment that runs the job names them (client/discovery.py)
+        servers = servers_from_env()
     servers = [servers] if isinstance(servers, str) else list(servers)
     if not servers:
         raise ValueError("RemoteAdam needs at least one server address")
@@ -246,8 +249,9 @@ class RemoteAdam(torch.optim.Optimizer):
     """Adam (labml_nn's, DESIGN.md "Semantics") applied by optserve shards.
 
     params: `model.named_parameters()` (keys are the names), plain parameters, or param groups of
-    either with their own options. servers: the shard addresses in shard-index order. Options are
-    the seed's; changing a group's option (an lr scheduler) takes effect on the next step.
+    either with their own options. servers: the shard addresses in shard-index order (None: from
+    OPTSERVE_SERVERS or OPTSERVE_SERVERS_FILE, client/discovery.py). Options are the seed's;
+    changing a group's option (an lr scheduler) takes effect on the next step.
     torch.optim.Adam's numbers: eps=1e-8, optimized_update=False, weight_decouple=False (AdamW:
     True, or decoupled_weight_decay=True). maximize=True ascends (the gradient is negated before it is
     sent). foreach, fused (any value) and capturable, differentiable (False) are accepted for
@@ -263,7 +267,8 @@ class RemoteAdam(torch.optim.Optimizer):
     pull_dtype (the same choice for the parameters pulled by step(); the shard keeps float32 state
     either way, and registration and state_dict always travel in float32; with float16 a gradient
     beyond its range, 65504, is refused with a ValueError before it is sent), client_id (a name for
-    this worker, kept as `self.client_id`, a random id when none is given; pushes carry `self.push_id`,
+    this worker, kept as `self.client_id`; by default "rank<RANK>" under torchrun, POD_NAME in a pod,
+    else a random id; pushes carry `self.push_id`,
     "<client_id>/<random>" (or the random client_id itself), unique to this instance, so each is
     applied once and never taken for another instance's retry), retry_budget (seconds within which
     UNAVAILABLE and DEADLINE_EXCEEDED are retried with backoff: a restarting shard is waited for;
@@ -284,7 +289,7 @@ class RemoteAdam(torch.optim.Optimizer):
     or in hooks; then the numbers equal overlap=False bitwise.
     """
 
-    def __init__(self, params, servers: Sequence[str], lr: float = 1e-3,
+    def __init__(self, params, servers: Sequence[str] | None = None, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-16, weight_decay: float = 0.0,
                  weight_decouple: bool = True, absolute: bool = False, optimized_update: bool = True,
                  amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
@@ -320,6 +325,7 @@ class RemoteAdam(torch.optim.Optimizer):
         self.pull_dtype = pull_dtype
         self.overlap = overlap
         self.slice_elements = slice_elements
+        client_id = client_id or client_id_from_env()  # torchrun's RANK, a pod's name, or none
         self.client_id = client_id or uuid.uuid4().hex
         # Shards apply each (push_id, seq) once: a fresh id per instance keeps a rebuilt or restarted
         # worker with the same client_id (seq starting at 1 again) from being answered as a retry.

@@ -43,6 +43,9 @@ def _security(args: argparse.Namespace):
                              token=token)
 
 
+_ADDRESSES = "shard addresses (host:port); none given: OPTSERVE_SERVERS or OPTSERVE_SERVERS_FILE"
+
+
 def _root_parser():
     parser = argparse.ArgumentParser(prog="optserve", description="Optimizer-as-a-service for PyTorch.")
     parser.add_argument("--version", action="version", version=f"optserve {__version__}")
@@ -78,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(sub.add_parser("serve", help="run one shard"))
     status = sub.add_parser("status", help="print each shard's keys, versions, pushes, staleness, "
                                            "checkpoint, data channel")
-    status.add_argument("addresses", nargs="+", metavar="ADDR", help="shard addresses (host:port)")
+    status.add_argument("addresses", nargs="*", metavar="ADDR", help=_ADDRESSES)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_health(sub)
     ckpt = sub.add_parser("checkpoint", help="make each shard write a checkpoint now")
-    ckpt.add_argument("addresses", nargs="+", metavar="ADDR", help="shard addresses (host:port)")
+    ckpt.add_argument("addresses", nargs="*", metavar="ADDR", help=_ADDRESSES)
     export = sub.add_parser("export", help="write all parameters (slices reassembled) to a safetensors file")
-    export.add_argument("addresses", nargs="+", metavar="ADDR", help="every shard's address (host:port)")
+    export.add_argument("addresses", nargs="*", metavar="ADDR", help="every shard's; " + _ADDRESSES)
     export.add_argument("--out", required=True, help="the .safetensors file to write")
     for p in (status, ckpt, export):
         _client_arguments(p)
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     from optserve.server.main import BindError
 
     try:
+        if args.command in ("status", "checkpoint", "export") and not args.addresses:
+            from optserve.client.discovery import servers_from_env
+            args.addresses = servers_from_env()
         if args.command == "serve":
             from optserve.server.main import serve_main
             return serve_main(args)

@@ -399,6 +399,19 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard_index(value: str) -> int:
+    if value == "auto":
+        from optserve.client.discovery import shard_index_from_env
+        try:
+            return shard_index_from_env()
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="port (0: any free one, printed at start)")
@@ -419,7 +432,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between periodic checkpoints (default 0: only on request and SIGTERM)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     p.add_argument("--apply-log", help="append one JSON line per applied push (its order) to this file")
-    p.add_argument("--shard-index", type=int, default=0, help="this shard's index, 0-based")
+    p.add_argument("--shard-index", type=_shard_index, default=0,
+                   help="this shard's index, 0-based; auto: OPTSERVE_SHARD_INDEX, else the ordinal "
+                        "ending the host name (a StatefulSet pod optserve-2 is shard 2)")
     p.add_argument("--num-shards", type=int, default=1, help="how many shards hold the model")
     p.add_argument("--threads", type=int, default=16,
                    help="gRPC worker threads (default 16; under sync at least 2 x workers + 4)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -325,3 +326,18 @@ def test_python_dash_m_optserve_runs_the_command_line():
     out = subprocess.run([sys.executable, "-m", "optserve", "--version"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "optserve" in (out.stdout + out.stderr)
+
+
+def test_servers_and_client_id_come_from_the_environment(two_shards, monkeypatch):
+    monkeypatch.setenv("OPTSERVE_SERVERS", ",".join(two_shards))
+    monkeypatch.setenv("RANK", "1")
+    model = mlp()
+    with RemoteAdam(model.named_parameters()) as opt:
+        train(model, opt, batches(1))
+        assert [s.address for s in opt._shards] == two_shards
+        assert opt.client_id == "rank1" and opt.push_id.startswith("rank1/")
+        assert set(opt.versions.values()) == {1}
+    out = subprocess.run([sys.executable, "-m", "optserve", "status", "--json"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OPTSERVE_SERVERS": ",".join(two_shards)})
+    assert out.returncode == 0, out.stderr
+    assert '"pushes": 1' in out.stdout

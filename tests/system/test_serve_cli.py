@@ -117,3 +117,21 @@ def test_client_commands_refuse_an_empty_token_file(tmp_path):
                             capture_output=True, text=True, timeout=60)
 
     assert result.returncode == 2 and "is empty" in result.stderr
+
+
+def test_shard_index_auto_reads_the_environment():
+    env = {**os.environ, "OPTSERVE_SHARD_INDEX": "2"}
+    proc = subprocess.Popen([*OPTSERVE, "serve", "--port", "0", "--shard-index", "auto", "--num-shards", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), proc.stderr.read() if proc.poll() is not None else line
+        shards = json.loads(subprocess.run([*OPTSERVE, "status", "--json", line.split()[-1]], capture_output=True,
+                                           text=True, timeout=60).stdout)
+        assert (shards[0]["shard"]["shard_index"], shards[0]["shard"]["num_shards"]) == (2, 3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    bad = subprocess.run([*OPTSERVE, "serve", "--port", "0", "--shard-index", "auto"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "OPTSERVE_SHARD_INDEX": "two"})
+    assert bad.returncode == 2 and "OPTSERVE_SHARD_INDEX must be a non-negative integer" in bad.stderr
