@@ -47,6 +47,7 @@ MAX_REPLY_META_BYTES = 1 << 30  # a client's sanity bound on a shard's reply hea
 LOOPBACK_BUFFER_BYTES = 256 << 10  # see tune()
 CONVERT_ELEMENTS = 1 << 20  # bf16/fp16 payloads are converted through a scratch tensor this long
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
+META_STEP = 64 << 10  # read_meta allocates a frame's meta at most this far ahead of the bytes received
 
 
 class ProtocolError(ConnectionError):
@@ -92,9 +93,16 @@ def read_header(sock: socket.socket, eof_ok: bool = False,
 
 
 def read_meta(sock: socket.socket, meta_len: int, deadline: float | None = None) -> bytes:
-    buf = bytearray(meta_len)
-    recv_exact(sock, memoryview(buf), deadline)
-    return bytes(buf)
+    """`meta_len` bytes, allocated as they arrive: a header's length is only the peer's word, so a
+    buffer never runs ahead of what was received by more than META_STEP or the bytes so far (each
+    piece at most doubles the total): a 20-byte header declaring 16 MiB costs 64 KiB, not 16 MiB."""
+    pieces, got = [], 0
+    while got < meta_len:
+        piece = bytearray(min(meta_len - got, max(META_STEP, got)))
+        recv_exact(sock, memoryview(piece), deadline)
+        pieces.append(piece)
+        got += len(piece)
+    return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
 
 def send_header(sock: socket.socket, kind: int, meta: bytes, data_len: int) -> None:

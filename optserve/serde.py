@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from optserve.errors import invalid
+from optserve.errors import RequestError, StatusCode, invalid
 from optserve.hyper import CUT_ELEMENTS, AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 
@@ -36,6 +36,16 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 
 DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+# Segments cost Python work each (about 2 us to walk past in `decode`, more to check in `Assembler`)
+# and can be as small as 4 bytes, so a request of empty segments is CPU bought cheaply (issue 13).
+# Bounds, checked before any segment is looked at (RESOURCE_EXHAUSTED):
+# - a message holds at most MAX_SEGMENTS_PER_MESSAGE top-level fields (chunk_stream closes a message
+#   at that many segments, so optserve's own streams never reach it);
+# - a request's segments are at most one per tensor it declares per message, plus SEGMENT_SLACK (a
+#   foreign encoder may cut tensors more finely than optserve does): what optserve sends is one
+#   segment per tensor plus at most one cut per further message.
+MAX_SEGMENTS_PER_MESSAGE = 1 << 14
+SEGMENT_SLACK = 64
 
 _DATA_FIELD = 15
 _PAD_FIELD = 14
@@ -134,7 +144,13 @@ def decode(raw: bytes, message_type):
     """Split a received message into (parsed small fields, payload memoryview)."""
     view = memoryview(raw)
     pos, data_span, end = 0, None, len(view)
+    fields = 0
     while pos < end:
+        fields += 1
+        if fields > MAX_SEGMENTS_PER_MESSAGE + 16:  # head, padding, data: a handful besides segments
+            raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
+                               f"a {message_type.DESCRIPTOR.name} of more than {MAX_SEGMENTS_PER_MESSAGE} "
+                               f"segments (at most {MAX_SEGMENTS_PER_MESSAGE} a message)")
         tag_start = pos
         tag, pos = _read_varint(view, pos)
         field, wire_type = tag >> 3, tag & 7
@@ -210,7 +226,7 @@ def chunk_stream(items: Iterable[Outgoing], wire_dtype: torch.dtype, chunk_bytes
             parts.append(tensor_bytes(piece.contiguous()))
             offset += take
             room -= take
-            if room == 0:
+            if room == 0 or len(segments) == MAX_SEGMENTS_PER_MESSAGE:
                 yield encode(make_meta(segments, first), parts)
                 first = False
                 segments, parts, room = [], [], per_chunk
@@ -249,6 +265,20 @@ class Assembler:
     def __init__(self, expected: dict[tuple[int, int], Expected]):
         self._expected = expected
         self._next = {k: 0 for k in expected}
+        self._segments = 0  # seen so far in this request
+        self._messages = 0
+
+    def _bound(self, segments: Sequence[pb.Segment]) -> None:
+        """RESOURCE_EXHAUSTED when this message's segments take the request past its segment bound
+        (one per declared tensor per message, plus SEGMENT_SLACK); O(1), before any is looked at."""
+        self._segments += len(segments)
+        self._messages += 1
+        bound = len(self._expected) + self._messages - 1 + SEGMENT_SLACK
+        if len(segments) > len(self._expected) + SEGMENT_SLACK or self._segments > bound:
+            raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self._segments} segments in {self._messages} message(s) for "
+                               f"{len(self._expected)} tensors: at most one per tensor per message plus "
+                               f"{SEGMENT_SLACK}")
 
     def plan(self, segments: Sequence[pb.Segment], nbytes: int) -> list[tuple[pb.Segment, Expected]]:
         """Validate one message's segments against the head and against its `nbytes` of data.
@@ -257,6 +287,7 @@ class Assembler:
         is read or copied when a segment is undeclared, out of order, out of range, or the byte
         count does not match.
         """
+        self._bound(segments)
         spans = []
         pos = 0
         for seg in segments:

@@ -64,7 +64,13 @@ class _Peer:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._waited = 0.0
         self._blocking = False  # this request has used its wait: plain blocking calls, slot lent
+        self.received = 0  # bytes read since the last take_received()
         self._timeouts(PEER_WAIT_SECONDS)
+
+    def take_received(self) -> int:
+        """Bytes received since the last call: what Stats counts as bytes_in (never a declared length)."""
+        n, self.received = self.received, 0
+        return n
 
     def next_request(self) -> None:
         """Wait, with no timeout and no slot, until the peer sends its next request (or closes)."""
@@ -106,7 +112,9 @@ class _Peer:
             self.raw.setsockopt(socket.SOL_SOCKET, option, value)
 
     def recv_into(self, view, nbytes: int = 0) -> int:
-        return self._patient(self.raw.recv_into, view, nbytes)
+        k = self._patient(self.raw.recv_into, view, nbytes)
+        self.received += k
+        return k
 
     def sendmsg(self, buffers) -> int:
         return self._patient(self.raw.sendmsg, buffers)
@@ -257,6 +265,7 @@ class DataServer:
                     with self.core.slots.held():
                         self._handle(conn, receiver, *header)
                 finally:
+                    self.core.counters.add(bytes_in=conn.take_received())
                     with self._lock:
                         self._in_flight -= 1
                         self._lock.notify_all()
@@ -291,7 +300,7 @@ class DataServer:
     # -- requests --------------------------------------------------------------------------------
 
     def _handle(self, conn, receiver: Receiver, kind: int, meta_len: int, data_len: int) -> None:
-        self.core.counters.add(bytes_in=HEADER.size + meta_len + data_len, data_calls=1)
+        self.core.counters.add(data_calls=1)  # bytes_in: as received (_serve), not as declared
         payload = _Payload(data_len)
         method = KINDS.get(kind, f"kind {kind}")
         if meta_len > self._max_meta:  # as grpc refuses a message over max_message_bytes

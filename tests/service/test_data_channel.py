@@ -659,3 +659,49 @@ def test_the_client_timeout_bounds_the_whole_call_not_each_read():
     fake.close()
     # With a timeout per read the trickle (a byte every 50 ms) would have been read whole.
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_bytes_in_counts_bytes_received_not_bytes_declared():
+    with running() as shard:
+        client = ShardClient(shard.address)
+        sock = raw_connection(shard.data.port)
+        meta = pb.PullRequest(keys=["w"]).SerializeToString()
+        send_header(sock, PULL, meta, 2**64 - 1)  # declares more than any shard could ever receive
+        sock.sendall(bytes(10))
+        sock.close()
+        client.hello()  # a gRPC round trip: the shard has had time to read what was sent
+        deadline = time.monotonic() + 30
+        while shard.core.counters.bytes_in < HEADER.size + len(meta) + 10 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the connection's thread counts once it sees the close
+
+        stats = client.stats()  # used to fail for the life of the process (bytes_in over uint64)
+        client.close()
+
+    assert stats.bytes_in < 1 << 20
+
+
+@pytest.mark.parametrize("over", ["data", "grpc"])
+def test_a_push_of_many_empty_segments_is_refused_as_resource_exhausted(over):
+    with running() as shard:
+        client = ShardClient(shard.address)
+        register(client)
+        segments = [pb.Segment(entry=0, part=pb.GRAD, offset=0, count=0)] * 200_000
+        request = pb.PushRequest(head=push_head(), segments=segments)
+        if over == "data":
+            sock = raw_connection(shard.data.port)
+            send_header(sock, PUSH, request.SerializeToString(), 0)
+            code, message = reply(sock)
+            send_header(sock, PULL, pb.PullRequest(keys=["w"]).SerializeToString(), 0)
+            after, _ = reply(sock)
+            sock.close()
+        else:
+            from optserve.serde import encode
+            stub = client.channel.stream_unary("/optserve.v1.OptServe/Push")
+            with pytest.raises(grpc.RpcError) as err:
+                stub(iter([encode(request.SerializeToString(), [b""])]), timeout=60)
+            code, message, after = err.value.code(), err.value.details(), grpc.StatusCode.OK
+        _, version = pull_value(client)
+        client.close()
+
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "segments" in message
+    assert after == grpc.StatusCode.OK and version == 0

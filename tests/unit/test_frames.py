@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from optserve import frames
 from optserve.frames import (CONVERT_ELEMENTS, HEADER, MAGIC, PUSH, ProtocolError, Receiver, error_meta,
                              parse_error, read_header, read_meta, send_header, send_tensor)
 
@@ -111,3 +112,38 @@ def test_a_clean_close_between_frames_is_not_an_error_when_allowed():
 def test_an_error_meta_carries_message_and_reason():
     assert parse_error(error_meta("too stale", "stale")) == ("too stale", "stale")
     assert parse_error(b"\xff not json") == ("\ufffd not json", "")
+
+
+class _Trickle:
+    """A socket that hands out `data` a few bytes a call and records how big a buffer each read had."""
+
+    def __init__(self, data: bytes):
+        self.data, self.asked = data, []
+
+    def settimeout(self, timeout) -> None:
+        pass
+
+    def recv_into(self, view, nbytes: int = 0) -> int:
+        self.asked.append(len(view))
+        k = min(len(view), len(self.data), 7)
+        view[:k] = self.data[:k]
+        self.data = self.data[k:]
+        return k
+
+
+def test_a_long_meta_is_allocated_as_its_bytes_arrive_not_as_declared():
+    declared = 16 << 20
+    sock = _Trickle(b"x" * 100)
+
+    with pytest.raises(ConnectionError):  # the peer sent 100 bytes of the 16 MiB it declared
+        read_meta(sock, declared)
+    assert max(sock.asked) <= frames.META_STEP
+
+
+@pytest.mark.parametrize("meta_len", [0, 1, 65535, 65536, 65537, 300_001])
+def test_meta_read_in_growing_pieces_is_the_bytes_sent(meta_len):
+    data = bytes(range(256)) * (meta_len // 256 + 1)
+    a, b = socket.socketpair()
+    with a, b:
+        threading.Thread(target=a.sendall, args=(data[:meta_len],), daemon=True).start()
+        assert read_meta(b, meta_len) == data[:meta_len]

@@ -415,3 +415,59 @@ def test_options_out_of_range_on_the_wire_are_refused_naming_where():
         serde.hyper_from_proto(pb.HyperParams(lr=-1.0, beta1=0.9, beta2=0.999), "hyper[0]")
 
     assert err.value.code == StatusCode.INVALID_ARGUMENT
+
+
+# -- segment bounds (issue 13: empty segments were CPU bought cheaply) ---------------------------------
+
+
+class _Untouchable(list):
+    """Segments whose count is known but that must not be looked at one by one."""
+
+    def __iter__(self):
+        raise AssertionError("a segment was looked at before the count was bounded")
+
+    __getitem__ = __iter__
+
+
+def test_more_segments_than_declared_tensors_plus_slack_are_refused_before_any_is_looked_at():
+    expected = {(0, pb.GRAD): Expected(8, torch.float32, "w")}
+    segments = _Untouchable([pb.Segment(entry=0, part=pb.GRAD)] * (2 + serde.SEGMENT_SLACK))
+
+    with pytest.raises(RequestError) as err:
+        Assembler(expected).plan(segments, 0)
+    assert err.value.code == StatusCode.RESOURCE_EXHAUSTED and "segments" in err.value.message
+
+
+def test_the_segment_bound_holds_for_the_whole_request_not_each_message():
+    expected = {(0, pb.GRAD): Expected(1000, torch.float32, "w")}
+    assembler = Assembler(expected)
+    empty = [pb.Segment(entry=0, part=pb.GRAD, offset=0, count=0)]
+    for _ in range(serde.SEGMENT_SLACK // 2):  # each message alone is well within its bound
+        assembler.plan(empty * 3, 0)  # 3 segments a message: the request's bound is 1 a message + slack
+
+    with pytest.raises(RequestError) as err:
+        assembler.plan(empty * 3, 0)
+    assert err.value.code == StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_what_chunk_stream_sends_is_within_the_segment_bound(monkeypatch):
+    monkeypatch.setattr(serde, "MAX_SEGMENTS_PER_MESSAGE", 4)
+    items = [Outgoing(i, pb.GRAD, torch.ones(n)) for i, n in enumerate([1, 2, 3, 5000, 1, 1, 7, 1, 1, 1, 1])]
+    messages = list(chunk_stream(items, torch.float32, 4 * CUT_ELEMENTS * 2, lambda segs, first: pb.PushRequest(
+        segments=segs).SerializeToString()))
+    assembler = Assembler({(i, pb.GRAD): Expected(t.tensor.numel(), torch.float32, str(i))
+                           for i, t in enumerate(items)})
+
+    for raw in messages:
+        meta, data = decode(raw, pb.PushRequest)
+        assert len(meta.segments) <= 4
+        assembler.plan(meta.segments, len(data))
+    assembler.finish()
+
+
+def test_decode_refuses_a_message_of_too_many_fields_with_resource_exhausted():
+    meta = pb.PushRequest(segments=[pb.Segment()] * (serde.MAX_SEGMENTS_PER_MESSAGE + 17)).SerializeToString()
+
+    with pytest.raises(RequestError) as err:
+        decode(encode(meta, [b""]), pb.PushRequest)
+    assert err.value.code == StatusCode.RESOURCE_EXHAUSTED
