@@ -10,6 +10,7 @@ RequestError (optserve/errors.py) and leaves the shard exactly as it was. Exactl
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -125,6 +126,27 @@ class Counters:
             return dict(self._rejected)
 
 
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: cuda's
+
+
+def _device_memory(method: Callable) -> Callable:
+    """A request that runs the shard's device out of memory is RESOURCE_EXHAUSTED, not UNKNOWN. The
+    store allocates before it changes anything (Store.create, Store.apply), so such a request leaves
+    the keys as they were."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OUT_OF_MEMORY as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
+                               f"{method.__name__}: the shard's device ({self.store.device}) is out of "
+                               f"memory: {first}") from None
+
+    return guarded
+
+
 class RequestCore:
     """The requests of optserve.v1.OptServe over one shard's store and policy, transport-neutral."""
 
@@ -162,6 +184,17 @@ class RequestCore:
         _unique(names)
         return [self.store.get(n) for n in names]
 
+    def _staging(self, expected: dict[tuple[int, int], Expected]) -> dict[tuple[int, int], torch.Tensor]:
+        """Receive buffers for Register/SetState values: on a GPU shard the pool's pinned staging, as
+        for pushes (given back by `_unstage`), else fresh host tensors (a CPU shard keeps them)."""
+        if self.store.device.type == "cpu":
+            return _host_buffers(expected)
+        return {k: _allocate(lambda: self.store.buffers.take(e.numel), e) for k, e in expected.items()}
+
+    def _unstage(self, dests: dict[tuple[int, int], torch.Tensor]) -> None:
+        if self.store.device.type != "cpu":
+            self.store.buffers.give(list(dests.values()))
+
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         """A float32 host tensor on the shard's device (itself on a CPU shard)."""
         if self.store.device.type == "cpu":
@@ -194,6 +227,7 @@ class RequestCore:
                              max_keys=self.store.limits.max_keys,
                              max_tensor_elements=self.store.limits.max_tensor_elements))
 
+    @_device_memory
     def register(self, first: pb.RegisterRequest, receive: Receive) -> pb.RegisterReply:
         """Create keys (all or none) with the values sent, or, without values, say which exist."""
         head = first.head
@@ -235,7 +269,7 @@ class RequestCore:
         self.store.check_capacity([(n, s) for n, s, _ in specs])
         expected = {(i, pb.PARAM): Expected(math.prod(s), torch.float32, n)
                     for i, (n, s, _) in enumerate(specs)}
-        dests = _host_buffers(expected)
+        dests = self._staging(expected)
         receive(expected, dests)
         values = []
         for i, (name, shape, _) in enumerate(specs):
@@ -243,6 +277,7 @@ class RequestCore:
             check_finite(name, "initial value", value)
             values.append((name, shape, self._on_device(value), infos[i]))
         result = self.store.create(values)
+        self._unstage(dests)
         created = [n for (key, c), (n, _, _) in zip(result, specs) if c]
         if created:
             log.info("registered %d keys (%s%s)", len(created), ", ".join(created[:3]),
@@ -310,6 +345,7 @@ class RequestCore:
                                f"{self.policy.describe_wait(behind[0])}",
                                reason=TIMEOUT)
 
+    @_device_memory
     def push(self, first: pb.PushRequest, receive: Receive) -> pb.PushReply:
         """A push: validate, receive, apply once."""
         staging: list[torch.Tensor] = []
@@ -321,6 +357,7 @@ class RequestCore:
         finally:
             self.store.buffers.give(staging)
 
+    @_device_memory
     def push_pull(self, first: pb.PushRequest, receive: Receive) -> PullReply:
         """A push (possibly of no keys), then the pull of its keys and `pull_keys`, after the policy's
         wait (sync: until the step the push joined has been taken)."""
@@ -340,6 +377,7 @@ class RequestCore:
             self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped])
         return self.snapshot(pull_keys, [pb.PARAM], dtype, reply)
 
+    @_device_memory
     def pull(self, request: pb.PullRequest) -> PullReply:
         """Validate a pull, wait for its min_versions, and snapshot what it asks for."""
         keys = self._keys(list(request.keys))
@@ -353,6 +391,7 @@ class RequestCore:
             self._wait(keys, list(request.min_versions))
         return self.snapshot(keys, parts, dtype)
 
+    @_device_memory
     def set_state(self, first: pb.SetStateRequest, receive: Receive) -> pb.SetStateReply:
         """Overwrite keys' step, options and parts (load_state_dict), conditionally on max_version."""
         head = first.head
@@ -366,7 +405,7 @@ class RequestCore:
                    for e in head.entries]
         expected = {(i, p): Expected(k.numel, torch.float32, k.name)
                     for i, k in enumerate(keys) for p in parts}
-        dests = _host_buffers(expected)
+        dests = self._staging(expected)
         receive(expected, dests)
         updates = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
@@ -378,8 +417,11 @@ class RequestCore:
                 values[p] = self._on_device(dests[(i, p)])
             updates.append((key, e.step, configs[i], values))
         bounds = [e.max_version if e.HasField("max_version") else None for e in head.entries]
-        return pb.SetStateReply(versions=self.policy.set_state(self.store, updates, bounds))
+        versions = self.policy.set_state(self.store, updates, bounds)
+        self._unstage(dests)
+        return pb.SetStateReply(versions=versions)
 
+    @_device_memory
     def checkpoint(self) -> pb.CheckpointReply:
         if self.checkpointer is None:
             raise RequestError(StatusCode.FAILED_PRECONDITION,

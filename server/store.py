@@ -222,9 +222,11 @@ class Store:
                     continue
                 key = Key(name=name, shape=shape, param=value, info=info,
                           exp_avg=torch.zeros_like(value), exp_avg_sq=torch.zeros_like(value))
-                self._keys[name] = key
-                self._elements += key.numel
                 out.append((key, True))
+            for key, created in out:  # every allocation came first: out of device memory inserts none
+                if created:
+                    self._keys[key.name] = key
+                    self._elements += key.numel
             return out
 
     # -- the update -------------------------------------------------------------------------------
@@ -252,6 +254,9 @@ class Store:
             for e, cfg in zip(entries, configs):
                 if cfg.eps == 0:
                     _refuse_zero_denominator(e, cfg)
+            for e, cfg in zip(entries, configs):
+                if cfg.amsgrad:  # allocated before anything changes: out of device memory changes nothing
+                    e.key.part(pb.MAX_EXP_AVG_SQ)
             staleness = []
             groups: dict[AdamConfig, list[GradEntry]] = {}
             for e, cfg in zip(entries, configs):
