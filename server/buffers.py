@@ -9,6 +9,7 @@ network I/O; `Leases` is guarded by the store's lock (it has none of its own).
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -116,7 +117,15 @@ class BufferPool:
             return None
         with self._lock:
             self._pinned_ids.add(id(buf))
+        # A buffer a failed request never gave back leaves the pool's count when it is freed.
+        weakref.finalize(buf, self._forget, id(buf), numel)
         return buf
+
+    def _forget(self, ident: int, numel: int) -> None:
+        with self._lock:
+            if ident in self._pinned_ids:
+                self._pinned_ids.discard(ident)
+                self.pinned_elements -= numel
 
     def event(self):
         """An event recorded now on the device's current stream (`synchronize()` waits for it)."""

@@ -107,3 +107,15 @@ def test_cpu_pool_pins_nothing():
     pool.give([pool.take(10)])
 
     assert pool.pinned_elements == 0
+
+
+def test_a_pinned_buffer_never_given_back_leaves_the_count_when_freed():
+    host = FakeHost()
+    pool = BufferPool(torch.device("cpu"), pinned_budget=lambda: 100, host=host)
+    t = pool.take(60)
+    host.pinned.clear()
+
+    del t  # a failed request dropped its staging
+
+    assert pool.pinned_elements == 0
+    assert pool.take(100).numel() == 100 and pool.pinned_elements == 100
