@@ -34,7 +34,14 @@ log = logging.getLogger("optserve.server")
 
 _OK = StatusCode.OK
 AUTH_SECONDS = 10.0  # from accept to an accepted token (TLS handshake included), at most
-MAX_PENDING = 64  # connections not yet authenticated; more are closed at once
+# Connections not yet authenticated cannot lock out those with the token (issue 13): at most
+# MAX_PENDING wait for their AUTH, at most MAX_PENDING_PER_ADDRESS from one address; a connection
+# over either cap closes the oldest waiting one (of its address, else of all) to make room, and one
+# accepted while half of MAX_PENDING are waiting has PRESSED_AUTH_SECONDS to authenticate. A worker
+# sends AUTH as soon as it connects, so it is only ever pending for a round trip (and a handshake).
+MAX_PENDING = 64
+MAX_PENDING_PER_ADDRESS = 8
+PRESSED_AUTH_SECONDS = 1.0
 
 
 PEER_WAIT_SECONDS = 0.05  # what a request may wait on its peer holding a slot; then it lends it
@@ -129,10 +136,15 @@ class _Peer:
 
 
 class _Accepted:
-    """An accepted connection: `sock` is the socket it is served on (the TLS socket once wrapped)."""
+    """An accepted connection: `sock` is the socket it is served on (the TLS socket once wrapped);
+    `handle`, a duplicate of its descriptor while it authenticates, is what the AUTH deadline and
+    eviction shut down (wrapping in TLS detaches the accepted socket object from the connection)."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, host: str, auth_seconds: float):
         self.sock = sock
+        self.host = host
+        self.auth_seconds = auth_seconds
+        self.handle = sock.dup()
 
 
 class _Payload:
@@ -165,7 +177,7 @@ class DataServer:
         self.port = 0  # bound: the port taken (any free one for 0)
         self._lock = threading.Condition()
         self._conns: set[socket.socket] = set()  # as served: the TLS socket once wrapped
-        self._pending = 0  # accepted, not yet authenticated
+        self._pending: dict[_Accepted, None] = {}  # accepted, not yet authenticated: oldest first
         self._in_flight = 0
         self._closing = False
         self._thread = threading.Thread(target=self._accept, name="data-accept", daemon=True)
@@ -210,27 +222,52 @@ class DataServer:
                 time.sleep(0.1)
                 continue
             with self._lock:
-                full = len(self._conns) >= self._max_connections or self._pending >= MAX_PENDING
-                if self._closing or full:
-                    if not self._closing:
-                        log.warning("data channel: refusing a connection from %s (%d open, %d not yet "
-                                    "authenticated)", peer, len(self._conns), self._pending)
+                if self._closing or not self._make_room(peer):
+                    conn.close()
+                    continue
+                pressed = len(self._pending) >= MAX_PENDING // 2
+                try:
+                    accepted = _Accepted(conn, peer[0], PRESSED_AUTH_SECONDS if pressed else AUTH_SECONDS)
+                except OSError as exc:  # EMFILE on dup
+                    log.warning("data channel: refusing a connection from %s: %s", peer, exc)
                     conn.close()
                     continue
                 self._conns.add(conn)
-                self._pending += 1
-            threading.Thread(target=self._serve, args=(conn, peer), name="data-conn", daemon=True).start()
+                self._pending[accepted] = None
+            threading.Thread(target=self._serve, args=(accepted, peer), name="data-conn", daemon=True).start()
+
+    def _make_room(self, peer) -> bool:
+        """Under the lock, before a connection from `peer` is served: over a cap on connections not
+        yet authenticated, close the oldest of them (of the peer's address first); False when the
+        connection cannot be served (every one of max_connections has authenticated)."""
+        same = [a for a in self._pending if a.host == peer[0]]
+        victim = None
+        if len(same) >= MAX_PENDING_PER_ADDRESS:
+            victim = same[0]
+        full = len(self._conns) >= self._max_connections
+        if victim is None and (len(self._pending) >= MAX_PENDING or (self._pending and full)):
+            victim = next(iter(self._pending))
+        elif victim is None and full:
+            log.warning("data channel: refusing a connection from %s (%d open, all authenticated)",
+                        peer, len(self._conns))
+            return False
+        if victim is not None:
+            log.warning("data channel: closing a connection from %s that has not authenticated, to make "
+                        "room for one from %s (%d waiting)", victim.host, peer[0], len(self._pending))
+            del self._pending[victim]
+            _shutdown(victim.handle)
+        return True
 
     def _open(self, conn: _Accepted) -> bool:
-        """TLS handshake and AUTH, within AUTH_SECONDS in all (a deadline, not a per-read timeout).
+        """TLS handshake and AUTH, within its auth_seconds in all (a deadline, not a per-read timeout).
 
         True: the peer showed the token (or none is needed)."""
         raw = conn.sock
-        timer = threading.Timer(AUTH_SECONDS, _shutdown, (raw,))
+        timer = threading.Timer(conn.auth_seconds, _shutdown, (conn.handle,))
         timer.start()
         try:
             tune(raw)
-            raw.settimeout(AUTH_SECONDS)
+            raw.settimeout(conn.auth_seconds)
             if self._ssl is not None:
                 conn.sock = self._ssl.wrap_socket(raw, server_side=True)
                 with self._lock:  # stop() must reach the socket that is served from now on
@@ -245,10 +282,11 @@ class DataServer:
         finally:
             timer.cancel()
             with self._lock:
-                self._pending -= 1
+                self._pending.pop(conn, None)
+            conn.handle.close()
 
-    def _serve(self, raw: socket.socket, peer) -> None:
-        accepted = _Accepted(raw)
+    def _serve(self, accepted: _Accepted, peer) -> None:
+        raw = accepted.sock
         try:
             if not self._open(accepted):
                 return

@@ -375,21 +375,77 @@ def test_authentication_has_a_deadline_that_trickling_bytes_does_not_extend(monk
     assert closed
 
 
-def test_connections_that_have_not_authenticated_are_capped(monkeypatch):
-    from optserve.server import data
-    monkeypatch.setattr(data, "MAX_PENDING", 2)
-    with running() as shard:
-        waiting = [socket.create_connection(("127.0.0.1", shard.data.port), timeout=10) for _ in range(2)]
-        time.sleep(0.2)  # both accepted and waiting for their AUTH
-        third = socket.create_connection(("127.0.0.1", shard.data.port), timeout=10)
-        third.settimeout(2)  # well inside AUTH_SECONDS (10 s): only the cap can close it this soon
+def authenticates(sock: socket.socket, token: bytes = b"") -> bool:
+    """Send AUTH on a connection the shard accepted; True when the shard answers OK."""
+    try:
+        send_header(sock, AUTH, token, 0)
+        return read_header(sock)[0] == 0
+    except OSError:
+        return False
 
-        assert closed_by_peer(third)
-        for sock in waiting:
-            send_header(sock, AUTH, b"", 0)
-            assert read_header(sock)[0] == 0  # the pending ones are still served
+
+def wait_pending(shard, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(shard.data._pending) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(shard.data._pending) == n
+
+
+@pytest.mark.parametrize("per_address", [None, 64])  # the defaults; one address may fill MAX_PENDING
+def test_idle_unauthenticated_connections_cannot_lock_out_a_worker_with_the_token(tmp_path, monkeypatch,
+                                                                                  per_address):
+    from optserve.server import data
+    if per_address:
+        monkeypatch.setattr(data, "MAX_PENDING_PER_ADDRESS", per_address)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    with running(token_file=str(token_file)) as shard:
+        idle = [socket.create_connection(("127.0.0.1", shard.data.port), timeout=30) for _ in range(64)]
+        if per_address:
+            wait_pending(shard, 64)  # as many as the shard lets wait for their AUTH
+        # (with the defaults, the worker is accepted after the 64 all the same: the backlog is FIFO)
+        worker = socket.create_connection(("127.0.0.1", shard.data.port), timeout=30)
+
+        assert authenticates(worker, TOKEN.encode())  # used to be reset at once, for up to 10 s
+        assert closed_by_peer(idle[0])  # the oldest idle one made room
+        for sock in idle + [worker]:
             sock.close()
-        third.close()
+
+
+def test_unauthenticated_connections_are_capped_per_address_oldest_first(monkeypatch):
+    from optserve.server import data
+    monkeypatch.setattr(data, "MAX_PENDING_PER_ADDRESS", 2)
+    with running() as shard:
+        other = socket.create_connection(("127.0.0.1", shard.data.port), timeout=30)
+        wait_pending(shard, 1)
+        crowd = []
+        for i in range(3):  # from another address: the third pushes out that address's first
+            sock = socket.create_connection(("127.0.0.1", shard.data.port), timeout=30,
+                                            source_address=("127.0.0.2", 0))
+            crowd.append(sock)
+            wait_pending(shard, 2 + min(i, 1))
+
+        assert closed_by_peer(crowd[0])
+        assert authenticates(crowd[1]) and authenticates(crowd[2])
+        assert authenticates(other)  # another address's connection was never touched
+        for sock in crowd + [other]:
+            sock.close()
+
+
+def test_under_pressure_new_connections_get_the_shorter_auth_deadline(monkeypatch):
+    from optserve.server import data
+    monkeypatch.setattr(data, "MAX_PENDING", 4)
+    monkeypatch.setattr(data, "PRESSED_AUTH_SECONDS", 0.2)
+    monkeypatch.setattr(data, "AUTH_SECONDS", 60.0)  # so only the shorter deadline can close it in 30 s
+    with running() as shard:
+        calm = [socket.create_connection(("127.0.0.1", shard.data.port), timeout=30) for _ in range(2)]
+        wait_pending(shard, 2)
+        pressed = socket.create_connection(("127.0.0.1", shard.data.port), timeout=30)
+
+        assert closed_by_peer(pressed)  # after 0.2 s; AUTH_SECONDS would take 60 s, the socket's timeout 30 s
+        assert all(authenticates(sock) for sock in calm)
+        for sock in calm + [pressed]:
+            sock.close()
 
 
 def test_the_accept_loop_survives_an_accept_error():
