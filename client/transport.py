@@ -41,6 +41,13 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 # taken out of the details: a shard named "ps-tls-0" that is briefly down is still waited for.
 _TLS_FAILURE = ("handshake failed", "ssl_error", "certificate verify failed")
 T = TypeVar("T")
+# A shard restarted at a new address under the same name (a rescheduled pod or Swarm task) is followed
+# within about a second: gRPC re-resolves the name when a connection fails, but by default no sooner
+# than 30 s after the last resolution, and backs off reconnecting for up to 120 s; a worker then dials
+# the old address for most of its retry budget. The data channel resolves on every connect.
+PROGRESS_EVERY = 5.0
+FOLLOW_MOVES = (("grpc.dns_min_time_between_resolutions_ms", 1000),
+                ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000))
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,8 @@ class ShardClient:
         security = security or Security.from_env()
         self._md = security.metadata()
         self.channel = security.channel(address, [("grpc.max_receive_message_length", max_message_bytes),
-                                                  ("grpc.max_send_message_length", max_message_bytes)])
+                                                  ("grpc.max_send_message_length", max_message_bytes),
+                                                  *FOLLOW_MOVES])
         c = self.channel
         self._hello = c.unary_unary(_METHOD + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
                                     response_deserializer=pb.HelloReply.FromString)
@@ -123,8 +131,10 @@ class ShardClient:
 
         Retrying a push is safe: it carries the same (client_id, seq), which the shard applies once.
         """
-        give_up = time.monotonic() + (self.retry.budget if budget is None else budget)
+        start = time.monotonic()
+        give_up = start + (self.retry.budget if budget is None else budget)
         delay = self.retry.initial
+        said = start  # a waiting worker says so every PROGRESS_EVERY seconds, at WARNING
         while True:
             try:
                 return attempt()
@@ -140,6 +150,10 @@ class ShardClient:
                                      trailing.get(REASON_METADATA, "")) from None
                 log.info("%s on %s: %s (%s); retrying in %.2f s", method, self.address, code.name,
                          exc.details(), pause)
+                if time.monotonic() - said >= PROGRESS_EVERY:
+                    said = time.monotonic()
+                    log.warning("waiting for shard %s (%s): %.0f s so far, giving up after %.0f s",
+                                self.address, code.name, said - start, give_up - start)
                 time.sleep(pause)
                 delay = min(self.retry.maximum, delay * self.retry.multiplier)
 
