@@ -45,6 +45,12 @@ PRESSED_AUTH_SECONDS = 1.0
 
 
 PEER_WAIT_SECONDS = 0.05  # what a request may wait on its peer holding a slot; then it lends it
+# A reply's writes may wait on the peer SEND_SECONDS in all, plus a second per SEND_BYTES_PER_SECOND
+# of reply; then the connection is closed, which ends the reply's snapshot lease: a puller that never
+# reads (or reads slower than that) cannot keep a key leased, and every push to it copying the key
+# (issue 13). A worker reads its reply as it arrives; a link slower than 1 MiB/s fails large pulls.
+SEND_SECONDS = 60.0
+SEND_BYTES_PER_SECOND = 1 << 20
 _PEER_TIMEVAL = struct.pack("ll", 0, int(PEER_WAIT_SECONDS * 1e6))  # SO_RCVTIMEO / SO_SNDTIMEO
 _NO_TIMEVAL = struct.pack("ll", 0, 0)
 
@@ -72,6 +78,8 @@ class _Peer:
         self._waited = 0.0
         self._blocking = False  # this request has used its wait: plain blocking calls, slot lent
         self.received = 0  # bytes read since the last take_received()
+        self._send_by: float | None = None  # this request's writes must be done by then (once blocking)
+        self._send_bytes = 0  # the reply's size, as announced by reply_of()
         self._timeouts(PEER_WAIT_SECONDS)
 
     def take_received(self) -> int:
@@ -86,11 +94,13 @@ class _Peer:
             poller.register(self.raw, select.POLLIN)
             poller.poll()
         self._waited = 0.0
+        self._send_by = None
+        self._send_bytes = 0
         if self._blocking:
             self._blocking = False
             self._timeouts(PEER_WAIT_SECONDS)
 
-    def _patient(self, op, *args, retryable: bool = True):
+    def _patient(self, op, *args, retryable: bool = True, write: bool = False):
         while retryable and not self._blocking:
             start = time.monotonic()
             try:
@@ -103,8 +113,30 @@ class _Peer:
                     self._go_blocking()
         if not self._blocking:  # a TLS write, which is never retried after a timeout
             self._go_blocking()
+        if write:
+            self._send_deadline()
         with self._slots.lent():
             return op(*args)
+
+    def reply_of(self, nbytes: int) -> None:
+        """The reply about to be sent holds about `nbytes`: its writes get that much more time."""
+        self._send_bytes = nbytes
+
+    def _send_deadline(self) -> None:
+        """Let the next blocking write wait only until SEND_SECONDS after the first one; TimeoutError
+        (the connection is closed) once that has passed."""
+        now = time.monotonic()
+        if self._send_by is None:
+            self._send_by = now + SEND_SECONDS + self._send_bytes / SEND_BYTES_PER_SECOND
+        left = self._send_by - now
+        if left <= 0:
+            raise TimeoutError(f"the peer has not taken its reply of {self._send_bytes} bytes in time")
+        if self._tls:
+            self.raw.settimeout(left)
+        else:
+            seconds = int(left)
+            self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                struct.pack("ll", seconds, max(1000, int((left - seconds) * 1e6))))
 
     def _go_blocking(self) -> None:
         self._blocking = True
@@ -119,17 +151,19 @@ class _Peer:
             self.raw.setsockopt(socket.SOL_SOCKET, option, value)
 
     def recv_into(self, view, nbytes: int = 0) -> int:
+        if self._tls and self._blocking and self._send_by is not None:
+            self.raw.settimeout(None)  # (not reached today: a request's reads come before its reply)
         k = self._patient(self.raw.recv_into, view, nbytes)
         self.received += k
         return k
 
     def sendmsg(self, buffers) -> int:
-        return self._patient(self.raw.sendmsg, buffers)
+        return self._patient(self.raw.sendmsg, buffers, write=True)
 
     def sendall(self, data) -> None:
         view = memoryview(data).cast("B")
         while view:
-            view = view[self._patient(self.raw.send, view, retryable=not self._tls):]
+            view = view[self._patient(self.raw.send, view, retryable=not self._tls, write=True):]
 
     def settimeout(self, timeout) -> None:  # frames' deadlines are the client's; a shard sets none
         raise AssertionError("a shard's data connection keeps its own timeouts")
@@ -382,6 +416,7 @@ class DataServer:
             return
         try:
             out = pb.PullReply(head=reply.head, segments=whole_segments(reply.items)).SerializeToString()
+            conn.reply_of(len(out) + 4 * sum(item.tensor.numel() for item in reply.items))
             nbytes = send_frame(conn, _OK, out, reply.items, reply.dtype)
             self.core.counters.add(bytes_out=HEADER.size + len(out) + nbytes)
         finally:

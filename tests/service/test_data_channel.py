@@ -761,3 +761,28 @@ def test_a_push_of_many_empty_segments_is_refused_as_resource_exhausted(over):
 
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "segments" in message
     assert after == grpc.StatusCode.OK and version == 0
+
+
+def test_a_puller_that_never_reads_its_reply_loses_its_lease_after_the_send_timeout(monkeypatch):
+    from optserve.server import data
+    monkeypatch.setattr(data, "SEND_SECONDS", 0.5)
+    monkeypatch.setattr(data, "SEND_BYTES_PER_SECOND", 1 << 40)  # no time for the reply's size
+    numel = 4 << 20  # 16 MiB: far more than the kernel buffers between the two ends hold
+    with running() as shard:
+        client = ShardClient(shard.address, data_channel=False)
+        register(client, numel=numel)
+        sock = raw_connection(shard.data.port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        send_header(sock, PULL, pb.PullRequest(keys=["w"]).SerializeToString(), 0)  # and never read
+        store = shard.core.store
+        deadline = time.monotonic() + 60
+        while not len(store._leases) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the reply has started
+        leased = len(store._leases)
+        while len(store._leases) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        assert leased and not len(store._leases)  # used to stay leased for as long as the peer kept still
+        client.push(push_head(), [Outgoing(0, pb.GRAD, torch.ones(numel))], torch.float32)  # the shard serves on
+        sock.close()
+        client.close()
