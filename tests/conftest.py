@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import pytest
@@ -55,9 +56,13 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: where torch has none they are skipped, with the reason shown."""
+    """Tests marked `gpu` need CUDA: where torch has none they are skipped, with the reason shown;
+    with OPTSERVE_REQUIRE_CUDA=1 (bench/device_check.sh) a missing GPU fails the run instead."""
     if torch.cuda.is_available():
         return
+    if os.environ.get("OPTSERVE_REQUIRE_CUDA") == "1" and any("gpu" in item.keywords for item in items):
+        raise pytest.UsageError("OPTSERVE_REQUIRE_CUDA=1 but torch.cuda.is_available() is false: "
+                                "the gpu tests cannot run here")
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false here)")
     for item in items:
         if "gpu" in item.keywords:
