@@ -259,6 +259,11 @@ def adam_fused(
     # by float32(1 - alpha lambda) (or 1 - lambda, absolute). torch's CUDA _fused_adamw_ computes
     # theta - alpha lambda theta instead, whose rounding differs from the multiply in the same direction
     # every step and drifts past the reference's tolerance in a few hundred steps.
+    # The kernel reads t from a float32 tensor on the params' device (torch's wrapper increments it
+    # before the call; our t is already incremented). float32 holds t exactly up to 2^24. They are
+    # made before anything is written: out of device memory, this kernel changes nothing.
+    by_step = _indices_by_step(steps)
+    state_steps = {step: torch.full((), float(step), dtype=torch.float32, device=device) for step in by_step}
     kernel_weight_decay = 0.0
     if cfg.weight_decay != 0:
         if cfg.weight_decouple:
@@ -268,7 +273,7 @@ def adam_fused(
         else:
             kernel_weight_decay = cfg.weight_decay
 
-    for step, indices in _indices_by_step(steps).items():
+    for step, indices in by_step.items():
         _, bias_correction2 = _bias_corrections(step, cfg)
         if cfg.optimized_update:
             # The seed's optimized form equals the textbook form with eps_torch = eps_hat / sqrt(1 - beta2^t):
@@ -278,16 +283,13 @@ def adam_fused(
             eps_torch = cfg.eps / math.sqrt(bias_correction2)
         else:
             eps_torch = cfg.eps
-        # The kernel reads t from a float32 tensor on the params' device (torch's wrapper increments it
-        # before the call; our t is already incremented). float32 holds t exactly up to 2^24.
-        state_step = torch.full((), float(step), dtype=torch.float32, device=device)
         torch._fused_adam_(
             [params[i] for i in indices],
             [grads[i] for i in indices],
             [exp_avgs[i] for i in indices],
             [exp_avg_sqs[i] for i in indices],
             [max_exp_avg_sqs[i] for i in indices] if cfg.amsgrad else [],
-            [state_step] * len(indices),
+            [state_steps[step]] * len(indices),
             lr=cfg.lr,
             beta1=cfg.beta1,
             beta2=cfg.beta2,

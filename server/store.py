@@ -411,7 +411,7 @@ class Store:
             return t.to("cpu", copy=True)
         try:
             return t.clone()
-        except torch.OutOfMemoryError:
+        except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError):  # torch < 2.5: cuda's
             return t.to("cpu", copy=True)
 
     def restore(self, records: Sequence[KeyRecord], dedupe: dict) -> None:
