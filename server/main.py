@@ -32,7 +32,7 @@ from optserve.server.data import DataServer
 from optserve.server.metrics import ShardMetrics
 from optserve.server.policy import Policy, parse_policy
 from optserve.server.requests import RequestCore, ShardInfo
-from optserve.server.service import SERVICE_NAME, Servicer, generic_handler
+from optserve.server.service import DEFAULT_IDLE_TIMEOUT, SERVICE_NAME, Servicer, generic_handler
 from optserve.server.store import Store, StoreLimits
 
 log = logging.getLogger("optserve.server")
@@ -56,6 +56,7 @@ class ServerConfig:
     shard_index: int = 0
     num_shards: int = 1
     threads: int = 16
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # seconds a gRPC call may wait on its peer for a message
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_keys: int = StoreLimits.max_keys
@@ -89,6 +90,8 @@ class ServerConfig:
                              f"{self.keep}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("--checkpoint-every needs --checkpoint-dir")
+        if not self.idle_timeout > 0:
+            raise ValueError(f"idle timeout must be > 0 seconds, got {self.idle_timeout}")
         if not self.wait_timeout > 0:
             raise ValueError(f"wait timeout must be > 0 seconds, got {self.wait_timeout}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -257,7 +260,6 @@ class Shard:
                          chunk_bytes=cfg.chunk_bytes, max_message_bytes=cfg.max_message_bytes,
                          wait_timeout=cfg.wait_timeout)
         self.core = RequestCore(store, policy, info, self.checkpointer, self.metrics)
-        self.servicer = Servicer(self.core)  # the gRPC door; the data channel is the other
         self.metrics.watch(self.core)
         token = load_token(cfg.token_file)
         chain = list(interceptors)
@@ -272,6 +274,8 @@ class Shard:
             threads = 2 * cfg.workers + 4
             log.info("gRPC threads raised from %d to %d: %d sync workers may each wait in one",
                      cfg.threads, threads, cfg.workers)
+        # the gRPC door (the data channel is the other); it keeps threads for Hello, Stats and health
+        self.servicer = Servicer(self.core, threads, cfg.idle_timeout)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"shard{cfg.shard_index}"),
             interceptors=chain,
@@ -362,6 +366,7 @@ class Shard:
         if self.data is not None:
             self.data.stop(grace)
         stopped.wait()
+        self.servicer.idle.close()
         self.metrics.stop()
         if self.checkpointer is not None:
             self.checkpointer.stop()
@@ -437,7 +442,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "ending the host name (a StatefulSet pod optserve-2 is shard 2)")
     p.add_argument("--num-shards", type=int, default=1, help="how many shards hold the model")
     p.add_argument("--threads", type=int, default=16,
-                   help="gRPC worker threads (default 16; under sync at least 2 x workers + 4)")
+                   help="gRPC worker threads (default 16; under sync at least 2 x workers + 4); 2 are kept "
+                        "for Hello, Stats and health, and waiting calls hold at most half of the rest")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                   help=f"seconds a gRPC call may wait on its peer for the next message, sent or taken, "
+                        f"before the shard ends it (default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--insecure", action="store_true",
                    help="allow plaintext on a non-loopback address (loopback is plaintext by default)")
     p.add_argument("--tls-cert", help="PEM certificate chain of this shard (with --tls-key: TLS)")

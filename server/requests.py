@@ -163,6 +163,11 @@ class RequestCore:
         self.not_ready = "the shard is restoring a checkpoint"  # what callers are told meanwhile
         self.data_port = 0  # the data channel's port, announced in Hello (server/data.py); 0: none
         self.slots = RequestSlots(max(2, os.cpu_count() or 2))  # held by data-channel requests only
+        # Calls that may block at once waiting for versions (0: unbounded). The gRPC door sets it to
+        # half its threads for tensors, so waits never take every thread a push needs to end them.
+        self.max_waits = 0
+        self._waits = 0
+        self._waits_lock = threading.Lock()
 
     def check_ready(self) -> None:
         if not self.ready.is_set():
@@ -331,11 +336,31 @@ class RequestCore:
                                 dropped=result.dropped, duplicate=True)
         return pb.PushReply(versions=result.versions, staleness=result.staleness, dropped=result.dropped)
 
-    def _wait(self, keys: Sequence[Key], minimum: Sequence[int]) -> None:
-        """Block until the keys reach these versions (a sync step); ABORTED after the wait timeout."""
-        with self.slots.lent():
+    @contextlib.contextmanager
+    def _waiting(self):
+        """One of `max_waits` places to block in; UNAVAILABLE (retried) when none is free."""
+        with self._waits_lock:
+            if self.max_waits and self._waits >= self.max_waits:
+                raise RequestError(StatusCode.UNAVAILABLE,
+                                   f"the shard is busy: {self._waits} calls are waiting for versions "
+                                   f"already (at most {self.max_waits}); retry")
+            self._waits += 1
+        try:
+            yield
+        finally:
+            with self._waits_lock:
+                self._waits -= 1
+
+    def _wait(self, keys: Sequence[Key], minimum: Sequence[int], alive: Callable[[], bool]) -> None:
+        """Block until the keys reach these versions (a sync step); ABORTED after the wait timeout.
+        `alive()` false (the caller went away; the door wakes the store then) ends the wait at once."""
+        if all(k.version >= m for k, m in zip(keys, minimum)):
+            return
+        with self._waiting(), self.slots.lent():
             reached = self.store.wait_versions(keys, minimum, self.info.wait_timeout,
-                                               stop=lambda: not self.ready.is_set())
+                                               stop=lambda: not self.ready.is_set() or not alive())
+        if not alive():
+            raise RequestError(StatusCode.CANCELLED, "the caller went away while waiting")
         self.check_ready()  # a stopping shard ends its waits at once: UNAVAILABLE, retried
         if not reached:
             behind = [k for k, m in zip(keys, minimum) if k.version < m]
@@ -358,7 +383,8 @@ class RequestCore:
             self.store.buffers.give(staging)
 
     @_device_memory
-    def push_pull(self, first: pb.PushRequest, receive: Receive) -> PullReply:
+    def push_pull(self, first: pb.PushRequest, receive: Receive,
+                  alive: Callable[[], bool] = lambda: True) -> PullReply:
         """A push (possibly of no keys), then the pull of its keys and `pull_keys`, after the policy's
         wait (sync: until the step the push joined has been taken)."""
         staging: list[torch.Tensor] = []
@@ -374,11 +400,11 @@ class RequestCore:
             self.store.buffers.give(staging)
         if reply is not None and self.policy.waits:
             stepped = [e for e in entries if e.key.name not in set(reply.dropped)]
-            self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped])
+            self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped], alive)
         return self.snapshot(pull_keys, [pb.PARAM], dtype, reply)
 
     @_device_memory
-    def pull(self, request: pb.PullRequest) -> PullReply:
+    def pull(self, request: pb.PullRequest, alive: Callable[[], bool] = lambda: True) -> PullReply:
         """Validate a pull, wait for its min_versions, and snapshot what it asks for."""
         keys = self._keys(list(request.keys))
         parts = _state_parts(request.parts) or [pb.PARAM]
@@ -388,7 +414,14 @@ class RequestCore:
         if request.min_versions:
             if len(request.min_versions) != len(keys):
                 raise invalid(f"min_versions has {len(request.min_versions)} values for {len(keys)} keys")
-            self._wait(keys, list(request.min_versions))
+            for key, m in zip(keys, request.min_versions):
+                # A key moves one version per step: a wait is for the next one at most (the one a
+                # push in flight or a sync round makes). Further is unreachable: refused, not waited on.
+                if m > key.version + 1:
+                    raise RequestError(StatusCode.FAILED_PRECONDITION,
+                                       f"key {key.name!r} is at version {key.version}; a pull waits for at "
+                                       f"most the next version ({key.version + 1}), not {m}")
+            self._wait(keys, list(request.min_versions), alive)
         return self.snapshot(keys, parts, dtype)
 
     @_device_memory

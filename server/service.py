@@ -10,11 +10,15 @@ protobuf classes.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+import time
 from typing import Callable, Iterable, Iterator
 
 import grpc
 
-from optserve.errors import REASON_METADATA, RequestError, invalid
+from optserve.errors import REASON_METADATA, RequestError, StatusCode, invalid
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import Assembler, chunk_stream, decode
 from optserve.serde import hyper_to_proto  # noqa: F401 - bench/transport.py imports it from here
@@ -22,18 +26,106 @@ from optserve.server.requests import PullReply, RequestCore, parse
 
 SERVICE_NAME = "optserve.v1.OptServe"
 GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}  # errors.StatusCode (an int) -> grpc.StatusCode
+# gRPC threads kept for calls that never block (Hello, Stats, health checks): the methods that read
+# tensor streams or wait (LIMITED) may hold at most `threads - RESERVED_THREADS` of them at once.
+RESERVED_THREADS = 2
+LIMITED = ("Register", "Push", "PushPull", "Pull", "SetState", "Checkpoint")
+DEFAULT_IDLE_TIMEOUT = 30.0  # seconds a call may wait on its peer for one message (--idle-timeout)
+
+log = logging.getLogger("optserve.server")
+
+
+class IdleWatch:
+    """Ends (cancels) calls whose peer neither sends the next request message nor takes the next reply
+    message for `timeout` seconds, so a stalled or hostile client cannot keep a gRPC thread. Only the
+    time spent waiting on the peer counts: a call that is working, or waiting for versions, is not idle.
+    One daemon thread checks a few times a second; watching a message costs a dict write."""
+
+    def __init__(self, timeout: float = DEFAULT_IDLE_TIMEOUT):
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._since: dict[int, tuple[float, object]] = {}  # id(context) -> (waiting since, context)
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def on_peer(self, context):
+        """Around a wait for the peer (its next message, or its taking ours)."""
+        key = id(context)
+        with self._lock:
+            self._since[key] = (time.monotonic(), context)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="grpc-idle-watch", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._since.pop(key, None)
+
+    def messages(self, iterator: Iterable, context) -> Iterator:
+        """`iterator`'s items, each read under the watch."""
+        iterator = iter(iterator)
+        while True:
+            with self.on_peer(context):
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+            yield item
+
+    def _run(self) -> None:
+        period = min(1.0, self.timeout / 4)
+        while not self._closed.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                idle = [(key, c) for key, (since, c) in self._since.items() if now - since > self.timeout]
+                for key, _ in idle:
+                    del self._since[key]
+            for _, context in idle:
+                log.info("ending a call whose peer was idle for more than %g s", self.timeout)
+                context.cancel()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class CallLimit:
+    """At most `slots` LIMITED calls at once (a non-blocking count); UNAVAILABLE beyond, which
+    clients retry."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._held = 0
+
+    def take(self, method: str) -> None:
+        with self._lock:
+            if self._held >= self.slots:
+                raise RequestError(StatusCode.UNAVAILABLE,
+                                   f"the shard is busy: {self._held} calls hold its {self.slots} threads for "
+                                   f"tensors; {method} retried later will get one")
+            self._held += 1
+
+    def give(self) -> None:
+        with self._lock:
+            self._held -= 1
 
 
 class Servicer:
     """Handlers of optserve.v1.OptServe: gRPC's side of the shard's request core."""
 
-    def __init__(self, core: RequestCore):
+    def __init__(self, core: RequestCore, threads: int = 16, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
         self.core = core
+        self.limit = CallLimit(max(1, threads - RESERVED_THREADS))
+        self.idle = IdleWatch(idle_timeout)
+        if not core.max_waits:  # waits never hold more than half the threads that pushes need too
+            core.max_waits = max(1, self.limit.slots // 2)
 
-    def _messages(self, request_iterator: Iterable[bytes], message_type):
+    def _messages(self, request_iterator: Iterable[bytes], message_type, context):
         """Decode a request stream; the head must be in the first message and only there."""
         first = True
-        for raw in request_iterator:
+        for raw in self.idle.messages(request_iterator, context):
             self.core.counters.add(bytes_in=len(raw))
             meta, data = decode(raw, message_type)
             if first != meta.HasField("head"):
@@ -44,11 +136,11 @@ class Servicer:
         if first:
             raise invalid("empty stream: the first message must carry the head")
 
-    def _request(self, request_iterator, message_type) -> tuple:
+    def _request(self, request_iterator, message_type, context) -> tuple:
         """(first message, receive) of a request stream, as the core takes them (requests.Receive):
         receive copies the whole stream into the core's buffers, validating as it goes; each message
         is released once copied, so the next one reuses its (warm) memory."""
-        messages = self._messages(request_iterator, message_type)
+        messages = self._messages(request_iterator, message_type, context)
         first, data = next(messages)
 
         def receive(expected, dests) -> None:
@@ -60,7 +152,7 @@ class Servicer:
 
         return first, receive
 
-    def _stream(self, reply: PullReply, chunk_bytes: int) -> Iterator[bytes]:
+    def _stream(self, reply: PullReply, chunk_bytes: int, context) -> Iterator[bytes]:
         """Stream a snapshot chunk by chunk (outside the store lock); release it when the stream ends."""
         info = self.core.info
         chunk = max(4096, min(chunk_bytes or info.chunk_bytes, info.max_message_bytes - (64 << 10)))
@@ -73,7 +165,8 @@ class Servicer:
         try:
             for message in chunk_stream(reply.items, reply.dtype, chunk, meta):
                 self.core.counters.add(bytes_out=len(message))
-                yield message
+                with self.idle.on_peer(context):  # grpc sends it before asking for the next
+                    yield message
         finally:  # also when the client goes away mid-stream
             reply.release()
 
@@ -84,23 +177,26 @@ class Servicer:
         return self.core.hello()
 
     def Register(self, request_iterator, context) -> pb.RegisterReply:
-        return self.core.register(*self._request(request_iterator, pb.RegisterRequest))
+        return self.core.register(*self._request(request_iterator, pb.RegisterRequest, context))
 
     def Push(self, request_iterator, context) -> pb.PushReply:
-        return self.core.push(*self._request(request_iterator, pb.PushRequest))
+        return self.core.push(*self._request(request_iterator, pb.PushRequest, context))
 
     def PushPull(self, request_iterator, context) -> Iterator[bytes]:
-        reply = self.core.push_pull(*self._request(request_iterator, pb.PushRequest))
-        return self._stream(reply, 0)
+        context.add_callback(self.core.store.wake)  # a wait of this call ends when the call does
+        reply = self.core.push_pull(*self._request(request_iterator, pb.PushRequest, context),
+                                    alive=context.is_active)
+        return self._stream(reply, 0, context)
 
     def Pull(self, request: bytes, context) -> Iterator[bytes]:
         self.core.counters.add(bytes_in=len(request))
         request = parse(request, pb.PullRequest)
-        reply = self.core.pull(request)
-        return self._stream(reply, request.chunk_bytes)
+        context.add_callback(self.core.store.wake)  # a wait of this call ends when the call does
+        reply = self.core.pull(request, alive=context.is_active)
+        return self._stream(reply, request.chunk_bytes, context)
 
     def SetState(self, request_iterator, context) -> pb.SetStateReply:
-        return self.core.set_state(*self._request(request_iterator, pb.SetStateRequest))
+        return self.core.set_state(*self._request(request_iterator, pb.SetStateRequest, context))
 
     def Checkpoint(self, request: bytes, context) -> pb.CheckpointReply:
         parse(request, pb.CheckpointRequest)
@@ -113,12 +209,17 @@ class Servicer:
 
 # -- wiring the handlers into grpc -----------------------------------------------------------------
 
-def _guard(core: RequestCore, fn: Callable) -> Callable:
-    """Turn RequestError into the call's status; count it."""
+def _guard(core: RequestCore, fn: Callable, limit: CallLimit | None = None) -> Callable:
+    """Turn RequestError into the call's status; count it. With `limit`, the call holds one of its
+    slots until it ends (the stream of a reply included)."""
 
     def handler(request, context):
         try:
             core.check_ready()
+            if limit is not None:
+                limit.take(fn.__name__)
+                if not context.add_callback(limit.give):  # runs when the call ends, however it ends
+                    limit.give()
             return fn(request, context)
         except RequestError as exc:
             core.refused(fn.__name__, exc)
@@ -132,7 +233,7 @@ def _guard(core: RequestCore, fn: Callable) -> Callable:
 
 def generic_handler(servicer: Servicer) -> grpc.GenericRpcHandler:
     def g(fn: Callable) -> Callable:
-        return _guard(servicer.core, fn)
+        return _guard(servicer.core, fn, servicer.limit if fn.__name__ in LIMITED else None)
 
     raw = dict(request_deserializer=None, response_serializer=None)
     handlers = {

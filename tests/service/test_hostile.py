@@ -7,6 +7,8 @@ may be UNKNOWN: every value a request supplies is bounded at the edge.
 """
 from __future__ import annotations
 
+import threading
+import time
 from typing import Sequence
 
 import grpc
@@ -173,3 +175,114 @@ def test_zero_eps_with_gradients_everywhere_nonzero_is_applied(channel):
     call(channel, "Push", push(grad, hyper=hyper))
     assert stats(channel).keys[0].version == 1
     _round_trips(channel)
+
+
+# --- 3. no call can starve the others ------------------------------------------------------------
+
+def _health(channel: grpc.Channel) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status
+
+
+class _Stalled:
+    """Client-streaming calls that send `messages` and then stop, until released."""
+
+    def __init__(self, channel: grpc.Channel, count: int, messages: Sequence[bytes] = ()):
+        self.release = threading.Event()
+
+        def stream():
+            yield from messages
+            self.release.wait()
+
+        stub = channel.stream_unary(_METHOD + "Push")
+        self.futures = [stub.future(stream(), timeout=600) for _ in range(count)]
+
+    def close(self) -> list:
+        self.release.set()
+        return [f.exception() for f in self.futures]
+
+
+def test_health_and_stats_answer_while_idle_streams_hold_every_thread():
+    with run_server(threads=4, idle_timeout=600) as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        stalled = _Stalled(ch, 8, push()[:1])  # twice the shard's threads, each sent its first message
+        try:
+            for _ in range(3):
+                assert stats(ch).shard.num_keys == 1
+                assert _health(ch) == 1  # SERVING
+            error = refused(ch, "Push", push(seq=2))  # no thread left for tensors: said at once
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "busy" in error.details()
+        finally:
+            stalled.close()
+
+
+def test_an_idle_stream_is_ended_after_the_idle_timeout():
+    with run_server(threads=8, idle_timeout=0.5) as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        stalled = _Stalled(ch, 2, push()[:1])
+        errors = [f.exception(timeout=TIMEOUT) for f in stalled.futures]  # ended by the shard
+        stalled.close()
+        assert [e.code() for e in errors] == [grpc.StatusCode.CANCELLED] * 2
+        assert stats(ch).keys[0].pushes == 0
+
+
+@pytest.mark.parametrize("ahead", [2, 2**40, 2**64 - 1])
+def test_a_pull_for_an_unreachable_version_is_refused_at_once(ahead):
+    with run_server(wait_timeout=600) as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        error = refused(ch, "Pull", pb.PullRequest(keys=["w"], min_versions=[ahead]).SerializeToString())
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'w'" in error.details()
+
+
+def _pull_future(channel: grpc.Channel, min_version: int, timeout: float = 600):
+    request = pb.PullRequest(keys=["w"], min_versions=[min_version]).SerializeToString()
+    return channel.unary_stream(_METHOD + "Pull")(request, timeout=timeout)
+
+
+def _outcome(c) -> grpc.StatusCode:
+    try:
+        list(c)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _retrying(fn):
+    """fn(), retried while the shard says it is busy (UNAVAILABLE), as clients do; a hang guard ends it."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+
+
+def test_waiting_pulls_are_bounded_so_a_push_still_gets_a_thread():
+    with run_server(threads=6, wait_timeout=600) as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        calls = [_pull_future(ch, 1) for _ in range(20)]  # each would wait for the next push
+        assert pb.PushReply.FromString(_retrying(lambda: call(ch, "Push", push()))).versions == [1]
+        outcomes = [_outcome(c) for c in calls]
+        assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        assert grpc.StatusCode.UNAVAILABLE in outcomes
+
+
+def test_a_wait_whose_caller_went_away_gives_its_place_back():
+    with run_server(threads=6, wait_timeout=600) as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        calls = [_pull_future(ch, 1) for _ in range(20)]
+        # The shard keeps 2 of these waiting (half of its 4 threads for tensors) and refuses the rest.
+        # A hang guard bounds the polling, not an assertion.
+        deadline = time.monotonic() + TIMEOUT
+        while sum(not c.done() for c in calls) > 2:
+            assert time.monotonic() < deadline, "waiting calls were never bounded"
+            time.sleep(0.05)
+        for c in calls:
+            c.cancel()
+        # Every place is free again: a pull now waits (until its own short deadline) instead of
+        # being told the shard is busy.
+        while _outcome(_pull_future(ch, 1, timeout=1.0)) != grpc.StatusCode.DEADLINE_EXCEEDED:
+            assert time.monotonic() < deadline, "cancelled waits never gave their place back"
+        assert stats(ch).shard.num_keys == 1
