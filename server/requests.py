@@ -36,6 +36,7 @@ log = logging.getLogger("optserve.server")
 
 PROTOCOL = "optserve.v1"
 MAX_NAME_LENGTH = 1024
+MAX_CLIENT_ID_LENGTH = 256  # the exactly-once table keeps a client's id for an hour after its last push
 MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
 # How a handler receives a request's tensors, whatever carried them (a gRPC stream, the data
 # channel): receive(expected, dests) validates the segments against `expected` and fills the flat
@@ -186,6 +187,7 @@ class RequestCore:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _keys(self, names: Sequence[str]) -> list[Key]:
+        _check_names(names)
         _unique(names)
         return [self.store.get(n) for n in names]
 
@@ -241,6 +243,7 @@ class RequestCore:
                                f"this is shard {self.info.shard_index} of {self.info.num_shards}; the "
                                f"request is addressed to shard {head.shard_index} of {head.num_shards}")
         specs, infos = [], []
+        _check_names([k.name for k in head.keys])
         _unique([k.name for k in head.keys])
         for k in head.keys:
             if not k.name or len(k.name) > MAX_NAME_LENGTH:
@@ -294,6 +297,9 @@ class RequestCore:
                      staging: list[torch.Tensor]) -> tuple[pb.PushHead, list[GradEntry]]:
         """Validate a push and receive its gradients into pool buffers appended to `staging`."""
         head = first.head
+        if len(head.client_id) > MAX_CLIENT_ID_LENGTH:
+            raise invalid(f"client_id has {len(head.client_id)} characters; at most {MAX_CLIENT_ID_LENGTH}")
+        _check_names(head.pull_keys)
         wire = dtype_from_proto(head.wire_dtype, default=torch.float32)
         keys = self._keys([e.key for e in head.entries])
         configs = [hyper_from_proto(h, f"hyper[{i}]") for i, h in enumerate(head.hyper)]
@@ -541,6 +547,13 @@ def _allocate(make: Callable[[], torch.Tensor], want: Expected) -> torch.Tensor:
         raise RequestError(StatusCode.RESOURCE_EXHAUSTED,
                            f"key {want.name!r}: cannot allocate {want.numel * 4} bytes for it: "
                            f"{exc}") from None
+
+
+def _check_names(names: Sequence[str]) -> None:
+    """Refuse a key name longer than any key's (INVALID_ARGUMENT saying how long, not echoing it)."""
+    for i, n in enumerate(names):
+        if len(n) > MAX_NAME_LENGTH:
+            raise invalid(f"key name {i} has {len(n)} characters; names are at most {MAX_NAME_LENGTH}")
 
 
 def _unique(names: Sequence[str]) -> None:

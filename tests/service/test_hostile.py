@@ -19,6 +19,7 @@ from optserve.hyper import MAX_STEP
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import decode, encode
 from optserve.server.main import run_server
+from optserve.server.requests import MAX_CLIENT_ID_LENGTH, MAX_NAME_LENGTH
 
 _METHOD = "/optserve.v1.OptServe/"
 _KINDS = {"Register": "stream_unary", "Push": "stream_unary", "SetState": "stream_unary",
@@ -286,3 +287,35 @@ def test_a_wait_whose_caller_went_away_gives_its_place_back():
         while _outcome(_pull_future(ch, 1, timeout=1.0)) != grpc.StatusCode.DEADLINE_EXCEEDED:
             assert time.monotonic() < deadline, "cancelled waits never gave their place back"
         assert stats(ch).shard.num_keys == 1
+
+
+# --- 7. every string a request supplies is bounded -----------------------------------------------
+
+def _push_pull(pull_keys: Sequence[str]) -> list[bytes]:
+    head = pb.PushHead(client_id="c", seq=9, wire_dtype=pb.FLOAT32, pull_keys=pull_keys)
+    return [message(pb.PushRequest, head)]
+
+
+LONG = "x" * (MAX_NAME_LENGTH + 1)
+
+
+@pytest.mark.parametrize("method, request_", [
+    ("Push", lambda: push(client_id="c" * (MAX_CLIENT_ID_LENGTH + 1))),
+    ("Push", lambda: push(name=LONG)),
+    ("Pull", lambda: pb.PullRequest(keys=["w", LONG]).SerializeToString()),
+    ("PushPull", lambda: _push_pull(["w", LONG])),
+    ("SetState", lambda: set_state(3, name=LONG)),
+    ("Register", lambda: [message(pb.RegisterRequest, pb.RegisterHead(
+        keys=[pb.KeySpec(name=LONG * 8, shape=[1], dtype=pb.FLOAT32)] * 2, num_shards=1))]),
+], ids=["client-id", "push-key", "pull-key", "push-pull-key", "set-state-key", "register-key-twice"])
+def test_an_overlong_string_is_refused_without_being_kept_or_echoed(channel, method, request_):
+    before = fingerprint(channel)
+    error = refused(channel, method, request_())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(error.details()) < 400  # says how long, not what
+    assert fingerprint(channel) == before
+
+
+def test_a_client_id_at_the_bound_is_taken(channel):
+    reply = pb.PushReply.FromString(call(channel, "Push", push(client_id="c" * MAX_CLIENT_ID_LENGTH)))
+    assert reply.versions == [1]
