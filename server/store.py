@@ -85,6 +85,13 @@ class Key:
             self.max_exp_avg_sq = torch.zeros_like(self.param)
         return getattr(self, name)
 
+    def read(self, part: int) -> torch.Tensor:
+        """A part to read. max_exp_avg_sq before amsgrad used it reads as zeros (what torch's Adam would
+        start it from) without giving the key that tensor: a read never grows a key or checkpoints."""
+        if part == pb.MAX_EXP_AVG_SQ and self.max_exp_avg_sq is None:
+            return torch.zeros_like(self.param)
+        return self.part(part)
+
     def replace_part(self, part: int, tensor: torch.Tensor) -> None:
         setattr(self, PART_NAMES[part], tensor)
 
@@ -325,13 +332,13 @@ class Store:
                 views = {}
                 for i, k in enumerate(keys):
                     for part in parts:
-                        t = k.part(part)
+                        t = k.read(part)  # leased; a transient zeros tensor is retired to the pool
                         self._leases.take(t)
                         views[(i, part)] = t
             else:
                 views = buffers
                 for (i, part), buf in buffers.items():
-                    buf.copy_(keys[i].part(part), non_blocking=True)  # queued behind every step
+                    buf.copy_(keys[i].read(part), non_blocking=True)  # queued behind every step
                 copied = self.buffers.event()
             self.pulls += 1
             snapshot = Snapshot(list(keys), [k.version for k in keys], [k.step for k in keys],

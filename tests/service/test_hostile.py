@@ -319,3 +319,22 @@ def test_an_overlong_string_is_refused_without_being_kept_or_echoed(channel, met
 def test_a_client_id_at_the_bound_is_taken(channel):
     reply = pb.PushReply.FromString(call(channel, "Push", push(client_id="c" * MAX_CLIENT_ID_LENGTH)))
     assert reply.versions == [1]
+
+
+# --- 9. a read allocates nothing the key keeps ---------------------------------------------------
+
+def test_reading_max_exp_avg_sq_of_a_key_without_amsgrad_gives_it_no_tensor(tmp_path):
+    import json
+    import pathlib
+    with run_server(checkpoint_dir=str(tmp_path)) as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        call(ch, "Push", push())
+        for _ in range(2):
+            messages = call(ch, "Pull", pb.PullRequest(keys=["w"], parts=[pb.MAX_EXP_AVG_SQ]).SerializeToString())
+            values = torch.cat([torch.frombuffer(bytearray(decode(m, pb.PullReply)[1]), dtype=torch.float32)
+                                for m in messages])
+            assert values.tolist() == [0.0] * W0.numel()  # what torch's Adam reports: none kept yet
+        path = pb.CheckpointReply.FromString(ch.unary_unary(_METHOD + "Checkpoint")(b"", timeout=TIMEOUT)).path
+    manifest = json.loads(next(p for p in pathlib.Path(path).iterdir()
+                               if p.suffix == ".json").read_text())
+    assert [sorted(k["tensors"]) for k in manifest["keys"]] == [["exp_avg", "exp_avg_sq", "param"]]
