@@ -462,12 +462,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="port of the data channel, which carries Push/Pull/PushPull as raw frames over TCP "
                         "(TLS and token as for gRPC); announced in Hello (default 0: any free port; "
                         "-1: none, tensors travel over gRPC)")
-    p.add_argument("--max-keys", type=int, default=StoreLimits.max_keys, help="keys per shard "
-                                                                              "(RESOURCE_EXHAUSTED beyond)")
+    p.add_argument("--max-keys", type=int, default=StoreLimits.max_keys,
+                   help="keys per shard (default 65536, up to 6 KiB each before tensors; RESOURCE_EXHAUSTED "
+                        "beyond)")
     p.add_argument("--max-tensor-elements", type=int, default=StoreLimits.max_tensor_elements,
-                   help="elements per key")
+                   help="elements per key (default 2**29)")
     p.add_argument("--max-shard-elements", type=int, default=StoreLimits.max_shard_elements,
-                   help="elements per shard")
+                   help="elements per shard (default 2**29; up to 24 bytes each with Adam state and buffers)")
     p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                    help="payload bytes per streamed message sent by the shard (default 4 MiB)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,

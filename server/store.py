@@ -118,11 +118,26 @@ class GradEntry:
                                f"ahead of the shard's version {self.key.version}; pull again", reason=AHEAD)
 
 
+# What a shard's memory can grow to, by its limits (README: Security; tests/service/test_hostile.py
+# measures the per-key figure with the longest names a request may give).
+KEY_OVERHEAD_BYTES = 6 << 10  # a key's objects, names and provenance, before its tensors
+# param, exp_avg, exp_avg_sq, max_exp_avg_sq (16 bytes), and the buffer pool's free buffers, kept up to
+# twice the parameter count (8 bytes; server/buffers.py)
+BYTES_PER_ELEMENT = 24
+
+
 @dataclass(frozen=True)
 class StoreLimits:
-    max_keys: int = 1 << 20
-    max_tensor_elements: int = 1 << 34
-    max_shard_elements: int = 1 << 36
+    """The defaults' worst case (`worst_case_bytes`): 2**16 keys x 6 KiB + 2**29 elements x 24 bytes,
+    about 12.4 GiB, which a 24 GiB machine survives; a bigger shard raises them by flag."""
+    max_keys: int = 1 << 16
+    max_tensor_elements: int = 1 << 29
+    max_shard_elements: int = 1 << 29
+
+
+def worst_case_bytes(limits: StoreLimits) -> int:
+    """The most memory a shard's keys can hold within `limits` (host, or device plus pinned host)."""
+    return limits.max_keys * KEY_OVERHEAD_BYTES + limits.max_shard_elements * BYTES_PER_ELEMENT
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import decode, encode
 from optserve.server.main import run_server
 from optserve.server.requests import MAX_CLIENT_ID_LENGTH, MAX_NAME_LENGTH
+from optserve.server.store import KEY_OVERHEAD_BYTES, Store, StoreLimits, worst_case_bytes
 
 _METHOD = "/optserve.v1.OptServe/"
 _KINDS = {"Register": "stream_unary", "Push": "stream_unary", "SetState": "stream_unary",
@@ -338,3 +339,29 @@ def test_reading_max_exp_avg_sq_of_a_key_without_amsgrad_gives_it_no_tensor(tmp_
     manifest = json.loads(next(p for p in pathlib.Path(path).iterdir()
                                if p.suffix == ".json").read_text())
     assert [sorted(k["tensors"]) for k in manifest["keys"]] == [["exp_avg", "exp_avg_sq", "param"]]
+
+
+# --- 10. default limits a modest machine survives ------------------------------------------------
+
+def test_the_default_limits_fit_a_24_gib_machine():
+    assert worst_case_bytes(StoreLimits()) <= 16 * 2**30  # the rest is the process, torch and the OS
+
+
+def test_a_key_costs_no_more_than_the_stated_overhead():
+    """KEY_OVERHEAD_BYTES is what the README's worst case counts per key: measured, with the longest
+    names a request may give."""
+    import gc
+    import os
+
+    def rss() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    store, count = Store(), 4000
+    gc.collect()
+    before = rss()
+    for start in range(0, count, 500):
+        store.create([(f"{i:08d}".ljust(MAX_NAME_LENGTH, "k"), (1,), torch.zeros(1),
+                       {"param": f"{i:08d}".ljust(MAX_NAME_LENGTH, "p"), "param_shape": [1], "offset": 0})
+                      for i in range(start, start + 500)])
+    gc.collect()
+    assert (rss() - before) / count <= KEY_OVERHEAD_BYTES
