@@ -469,11 +469,20 @@ class RequestCore:
         return pb.CheckpointReply(path=str(path), keys=keys, seconds=seconds)
 
     def stats(self) -> pb.StatsReply:
+        """The shard's totals, and per-key stats in name order for as many keys as fit in one message
+        (`shard.num_keys` says how many there are): Stats always fits, whatever the keys' names."""
         store = self.store
+        room = self.info.max_message_bytes - (64 << 10)  # the totals and the shard's Hello fit in this
+        keys, names = [], sorted(store.names())  # keys are only ever added: sorted outside the lock
         with store.locked():
-            keys = [pb.KeyStats(key=k.name, shape=k.shape, version=k.version, pushes=k.pushes,
-                                dropped=k.dropped, staleness=k.staleness.to_proto())
-                    for k in (store.get(n) for n in store.names())]
+            for name in names:
+                k = store.get(name)
+                ks = pb.KeyStats(key=k.name, shape=k.shape, version=k.version, pushes=k.pushes,
+                                 dropped=k.dropped, staleness=k.staleness.to_proto())
+                room -= ks.ByteSize() + 8  # the field's tag and length
+                if room < 0:
+                    break
+                keys.append(ks)
             totals = dict(pushes=store.pushes, pulls=store.pulls, dropped=store.dropped,
                           staleness=store.staleness.to_proto())
         c = self.counters

@@ -365,3 +365,23 @@ def test_a_key_costs_no_more_than_the_stated_overhead():
                       for i in range(start, start + 500)])
     gc.collect()
     assert (rss() - before) / count <= KEY_OVERHEAD_BYTES
+
+
+# --- 12. Stats always fits -----------------------------------------------------------------------
+
+def test_stats_fits_its_message_whatever_the_keys():
+    limit = 1 << 20
+    with run_server(max_message_bytes=limit, chunk_bytes=4096) as address, \
+            grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        names = [f"{i:05d}".ljust(1000, "k") for i in range(1500)]  # ~1.5 MB of names
+        for start in range(0, len(names), 250):
+            head = pb.RegisterHead(keys=[pb.KeySpec(name=n, shape=[1], dtype=pb.FLOAT32)
+                                         for n in names[start:start + 250]], with_values=True, num_shards=1)
+            call(ch, "Register", [message(pb.RegisterRequest, head,
+                                          [pb.Segment(entry=i, part=pb.PARAM, count=1) for i in range(250)],
+                                          bytes(4 * 250))])
+        raw = call(ch, "Stats", b"")
+        reply = pb.StatsReply.FromString(raw)
+        assert len(raw) <= limit
+        assert reply.shard.num_keys == 1500  # the total is always there
+        assert 0 < len(reply.keys) < 1500 and [k.key for k in reply.keys] == names[:len(reply.keys)]
