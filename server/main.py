@@ -31,7 +31,7 @@ from optserve.server.auth import TokenInterceptor, server_credentials, server_ss
 from optserve.server.data import DataServer
 from optserve.server.metrics import ShardMetrics
 from optserve.server.policy import Policy, parse_policy
-from optserve.server.requests import RequestCore, ShardInfo
+from optserve.server.requests import RequestCore, ShardInfo, checkpoint_failed
 from optserve.server.service import DEFAULT_IDLE_TIMEOUT, SERVICE_NAME, Servicer, generic_handler
 from optserve.server.store import Store, StoreLimits
 
@@ -399,7 +399,22 @@ def serve_main(args: argparse.Namespace) -> int:
     print(f"listening on {shard.address}", flush=True)
     stop.wait()
     log.info("stopping: finishing calls in flight (grace 5 s)")
-    shard.stop(grace=5, final_checkpoint=True)
+    return stop_with_final_checkpoint(shard)
+
+
+# `optserve serve`'s exit codes (README: Command line): 0 stopped (final checkpoint written, when
+# checkpointing), 1 an unexpected error, 2 a configuration error or a port in use, and:
+EXIT_FINAL_CHECKPOINT_FAILED = 3  # stopped, but the final checkpoint could not be written
+
+
+def stop_with_final_checkpoint(shard: Shard, grace: float = 5) -> int:
+    """Stop `shard` and write its final checkpoint; the exit code (a disk that refuses the checkpoint
+    is said in one line, not a traceback: the previous checkpoints are kept)."""
+    try:
+        shard.stop(grace=grace, final_checkpoint=True)
+    except OSError as exc:
+        log.error("stopped, but %s", checkpoint_failed(exc, shard.cfg.checkpoint_dir).message)
+        return EXIT_FINAL_CHECKPOINT_FAILED
     log.info("stopped")
     return 0
 

@@ -10,6 +10,7 @@ RequestError (optserve/errors.py) and leaves the shard exactly as it was. Exactl
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -465,7 +466,10 @@ class RequestCore:
         if self.checkpointer is None:
             raise RequestError(StatusCode.FAILED_PRECONDITION,
                                "this shard runs without --checkpoint-dir; it cannot checkpoint")
-        path, keys, seconds = self.checkpointer.write()
+        try:
+            path, keys, seconds = self.checkpointer.write()
+        except OSError as exc:
+            raise checkpoint_failed(exc, self.checkpointer.directory) from None
         return pb.CheckpointReply(path=str(path), keys=keys, seconds=seconds)
 
     def stats(self) -> pb.StatsReply:
@@ -495,6 +499,15 @@ class RequestCore:
 # A gradient element at least this large would make g^2, and so exp_avg_sq, Inf (float32 holds up to
 # ~3.4e38): refused with the gradient, so that no finite input makes the shard's state non-finite.
 MAX_GRADIENT = 2.0 ** 63
+
+
+def checkpoint_failed(exc: OSError, directory) -> RequestError:
+    """A checkpoint the disk refused: RESOURCE_EXHAUSTED when it is full (or over quota), INTERNAL
+    otherwise; the checkpoint files write atomically, so the previous ones are kept either way."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return RequestError(StatusCode.RESOURCE_EXHAUSTED if full else StatusCode.INTERNAL,
+                        f"the checkpoint to {directory} failed: {exc.strerror or exc}; the previous "
+                        f"checkpoints are kept")
 
 
 def check_finite(name: str, what: str, t: torch.Tensor, squares: bool = False) -> None:

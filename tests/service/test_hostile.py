@@ -7,6 +7,7 @@ may be UNKNOWN: every value a request supplies is bounded at the edge.
 """
 from __future__ import annotations
 
+import pathlib
 import threading
 import time
 from typing import Sequence
@@ -326,7 +327,6 @@ def test_a_client_id_at_the_bound_is_taken(channel):
 
 def test_reading_max_exp_avg_sq_of_a_key_without_amsgrad_gives_it_no_tensor(tmp_path):
     import json
-    import pathlib
     with run_server(checkpoint_dir=str(tmp_path)) as address, grpc.insecure_channel(address) as ch:
         call(ch, "Register", register())
         call(ch, "Push", push())
@@ -385,3 +385,40 @@ def test_stats_fits_its_message_whatever_the_keys():
         assert len(raw) <= limit
         assert reply.shard.num_keys == 1500  # the total is always there
         assert 0 < len(reply.keys) < 1500 and [k.key for k in reply.keys] == names[:len(reply.keys)]
+
+
+# --- 13. a full disk during a checkpoint ---------------------------------------------------------
+
+@pytest.mark.parametrize("errno_, code", [(28, grpc.StatusCode.RESOURCE_EXHAUSTED),  # ENOSPC
+                                          (5, grpc.StatusCode.INTERNAL)])  # EIO
+def test_a_checkpoint_that_cannot_be_written_answers_a_typed_code(tmp_path, monkeypatch, errno_, code):
+    import os
+
+    from optserve.server import main
+    with run_server(checkpoint_dir=str(tmp_path)) as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        checkpoint = ch.unary_unary(_METHOD + "Checkpoint")
+        first = pb.CheckpointReply.FromString(checkpoint(b"", timeout=TIMEOUT)).path
+
+        def full(*args, **kwargs):
+            raise OSError(errno_, os.strerror(errno_))
+
+        monkeypatch.setattr(main, "write_checkpoint", full)
+        with pytest.raises(grpc.RpcError) as info:
+            checkpoint(b"", timeout=TIMEOUT)
+        assert info.value.code() == code
+        assert os.strerror(errno_) in info.value.details() and "kept" in info.value.details()
+        assert stats(ch).checkpoint == first  # the last good one is still the one reported
+    assert pathlib.Path(first).exists()
+
+
+def test_a_final_checkpoint_that_cannot_be_written_exits_with_its_own_code(tmp_path, monkeypatch):
+    from optserve.server import main
+    shard = main.Shard(main.ServerConfig(checkpoint_dir=str(tmp_path)))
+    shard.start()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(main, "write_checkpoint", full)
+    assert main.stop_with_final_checkpoint(shard) == main.EXIT_FINAL_CHECKPOINT_FAILED == 3
