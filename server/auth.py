@@ -32,9 +32,9 @@ class TokenInterceptor(grpc.ServerInterceptor):
         given = given.encode() if isinstance(given, str) else given
         if hmac.compare_digest(given, self._expected):
             return continuation(details)
+        # The token is checked before the method is looked up: an unknown method answers
+        # UNAUTHENTICATED like a known one, so without the token nothing about the service can be probed.
         handler = continuation(details)
-        if handler is None:
-            return None
         if self._on_refused is not None:
             self._on_refused(details.method)
         message = "missing bearer token" if not given else "wrong bearer token"
@@ -42,8 +42,9 @@ class TokenInterceptor(grpc.ServerInterceptor):
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        # Same streaming shape as the real method, so grpc never reads the request stream.
-        if handler.request_streaming and handler.response_streaming:
+        # Same streaming shape as the real method (an unknown one: a stream), so grpc never reads the
+        # request stream.
+        if handler is None or handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(deny)

@@ -422,3 +422,24 @@ def test_a_final_checkpoint_that_cannot_be_written_exits_with_its_own_code(tmp_p
 
     monkeypatch.setattr(main, "write_checkpoint", full)
     assert main.stop_with_final_checkpoint(shard) == main.EXIT_FINAL_CHECKPOINT_FAILED == 3
+
+
+# --- 14. without the token nothing can be probed -------------------------------------------------
+
+@pytest.mark.parametrize("method", ["/optserve.v1.OptServe/Nope", "/some.Other/Method",
+                                    "/grpc.reflection.v1alpha.ServerReflection/Nope"])
+def test_an_unknown_method_needs_the_token_before_it_is_unimplemented(tmp_path, method):
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    with run_server(token_file=str(token)) as address, grpc.insecure_channel(address) as ch:
+        for metadata, code in [((), grpc.StatusCode.UNAUTHENTICATED),
+                               ((("authorization", "Bearer wrong"),), grpc.StatusCode.UNAUTHENTICATED),
+                               ((("authorization", "Bearer s3cret"),), grpc.StatusCode.UNIMPLEMENTED)]:
+            for kind in ("unary_unary", "stream_stream"):
+                stub = getattr(ch, kind)(method)
+                with pytest.raises(grpc.RpcError) as info:
+                    reply = stub(b"" if kind == "unary_unary" else iter([b""]), timeout=TIMEOUT,
+                                 metadata=metadata)
+                    list(reply) if kind == "stream_stream" else reply
+                assert info.value.code() == code, (kind, metadata)
+        assert _health(ch) == 1  # health stays open
