@@ -3,7 +3,11 @@
 - Raw TCP loopback (../shared/ANCHORS.md item 3): `TcpEcho` is a spawned process that `recv_into`s a
   preallocated buffer and sends the same bytes back; `TcpPingPong` (in the calling process) sends
   N bytes from a tensor and `recv_into`s them into a preallocated tensor. One round trip moves 2 N
-  bytes; its rate is the ceiling for any socket transport on this machine.
+  bytes; its rate is the ceiling for any socket transport on this machine. Both sides send in
+  `SLICE_BYTES` memoryview slices, as ANCHORS.md's script did: one `sendall` of the whole 64 MiB
+  (on sockets with the kernel's default buffers) made the round trip 1.3-1.7x slower than slices in
+  alternating runs (docs/MEASUREMENTS.md), and every ratio to this anchor as much too kind.
+  bench/standalone.py holds the minimal form each run checks this anchor against.
 - torch.distributed.rpc parameter server (ANCHORS.md item 5): two spawned processes, "ps" and
   "trainer", TensorPipe with `_transports=["uv"]`, `_channels=["basic"]` (payload over TCP on
   127.0.0.1, like optserve). The trainer calls `rpc_sync("ps", apply_grad, (grad,))` with a fp32
@@ -25,6 +29,13 @@ from bench.common import HOST, free_port
 from optserve.frames import recv_exact  # the loop optserve's data channel reads with
 
 _HEADER = struct.Struct("<Q")
+SLICE_BYTES = 4 << 20
+
+
+def send_slices(sock: socket.socket, view: memoryview) -> None:
+    """`sendall` of `view` in SLICE_BYTES pieces (see the module docstring for why not in one)."""
+    for start in range(0, len(view), SLICE_BYTES):
+        sock.sendall(view[start:start + SLICE_BYTES])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,7 +74,7 @@ class TcpEcho:
                     recv_exact(conn, memoryview(head))
                     (n,) = _HEADER.unpack(head)
                     recv_exact(conn, view[:n])
-                    conn.sendall(view[:n])
+                    send_slices(conn, view[:n])
             except (ConnectionError, OSError):
                 return
 
@@ -83,12 +94,13 @@ class TcpPingPong:
         self.src_view = memoryview(self.src.numpy()).cast("B")
         self.dst_view = memoryview(self.dst.numpy()).cast("B")
         self.sock = socket.create_connection((HOST, port), timeout=60)
+        self.sock.settimeout(None)  # blocking, as the echo's and the standalone form's sockets
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def round_trip(self) -> float:
         t0 = time.perf_counter()
         self.sock.sendall(_HEADER.pack(self.n))
-        self.sock.sendall(self.src_view)
+        send_slices(self.sock, self.src_view)
         recv_exact(self.sock, self.dst_view)
         return time.perf_counter() - t0
 
@@ -107,12 +119,13 @@ def tcp_echo_spec(max_bytes: int) -> tuple:
 _PS = None  # (param, optimizer) in the "ps" process
 
 
-def _rpc_env(port: int) -> None:
+def rpc_env(port: int) -> None:
     os.environ.update(TP_SOCKET_IFNAME="lo", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR=HOST, MASTER_PORT=str(port))
     warnings.filterwarnings("ignore")  # torch.distributed prints deprecation warnings on init
 
 
-def _rpc_options(port: int):
+def rpc_options(port: int):
+    """TensorPipe over TCP on 127.0.0.1; bench/standalone.py's minimal form uses the same."""
     from torch.distributed import rpc
     return rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{HOST}:{port}", num_worker_threads=8,
                                            rpc_timeout=120, _transports=["uv"], _channels=["basic"])
@@ -134,13 +147,13 @@ class RpcParameterServer:
 
     def __init__(self, port: int, numel: int):
         global _PS
-        _rpc_env(port)
+        rpc_env(port)
         import torch
         from torch.distributed import rpc
         torch.manual_seed(0)
         param = torch.nn.Parameter(torch.randn(numel) * 0.01)
         _PS = (param, torch.optim.Adam([param], lr=1e-3, fused=True))
-        rpc.init_rpc("ps", rank=0, world_size=2, rpc_backend_options=_rpc_options(port))
+        rpc.init_rpc("ps", rank=0, world_size=2, rpc_backend_options=rpc_options(port))
 
     def close(self) -> None:
         from torch.distributed import rpc
@@ -152,11 +165,11 @@ class RpcTrainer:
     parameter back; returns (round-trip seconds, seconds of the PS's Adam step)."""
 
     def __init__(self, port: int, numel: int):
-        _rpc_env(port)
+        rpc_env(port)
         import torch
         from torch.distributed import rpc
         self.grad = torch.randn(numel) * 0.01
-        rpc.init_rpc("trainer", rank=1, world_size=2, rpc_backend_options=_rpc_options(port))
+        rpc.init_rpc("trainer", rank=1, world_size=2, rpc_backend_options=rpc_options(port))
 
     def round_trip(self) -> tuple[float, float]:
         from torch.distributed import rpc
