@@ -6,7 +6,9 @@ NUM_WORKERS parts), runs STEPS optimizer steps, then pulls the served model into
 checks its held-out accuracy. Exit 0 when it reaches the demo's target (optserve.demo.ACCURACY_TARGET).
 
 Environment:
-  OPTSERVE_SERVERS     shard addresses in shard-index order, comma-separated (shard0:50051,shard1:50051)
+  OPTSERVE_SERVERS     shard addresses in shard-index order, comma-separated (shard0:50051,shard1:50051),
+                       or a template (optserve-{i}.optserve:50051) with OPTSERVE_NUM_SHARDS, or
+                       OPTSERVE_SERVERS_FILE (client/discovery.py)
   WORKER_INDEX         this worker's index, 0-based; NUM_WORKERS: how many (default 2)
   STEPS                optimizer steps of this worker (default: the demo's)
   PROGRESS_EVERY       print a progress line every N steps (default 25)
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from optserve import RemoteAdam, demo
+from optserve.client.discovery import servers_from_env
 
 
 def _read(env: str) -> bytes | None:
@@ -35,9 +38,10 @@ def _read(env: str) -> bytes | None:
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    servers = [s.strip() for s in os.environ.get("OPTSERVE_SERVERS", "").split(",") if s.strip()]
-    if not servers:
-        print("worker: set OPTSERVE_SERVERS (shard addresses in shard-index order)", file=sys.stderr)
+    try:
+        servers = servers_from_env()  # a list, a template with OPTSERVE_NUM_SHARDS, or a file
+    except ValueError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
         return 2
     index = int(os.environ.get("WORKER_INDEX", "0"))
     cfg = demo.DemoConfig(workers=int(os.environ.get("NUM_WORKERS", "2")), shards=len(servers),
