@@ -786,3 +786,45 @@ def test_a_puller_that_never_reads_its_reply_loses_its_lease_after_the_send_time
         client.push(push_head(), [Outgoing(0, pb.GRAD, torch.ones(numel))], torch.float32)  # the shard serves on
         sock.close()
         client.close()
+
+
+def test_a_grpc_puller_that_never_reads_its_reply_loses_its_lease_after_the_idle_timeout():
+    numel = 4 << 20  # 16 MiB in 4 MiB messages: more than gRPC's flow-control windows let through unread
+    with running(idle_timeout=0.5) as shard:
+        client = ShardClient(shard.address, data_channel=False)
+        register(client, numel=numel)
+        stub = client.channel.unary_stream("/optserve.v1.OptServe/Pull")
+        replies = stub(pb.PullRequest(keys=["w"]).SerializeToString())  # no deadline; never read
+        store = shard.core.store
+        deadline = time.monotonic() + 60
+        while not len(store._leases) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        leased = len(store._leases)
+        while len(store._leases) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        assert leased and not len(store._leases)
+        replies.cancel()
+        client.close()
+
+
+def test_headers_declaring_large_heads_allocate_nothing_until_their_bytes_arrive():
+    import tracemalloc
+    with running() as shard:  # --max-message-bytes 16 MiB: each head declared is within it
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            socks = [raw_connection(shard.data.port) for _ in range(8)]
+            for sock in socks:
+                sock.sendall(HEADER.pack(MAGIC, PUSH, 16 << 20, 0))  # and not one byte of the head
+            deadline = time.monotonic() + 30
+            while shard.data._in_flight < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # each is now reading its head (before the fix: into 16 MiB it allocated)
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        for sock in socks:
+            sock.close()
+
+    assert grown < 8 << 20  # 8 connections: 64 KiB each at most, not 128 MiB
