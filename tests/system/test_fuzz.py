@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.errors import RequestError
 from optserve.frames import AUTH, HEADER, MAGIC, PULL, PUSH, PUSH_PULL, MAX_AUTH_BYTES
+from optserve.hyper import MAX_STEP
 from optserve.serde import SEGMENT_SLACK, decode, encode
 from optserve.server.main import run_server
 from optserve.server.store import StoreLimits
@@ -301,7 +302,7 @@ def fuzzed():
 PUSH_MUTATIONS = {
     **{m: INVALID for m in STREAM_MUTATIONS},
     "unknown_key": NOT_FOUND, "duplicate_key": INVALID, "ahead": PRECONDITION, "wire_dtype": INVALID,
-    "bad_hyper": INVALID, "hyper_index": INVALID, "non_finite": INVALID,
+    "bad_hyper": INVALID, "hyper_index": INVALID, "non_finite": INVALID, "long_client_id": INVALID,
 }
 ONLY = {"Push": {"no_entries": INVALID}, "PushPull": {"unknown_pull_key": NOT_FOUND, "pull_dtype": INVALID}}
 
@@ -353,6 +354,8 @@ def test_malformed_push_gets_its_status_and_changes_nothing(fuzzed, method, muta
         head.entries[k].hyper = draw(st.integers(len(hyper), 2**32 - 1))
     elif mutation == "non_finite":
         grads[k][draw(st.integers(0, NUMEL[names[k]] - 1))] = draw(non_finite)
+    elif mutation == "long_client_id":  # the exactly-once table would keep it for an hour
+        head.client_id = draw(st.text(min_size=1, max_size=3)) * draw(st.integers(300, 4096))
     elif mutation == "no_entries":
         del head.entries[:]
     elif mutation == "unknown_pull_key":
@@ -494,7 +497,7 @@ def test_malformed_pull_gets_its_status_and_changes_nothing(fuzzed, mutation, da
 SET_STATE_MUTATIONS = {
     **{m: INVALID for m in STREAM_MUTATIONS},
     "unknown_key": NOT_FOUND, "duplicate_key": INVALID, "bad_part": INVALID, "duplicate_part": INVALID,
-    "bad_hyper": INVALID, "non_finite": INVALID,
+    "bad_hyper": INVALID, "non_finite": INVALID, "step_past_bound": INVALID,
 }
 SETTABLE = (*STATE_PARTS, pb.MAX_EXP_AVG_SQ)
 
@@ -523,6 +526,8 @@ def test_malformed_set_state_gets_its_status_and_changes_nothing(fuzzed, mutatio
         head.parts.append(draw(st.sampled_from(parts)))
     elif mutation == "bad_hyper":
         head.entries[k].hyper.CopyFrom(draw(bad_hyper))
+    elif mutation == "step_past_bound":  # past it, a push's step would overflow the shard's int64s
+        head.entries[k].step = draw(st.integers(MAX_STEP + 1, 2**64 - 1))
     elif mutation == "non_finite":
         t = values[(k, draw(st.sampled_from(parts)))]
         t[draw(st.integers(0, t.numel() - 1))] = draw(non_finite)
@@ -702,7 +707,8 @@ def push_frame(draw, kind: int) -> bytes:
     data = tensor_bytes(grad)
     mutation = draw(st.sampled_from(["unknown_key", "ahead", "non_finite", "too_many_segments", "too_many_segments",
                                      "data_short",
-                                     "data_long", "wire_dtype", "hyper_index", "offset", "garbage_meta"]),
+                                     "data_long", "wire_dtype", "hyper_index", "offset", "garbage_meta",
+                                     "long_client_id"]),
                     label="push mutation")
     if mutation == "unknown_key":
         head.entries[0].key = draw(new_name)
@@ -724,6 +730,8 @@ def push_frame(draw, kind: int) -> bytes:
         head.entries[0].hyper = draw(st.integers(1, 2**32 - 1))
     elif mutation == "offset":
         segments[0].offset = draw(st.integers(1, 2**64 - 1))
+    elif mutation == "long_client_id":
+        head.client_id = "c" * draw(st.integers(300, 4096))
     meta = pb.PushRequest(head=head, segments=segments).SerializeToString()
     if mutation == "garbage_meta":
         meta = draw(garbage.filter(lambda b: unparseable(b, pb.PushRequest, streamed=False)))
