@@ -1,75 +1,56 @@
-"""One worker under `torchrun --nproc_per_node W`, as the README's recipe for several workers on
-the same shards: rank 0 registers the model first, a barrier, then the other ranks build their
-RemoteAdam and adopt the shards' values (init="shard"), so every rank starts from rank 0's weights;
-client_id from RANK; each rank reads its own part of the data with DistributedSampler. No DDP: the
-shards combine the workers' gradients (async: each push is an Adam step; sync: averaged per step).
+"""examples/torchrun_train.py as test_torchrun runs it under torchrun, plus what the test observes.
 
-Run by tests/integration/test_torchrun.py; writes OUT/rank<R>.pt (the rank's final parameters).
+    torchrun_worker.py --pushes DIR [--kill-rank R --kill-after N] -- EXAMPLE ARGS...
+
+Every step() that carries gradients is logged to DIR/rank<R>-attempt<A>.log (A: torchrun's
+TORCHELASTIC_RESTART_COUNT) as "push" before it and "ack" once it returned, i.e. every shard applied
+the push (or answered a retry of it as already applied); torch's global optimizer step hooks do it, so
+the example runs unchanged. With --kill-rank, that rank SIGKILLs itself right after its N-th
+acknowledged push in the first attempt only (between two steps: nothing of its own is in flight).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
+from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from optserve import RemoteAdam
-
-LR, BATCH = 1e-2, 8  # BATCH per rank and step
-
-
-def make_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import torchrun_train as example  # noqa: E402
 
 
-def dataset(n: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(1234)
-    x = torch.randn(n, 6, generator=g)
-    return TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
-
-
-def make_optimizer(model: nn.Module, servers, rank: int) -> RemoteAdam:
-    # torch's Adam math, so test_torchrun can compare with torch.optim.Adam(fused=True)
-    return RemoteAdam(model.named_parameters(), servers, lr=LR, eps=1e-8, optimized_update=False,
-                      weight_decouple=False, client_id=f"rank{rank}")
+def pushes(opt) -> bool:
+    return any(p.grad is not None for g in opt.param_groups for p in g["params"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--servers", required=True, help="shard addresses, comma-separated, in shard-index order")
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    parser.add_argument("--pushes", required=True, help="directory for the push logs")
+    parser.add_argument("--kill-rank", type=int, default=-1)
+    parser.add_argument("--kill-after", type=int, default=0)
+    args, rest = parser.parse_known_args()
+    rank, attempt = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    log = open(Path(args.pushes) / f"rank{rank}-attempt{attempt}.log", "w", buffering=1)  # a line at a time
+    acked = 0
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo")
-    servers = args.servers.split(",")
-    model = make_model(seed=100 + rank)  # different on each rank: the shards' values must win
-    data = dataset(args.steps * BATCH * world)
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
-    loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
+    def before(opt, *_):
+        if pushes(opt):
+            log.write("push\n")
 
-    if rank == 0:
-        opt = make_optimizer(model, servers, rank)  # registers rank 0's values
-    dist.barrier()
-    if rank != 0:
-        opt = make_optimizer(model, servers, rank)  # adopts them
-    try:
-        for x, y in loader:
-            loss = nn.functional.mse_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        dist.barrier()
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-                   os.path.join(args.out, f"rank{rank}.pt"))
-    finally:
-        opt.close()
-        dist.destroy_process_group()
+    def after(opt, *_):
+        nonlocal acked
+        if pushes(opt):
+            log.write("ack\n")
+            acked += 1
+            if rank == args.kill_rank and attempt == 0 and acked == args.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no goodbye to the shards
+
+    register_optimizer_step_pre_hook(before)
+    register_optimizer_step_post_hook(after)
+    example.main([a for a in rest if a != "--"])
 
 
 if __name__ == "__main__":
