@@ -46,9 +46,9 @@ PRESSED_AUTH_SECONDS = 1.0
 
 PEER_WAIT_SECONDS = 0.05  # what a request may wait on its peer holding a slot; then it lends it
 # A reply's writes may wait on the peer SEND_SECONDS in all, plus a second per SEND_BYTES_PER_SECOND
-# of reply; then the connection is closed, which ends the reply's snapshot lease: a puller that never
-# reads (or reads slower than that) cannot keep a key leased, and every push to it copying the key
-# (issue 13). A worker reads its reply as it arrives; a link slower than 1 MiB/s fails large pulls.
+# it has taken; then the connection is closed, which ends the reply's snapshot lease: a puller that
+# never reads (or reads slower than that) cannot keep a key leased, and every push to it copying the
+# key (issue 13). A worker reads its reply as it arrives; a link slower than 1 MiB/s fails large pulls.
 SEND_SECONDS = 60.0
 SEND_BYTES_PER_SECOND = 1 << 20
 _PEER_TIMEVAL = struct.pack("ll", 0, int(PEER_WAIT_SECONDS * 1e6))  # SO_RCVTIMEO / SO_SNDTIMEO
@@ -78,8 +78,8 @@ class _Peer:
         self._waited = 0.0
         self._blocking = False  # this request has used its wait: plain blocking calls, slot lent
         self.received = 0  # bytes read since the last take_received()
-        self._send_by: float | None = None  # this request's writes must be done by then (once blocking)
-        self._send_bytes = 0  # the reply's size, as announced by reply_of()
+        self._send_from: float | None = None  # when this request's first blocking write began
+        self._sent = 0  # bytes this request has written
         self._timeouts(PEER_WAIT_SECONDS)
 
     def take_received(self) -> int:
@@ -94,8 +94,8 @@ class _Peer:
             poller.register(self.raw, select.POLLIN)
             poller.poll()
         self._waited = 0.0
-        self._send_by = None
-        self._send_bytes = 0
+        self._send_from = None
+        self._sent = 0
         if self._blocking:
             self._blocking = False
             self._timeouts(PEER_WAIT_SECONDS)
@@ -118,19 +118,16 @@ class _Peer:
         with self._slots.lent():
             return op(*args)
 
-    def reply_of(self, nbytes: int) -> None:
-        """The reply about to be sent holds about `nbytes`: its writes get that much more time."""
-        self._send_bytes = nbytes
-
     def _send_deadline(self) -> None:
-        """Let the next blocking write wait only until SEND_SECONDS after the first one; TimeoutError
-        (the connection is closed) once that has passed."""
+        """Let the next blocking write wait only until SEND_SECONDS after the first one, plus a second
+        per SEND_BYTES_PER_SECOND written; TimeoutError (the connection is closed) once that has passed."""
         now = time.monotonic()
-        if self._send_by is None:
-            self._send_by = now + SEND_SECONDS + self._send_bytes / SEND_BYTES_PER_SECOND
-        left = self._send_by - now
+        if self._send_from is None:
+            self._send_from = now
+        left = self._send_from + SEND_SECONDS + self._sent / SEND_BYTES_PER_SECOND - now
         if left <= 0:
-            raise TimeoutError(f"the peer has not taken its reply of {self._send_bytes} bytes in time")
+            raise TimeoutError(f"the peer took {self._sent} bytes of its reply in "
+                               f"{now - self._send_from:.0f} s")
         if self._tls:
             self.raw.settimeout(left)
         else:
@@ -151,19 +148,23 @@ class _Peer:
             self.raw.setsockopt(socket.SOL_SOCKET, option, value)
 
     def recv_into(self, view, nbytes: int = 0) -> int:
-        if self._tls and self._blocking and self._send_by is not None:
+        if self._tls and self._blocking and self._send_from is not None:
             self.raw.settimeout(None)  # (not reached today: a request's reads come before its reply)
         k = self._patient(self.raw.recv_into, view, nbytes)
         self.received += k
         return k
 
     def sendmsg(self, buffers) -> int:
-        return self._patient(self.raw.sendmsg, buffers, write=True)
+        k = self._patient(self.raw.sendmsg, buffers, write=True)
+        self._sent += k
+        return k
 
     def sendall(self, data) -> None:
         view = memoryview(data).cast("B")
         while view:
-            view = view[self._patient(self.raw.send, view, retryable=not self._tls, write=True):]
+            k = self._patient(self.raw.send, view, retryable=not self._tls, write=True)
+            self._sent += k
+            view = view[k:]
 
     def settimeout(self, timeout) -> None:  # frames' deadlines are the client's; a shard sets none
         raise AssertionError("a shard's data connection keeps its own timeouts")
@@ -416,7 +417,6 @@ class DataServer:
             return
         try:
             out = pb.PullReply(head=reply.head, segments=whole_segments(reply.items)).SerializeToString()
-            conn.reply_of(len(out) + 4 * sum(item.tensor.numel() for item in reply.items))
             nbytes = send_frame(conn, _OK, out, reply.items, reply.dtype)
             self.core.counters.add(bytes_out=HEADER.size + len(out) + nbytes)
         finally:

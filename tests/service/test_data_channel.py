@@ -766,7 +766,7 @@ def test_a_push_of_many_empty_segments_is_refused_as_resource_exhausted(over):
 def test_a_puller_that_never_reads_its_reply_loses_its_lease_after_the_send_timeout(monkeypatch):
     from optserve.server import data
     monkeypatch.setattr(data, "SEND_SECONDS", 0.5)
-    monkeypatch.setattr(data, "SEND_BYTES_PER_SECOND", 1 << 40)  # no time for the reply's size
+    monkeypatch.setattr(data, "SEND_BYTES_PER_SECOND", 1 << 40)  # no more time for the bytes it took
     numel = 4 << 20  # 16 MiB: far more than the kernel buffers between the two ends hold
     with running() as shard:
         client = ShardClient(shard.address, data_channel=False)
