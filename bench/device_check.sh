@@ -17,7 +17,8 @@
 #   3. CUDA present: anything else FAILS (exit 3), except with --dry-run.
 #   4. the tests marked `gpu` (tests/service/test_gpu.py) with OPTSERVE_REQUIRE_CUDA=1, so none may
 #      skip; a skipped or missing test fails the check. --dry-run collects them only.
-#   5. `make bench` sections (a) and (b) (bench/run.py --only a,b --quick; (a) runs on CPU and CUDA).
+#   5. `make bench` sections (a) and (b) (bench/run.py --only a,b --quick; (a) runs on CPU and CUDA),
+#      and (b)'s 64+64 MiB step against a CPU and a CUDA shard (bench/device_step.py).
 #      --dry-run imports them only.
 #   6. $OUT/device_check.json: versions, the GPU, test counts, failures, the bench's figures.
 # Exit status: 0 only when every step passed. Output also under $OUT (gpu_tests.txt, gpu_tests.xml,
@@ -105,15 +106,20 @@ else
     tests_rc=${PIPESTATUS[0]}
 fi
 
-step "5. bench sections (a) and (b)"
+step "5. bench sections (a) and (b), and (b)'s step with the shard on CUDA"
 bench_rc=0
 if [[ $mode == gpu ]]; then
     "$PY" bench/run.py --only a,b --quick --time-limit 200 --out "$out/bench" 2>&1 | tee "$out/bench.txt"
     bench_rc=${PIPESTATUS[0]}
+    "$PY" bench/device_step.py --devices cpu,cuda --json "$out/device_step.json" 2>&1 | tee -a "$out/bench.txt"
+    [[ ${PIPESTATUS[0]} == 0 ]] || bench_rc=1
 else
     "$PY" -c 'import bench.run, bench.kernel, bench.transport; print("bench sections a, b import")' \
         2>&1 | tee "$out/bench.txt"
     bench_rc=${PIPESTATUS[0]}
+    # the CUDA step's script, on the CPU with a tiny tensor: it runs, whatever the machine
+    "$PY" bench/device_step.py --devices cpu --reps 1 --warmup 0 --numel 65536 2>&1 | tee -a "$out/bench.txt"
+    [[ ${PIPESTATUS[0]} == 0 ]] || bench_rc=1
 fi
 
 step "6. summary"

@@ -70,6 +70,7 @@ def test_the_dry_run_installs_offline_and_collects_the_gpu_tests(tmp_path, probe
     summary = json.loads((tmp_path / "out" / "device_check.json").read_text())
     assert summary["ok"] and summary["mode"] == "dry"
     assert summary["collected"] >= 15  # item 6's coverage, every case collected
+    assert "(b) step 0.25+0.25 MiB, shard on cpu" in result.stdout  # the CUDA step's script runs
     venv_python = str(tmp_path / "venv" / "bin" / "python")
     where = subprocess.run([venv_python, "-c", "import optserve_probe, optserve, grpc_health, torch, sys; "
                                                "print(optserve_probe.__file__); print(sys.prefix)"],
