@@ -114,6 +114,26 @@ def snapshot(*tensors):
     return [t.detach().clone() for t in tensors]
 
 
+def descend(opt, weight, bias, inpt, schedulers, via_closure: bool):
+    """20 steps on torch's linear least-squares problem (step(closure) or backward then step());
+    returns the first and last loss and the parameters."""
+    def closure():
+        opt.zero_grad()
+        loss = (weight.mv(inpt) + bias).pow(2).sum()
+        loss.backward()
+        return loss
+
+    initial = closure().item()
+    for _ in range(20):
+        if via_closure:
+            loss = opt.step(closure)
+        else:
+            loss = closure()
+            opt.step()
+        step_schedulers(schedulers, loss)
+    return initial, closure().item(), snapshot(weight, bias)
+
+
 # -- construction errors -----------------------------------------------------------------------------
 
 ERROR_CASES = [(i, e) for i in INFOS for e in i.optim_error_inputs_func(device=DEVICE, dtype=DTYPE)]
@@ -164,20 +184,7 @@ def test_forloop_goes_right_direction(remote, contiguous, with_lrsched):
                 weight, bias = Parameter(torch.randn(10, 5, 2)[..., 0]), Parameter(torch.randn(10, 2)[..., 0])
             inpt = torch.randn(5)
             opt = optim_cls([weight, bias], **dict(optim_input.kwargs, foreach=False))
-            schedulers = [s(opt) for s in scheduler_constructors]
-
-            def closure():
-                opt.zero_grad()
-                loss = (weight.mv(inpt) + bias).pow(2).sum()
-                loss.backward()
-                return loss
-
-            initial = closure().item()
-            for _ in range(20):
-                loss = closure()
-                opt.step()
-                step_schedulers(schedulers, loss)
-            return initial, closure().item(), snapshot(weight, bias)
+            return descend(opt, weight, bias, inpt, [s(opt) for s in scheduler_constructors], via_closure=False)
 
         (_, _, expected), (initial, final, got) = twins(remote, run)
         if optim_input.kwargs.get("maximize", False):
@@ -197,18 +204,7 @@ def test_param_group_with_lrscheduler_goes_right_direction(remote):
         def run(optim_cls):
             weight, bias, inpt = Parameter(torch.randn(10, 5)), Parameter(torch.randn(10)), torch.randn(5)
             opt = optim_cls([{"params": [weight]}, {"params": [bias], "lr": 0.01}])
-            schedulers = [s(opt) for s in schedulers_c]
-
-            def closure():
-                opt.zero_grad()
-                loss = (weight.mv(inpt) + bias).pow(2).sum()
-                loss.backward()
-                return loss
-
-            initial = closure().item()
-            for _ in range(20):
-                step_schedulers(schedulers, opt.step(closure))
-            return initial, closure().item(), snapshot(weight, bias)
+            return descend(opt, weight, bias, inpt, [s(opt) for s in schedulers_c], via_closure=True)
 
         try:
             (_, _, expected), (initial, final, got) = twins(remote, run)
