@@ -3,7 +3,8 @@
 - Raw TCP loopback (../shared/ANCHORS.md item 3): `TcpEcho` is a spawned process that `recv_into`s a
   preallocated buffer and sends the same bytes back; `TcpPingPong` (in the calling process) sends
   N bytes from a tensor and `recv_into`s them into a preallocated tensor. One round trip moves 2 N
-  bytes; its rate is the ceiling for any socket transport on this machine. Both sides send in
+  bytes; its rate is the ceiling for any socket transport on this machine. Both sides' buffers are
+  torch tensors (64-B aligned; see TcpEcho for what a bytearray cost). Both sides send in
   `SLICE_BYTES` memoryview slices, as ANCHORS.md's script did: one `sendall` of the whole 64 MiB
   (on sockets with the kernel's default buffers) made the round trip 1.3-1.7x slower than slices in
   alternating runs (docs/MEASUREMENTS.md), and every ratio to this anchor as much too kind.
@@ -47,7 +48,12 @@ class TcpEcho:
     preallocated (touched) buffer and sends it back."""
 
     def __init__(self, max_bytes: int):
-        self.buf = bytearray(max_bytes)  # zero-filled: its pages are faulted in now, not while timing
+        import torch
+        # A tensor, not a bytearray: a bytearray's bytes start 16 B past a page (malloc's header), off
+        # a cache line, and the kernel's copies into and out of it made the 64 MiB round trip
+        # 1.25-1.6x slower than into a 64-B aligned buffer (docs/MEASUREMENTS.md). Zero-filled: its
+        # pages are faulted in now, not while timing.
+        self.buf = torch.zeros(max_bytes, dtype=torch.uint8)
         self.sock = socket.socket()
         self.sock.bind((HOST, 0))
         self.sock.listen(4)
@@ -65,7 +71,7 @@ class TcpEcho:
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:
-        view = memoryview(self.buf)
+        view = memoryview(self.buf.numpy())
         head = bytearray(_HEADER.size)
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
