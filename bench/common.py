@@ -95,11 +95,13 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def interleave(variants: dict[str, Callable[[], Any]], settings: Settings, warmup: int | None = None,
-               reps: int | None = None, label: str = "") -> dict[str, list[Any]]:
+               reps: int | None = None, label: str = "", settle: int = 0) -> dict[str, list[Any]]:
     """Run each variant once per round, round-robin, rotating the start every round.
 
     Each callable returns one sample (a float, or a dict of floats). `warmup` rounds are run first
-    and dropped. Stops after `reps` rounds, or earlier once the section's budget is spent and at
+    and dropped. With `settle` > 0, each timed call follows that many untimed calls of the same
+    variant, so every sample is taken in the variant's steady state rather than just after another
+    variant ran. Stops after `reps` rounds, or earlier once the section's budget is spent and at
     least `settings.min_reps` rounds are in (then prints a warning and the figure says n).
     """
     reps = settings.reps if reps is None else reps
@@ -113,6 +115,8 @@ def interleave(variants: dict[str, Callable[[], Any]], settings: Settings, warmu
     for r in range(reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            for _ in range(settle):
+                variants[name]()
             samples[name].append(variants[name]())
         if (r + 1 >= settings.min_reps and r + 1 < reps
                 and time.monotonic() - t0 > settings.section_budget_s):
@@ -345,13 +349,21 @@ def _read_listening(proc: subprocess.Popen, log, timeout: float) -> str:
     raise RuntimeError(f"shard did not start (exit code {proc.poll()}); its stderr:\n{tail}")
 
 
-def shard_command(index: int, num: int) -> list[str]:
-    return [sys.executable, "-c", _LAUNCH, str(os.getpid()), "-m", "optserve.cli", "--log-level", "WARNING",
+def shard_command(index: int, num: int, module: str = "optserve.cli") -> list[str]:
+    """The command line of one shard; `module` "bench.shard" is the bench's shard that can skip Adam."""
+    return [sys.executable, "-c", _LAUNCH, str(os.getpid()), "-m", module, "--log-level", "WARNING",
             "serve", "--host", HOST, "--port", "0", "--shard-index", str(index), "--num-shards", str(num)]
 
 
+def _shard_env() -> dict[str, str]:
+    """The bench's environment, with the repository root importable (for `-m bench.shard`)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
 @contextlib.contextmanager
-def shard_sets(*sizes: int, timeout: float = 90.0) -> Iterator[list[list[str]]]:
+def shard_sets(*sizes: int, timeout: float = 90.0, module: str = "optserve.cli") -> Iterator[list[list[str]]]:
     """Start shard sets of the given sizes at once (all processes in parallel); yields each set's
     addresses in shard-index order; stops every shard on exit (SIGTERM, then SIGKILL)."""
     procs: list[tuple[subprocess.Popen, Any]] = []
@@ -359,8 +371,8 @@ def shard_sets(*sizes: int, timeout: float = 90.0) -> Iterator[list[list[str]]]:
         for n in sizes:
             for i in range(n):
                 log = tempfile.TemporaryFile()
-                procs.append((subprocess.Popen(shard_command(i, n), stdout=subprocess.PIPE, stderr=log,
-                                               stdin=subprocess.DEVNULL), log))
+                procs.append((subprocess.Popen(shard_command(i, n, module), stdout=subprocess.PIPE, stderr=log,
+                                               stdin=subprocess.DEVNULL, env=_shard_env()), log))
         addrs = [_read_listening(p, log, timeout) for p, log in procs]
         out, k = [], 0
         for n in sizes:
@@ -400,5 +412,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "
     return "\n".join(lines)
 
 
-def verdict(ok: bool) -> str:
+def verdict(ok: bool, valid: bool = True) -> str:
+    """PASS / MISS; INVALID when the target's anchor failed its standalone check (bench/standalone.py)."""
+    if not valid:
+        return "INVALID"
     return "PASS" if ok else "MISS"

@@ -13,7 +13,9 @@ timed separately):
 - `RemoteAdam, N shard(s)`, overlap off; and overlap on when RemoteAdam has an `overlap` option
   (then backward may already push, and `iter` = fwd + bwd + step is the figure to compare);
 - `local torch Adam fused`: torch.optim.Adam(fused=True).step() on the same parameters;
-- `raw TCP 64 MiB ping-pong` (anchor): the TCP round-trip rate of this moment (bench/anchors.py).
+- `raw TCP 64 MiB ping-pong` (anchor): the TCP round-trip rate of this moment (bench/anchors.py),
+  checked against its minimal standalone form (bench/standalone.py, timed before the section's
+  helpers start and after they stop): more than 10% off, a WARNING and the targets read INVALID.
 Transfer lower bound = bytes pushed + pulled (2 x 4 B x params) / that TCP rate. The target compares
 the 10M step (1 shard, overlap off) with 1.5 x (lower bound + local fused Adam step).
 Linearity: ms per M params at each size, and the incremental ms per extra M between consecutive sizes;
@@ -30,6 +32,7 @@ import time
 
 import torch
 
+from bench import standalone
 from bench.anchors import TcpPingPong, tcp_echo_spec
 from bench.common import (MiB, CpuLoad, Settings, children, fmt, interleave, slopes, per_sample,
                           shard_sets, summary, table)
@@ -111,7 +114,8 @@ def _measure_size(label: str, layers: int, tcp: TcpPingPong, overlap: bool, sett
                 variants[name] = (lambda m=model, o=opt: _train_sample(m, x, o.step))
         local = torch.optim.Adam(base.parameters(), lr=1e-3, fused=True)
         variants[LOCAL] = lambda: _train_sample(base, x, local.step)
-        variants[TCP] = lambda: {"s": tcp.round_trip()}
+        # The anchor in its steady state, as its standalone form times it: one untimed round trip first.
+        variants[TCP] = lambda: (tcp.round_trip(), {"s": tcp.round_trip()})[1]
         raw = interleave(variants, settings, label=f"e2e {label}")
         del local
     rows = {}
@@ -133,7 +137,7 @@ def _measure_size(label: str, layers: int, tcp: TcpPingPong, overlap: bool, sett
     del base
     gc.collect()
     return {"label": label, "layers": layers, "numel": numel, "rows": rows, "tcp_gb_s": tcp_gb_s,
-            "lower_bound_ms": bound_ms}
+            "tcp_s": [s["s"] for s in raw[TCP]], "lower_bound_ms": bound_ms}
 
 
 def run(settings: Settings) -> dict:
@@ -141,6 +145,8 @@ def run(settings: Settings) -> dict:
     if not overlap:
         print("  overlap: not available (RemoteAdam has no `overlap` option): overlap off only", flush=True)
     out = []
+    with CpuLoad() as before_load:
+        before = standalone.run("tcp", TCP_BYTES, settings.reps, settings.warmup)
     with contextlib.ExitStack() as stack:
         (echo,) = stack.enter_context(children(tcp_echo_spec(TCP_BYTES)))
         tcp = TcpPingPong(echo.call("port"), TCP_BYTES)
@@ -148,6 +154,9 @@ def run(settings: Settings) -> dict:
         with CpuLoad() as load:
             for label, layers in sizes(settings.quick).items():
                 out.append(_measure_size(label, layers, tcp, overlap, settings))
+    with CpuLoad() as after_load:
+        after = standalone.run("tcp", TCP_BYTES, settings.reps, settings.warmup)
+    check = standalone.compare(TCP, [t for s in out for t in s["tcp_s"]], before["s"] + after["s"])
     names = list(out[0]["rows"])
     linearity = {}
     for name in names:
@@ -156,7 +165,8 @@ def run(settings: Settings) -> dict:
         linearity[name] = {"ms_per_M": [a / b for a, b in zip(ms, m)], **slopes(m, ms, LINEAR_TOLERANCE)}
     b_tcp = settings.results.get("b", {}).get("tcp_gb_s")
     return {"sizes": out, "overlap_available": overlap, "linearity": linearity, "tcp_gb_s_from_b": b_tcp,
-            "other_cpu_pct": load.other_pct}
+            "anchor_checks": {TCP: check}, "standalone": {"before": before, "after": after},
+            "other_cpu_pct": load.other_pct, "standalone_other_cpu_pct": [before_load.other_pct, after_load.other_pct]}
 
 
 def report(res: dict) -> tuple[str, list[dict]]:
@@ -187,6 +197,9 @@ def report(res: dict) -> tuple[str, list[dict]]:
                             f"{lin['tolerance']:.0%}: {'yes' if lin['linear'] else 'no'})")
         text += f"\n    {name}: {per} ms/M; incremental {inc} ms/M -> {verdict_text}"
 
+    checks = res.get("anchor_checks", {})
+    text += "\n" + standalone.check_lines(list(checks.values()), res.get("standalone_other_cpu_pct", ()))
+    valid = all(c["valid"] for c in checks.values())
     targets = []
     for s in res["sizes"]:
         if s["label"] != TARGET_SIZE:
@@ -198,7 +211,7 @@ def report(res: dict) -> tuple[str, list[dict]]:
                 continue
             ms = r["cost"]["median"]
             headline = name == "RemoteAdam, 1 shard, overlap off"
-            targets.append({"id": f"c/{name}", "ok": ms <= budget, "headline": headline,
+            targets.append({"id": f"c/{name}", "ok": ms <= budget, "headline": headline, "valid": valid,
                             "line": f"(c) {s['label']}, {name}: cost {ms:.1f} ms vs 1.5 x (lower bound "
                                     f"{s['lower_bound_ms']:.1f} + local fused step {local['step']['median']:.1f})"
                                     f" = {budget:.1f} ms{' [target]' if headline else ' [info]'}"})

@@ -8,7 +8,9 @@ Sections (each module's docstring says exactly what it measures):
   d  aggregate pushes/s with 1/2/4/8 async worker processes, 1 and 2 shards             (bench/workers.py)
 
 Every figure is median (min–max) over the repetitions (>= 5; 3 with --quick), variants interleaved
-round-robin. Prints tables and PASS/MISS target lines, writes <out>/latest.json (machine facts, raw
+round-robin. Sections (b) and (c) also time their anchors' minimal standalone forms
+(bench/standalone.py) and mark the targets on an anchor that is off by more than 10% INVALID.
+Prints tables and PASS/MISS/INVALID target lines, writes <out>/latest.json (machine facts, raw
 samples, other processes' CPU load per section) and <out>/latest.png.
 
     python bench/run.py [--quick] [--only a,b,c,d] [--out bench/results] [--reps N]
@@ -24,6 +26,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+# Before torch loads, here and in every helper process the bench spawns (they inherit it): OpenMP
+# threads sleep when a parallel region ends instead of spinning, as in optserve's shards
+# (optserve/cli.py). With libgomp's default, the bench process's idle OpenMP thread spun for 7.3 ms
+# of CPU during each 64 MiB TCP anchor round trip that followed a torch op, on a 2-core machine
+# (docs/MEASUREMENTS.md). An OMP_WAIT_POLICY set by the caller is kept (and recorded in the JSON).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first; the modules import as bench.*
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== targets (ratios from this run) ==")
     for t in out["targets"]:
-        print(f"  {verdict(t['ok'])}  {t['line']}")
+        print(f"  {verdict(t['ok'], t.get('valid', True))}  {t['line']}")
     if not out["targets"]:
         print("  (none measured)")
 
