@@ -277,7 +277,8 @@ class RemoteAdam(torch.optim.Optimizer):
     everything over gRPC).
     Security: tls=True (or root_certificates=PEM bytes, or OPTSERVE_TLS_CA=path) for TLS;
     certificate_chain and private_key (PEM; or OPTSERVE_TLS_CERT, OPTSERVE_TLS_KEY paths) for mutual
-    TLS; token (or OPTSERVE_TOKEN) is sent as `authorization: Bearer <token>` on every call.
+    TLS; token (or OPTSERVE_TOKEN, else the file OPTSERVE_TOKEN_FILE) is sent as `authorization: Bearer
+    <token>` on every call.
     overlap=True sends gradients during backward: a hook on each parameter
     (register_post_accumulate_grad_hook) fills buckets of `bucket_bytes` (25 MiB default) in reverse
     registration order, and each full bucket is pushed at once; step() pushes what is left, waits,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from optserve.net import AUTHORIZATION, TOKEN_ENV, bearer
+from optserve.net import AUTHORIZATION, bearer, load_token
 
 TLS_CA_ENV = "OPTSERVE_TLS_CA"
 TLS_CERT_ENV = "OPTSERVE_TLS_CERT"
@@ -20,8 +20,9 @@ TLS_KEY_ENV = "OPTSERVE_TLS_KEY"
 class Security:
     """How a worker reaches shards: TLS (optionally with a client certificate) and a bearer token.
 
-    `from_env` fills what was not given from OPTSERVE_TOKEN, OPTSERVE_TLS_CA (a PEM file path) and,
-    for mutual TLS, OPTSERVE_TLS_CERT and OPTSERVE_TLS_KEY (PEM file paths).
+    `from_env` fills what was not given from OPTSERVE_TOKEN (else the file OPTSERVE_TOKEN_FILE names),
+    OPTSERVE_TLS_CA (a PEM file path) and, for mutual TLS, OPTSERVE_TLS_CERT and OPTSERVE_TLS_KEY (PEM
+    file paths).
     """
     tls: bool = False
     root_certificates: bytes | None = None  # PEM CA; None: the system's roots
@@ -44,7 +45,7 @@ class Security:
             raise ValueError("a client certificate needs both certificate_chain and private_key")
         return cls(tls=tls or root_certificates is not None or certificate_chain is not None,
                    root_certificates=root_certificates, certificate_chain=certificate_chain,
-                   private_key=private_key, token=token or os.environ.get(TOKEN_ENV) or None)
+                   private_key=private_key, token=token or load_token() or None)
 
     def channel(self, address: str, options: list[tuple[str, object]]) -> grpc.Channel:
         """The one place channels are made."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-TOKEN_ENV = "OPTSERVE_TOKEN"  # a shard's token (else --token-file), a worker's (else token=)
+TOKEN_ENV = "OPTSERVE_TOKEN"  # the token itself: a shard's (else --token-file), a worker's (else token=)
+TOKEN_FILE_ENV = "OPTSERVE_TOKEN_FILE"  # else a file holding it (a mounted Swarm or compose secret)
 AUTHORIZATION = "authorization"  # gRPC metadata key of the bearer token
 
 
@@ -24,8 +25,12 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1", "::ffff:127.0.0.1") or host.startswith("127.")
 
 
-def load_token(token_file: str | None) -> str:
-    """The shard's token: from the file if given, else from OPTSERVE_TOKEN, else "" (no token)."""
+def load_token(token_file: str | None = None) -> str:
+    """The token, for a shard, a client command and RemoteAdam alike: from `token_file` if given,
+    else OPTSERVE_TOKEN, else the file OPTSERVE_TOKEN_FILE names, else "" (no token). A file that
+    cannot be read or is empty is a ValueError."""
+    if not token_file and not os.environ.get(TOKEN_ENV, "").strip():
+        token_file = os.environ.get(TOKEN_FILE_ENV, "").strip()
     if token_file:
         try:
             token = Path(token_file).read_text().strip()

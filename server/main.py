@@ -468,7 +468,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="PEM private key of this shard")
     p.add_argument("--tls-client-ca", help="PEM CA: mutual TLS, clients need a certificate it signed")
     p.add_argument("--token-file", help="file holding the bearer token clients must send (else the "
-                                         "OPTSERVE_TOKEN environment variable; none: no token)")
+                                         "OPTSERVE_TOKEN environment variable, else the file "
+                                         "OPTSERVE_TOKEN_FILE names; none: no token)")
     p.add_argument("--metrics-port", type=int, default=-1,
                    help="serve Prometheus metrics on this port (0: any free port; default off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default "

@@ -225,6 +225,15 @@ def test_the_token_can_come_from_the_environment(token_shard, monkeypatch):
     assert train_once(token_shard) == 1
 
 
+def test_the_token_can_come_from_a_file_the_environment_names(token_shard, monkeypatch, tmp_path):
+    """A Swarm or compose secret is a file (/run/secrets/...): RemoteAdam(token=None) reads it."""
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    monkeypatch.delenv("OPTSERVE_TOKEN", raising=False)
+    monkeypatch.setenv("OPTSERVE_TOKEN_FILE", str(tmp_path / "token"))
+
+    assert train_once(token_shard) == 1
+
+
 # -- health, reflection, metrics ---------------------------------------------------------------
 
 _PROBE = """import sys
