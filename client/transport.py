@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
@@ -45,9 +46,14 @@ T = TypeVar("T")
 # within about a second: gRPC re-resolves the name when a connection fails, but by default no sooner
 # than 30 s after the last resolution, and backs off reconnecting for up to 120 s; a worker then dials
 # the old address for most of its retry budget. The data channel resolves on every connect.
+# While the name does not resolve at all (a Swarm service between its old task and the new one's
+# first passing health check), gRPC's resolver backs off on its own (1 s, x1.6, up to 120 s, not
+# configurable): the shard came back but the worker looked the name up again only 5-25 s later. A
+# call that fails resolving the name therefore opens a fresh channel, which resolves at once.
 PROGRESS_EVERY = 5.0
 FOLLOW_MOVES = (("grpc.dns_min_time_between_resolutions_ms", 1000),
                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000))
+_RESOLUTION_FAILURE = ("errors resolving", "dns resolution failed")  # grpc's native and c-ares resolvers
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,22 @@ class ShardClient:
         self.retry = retry
         security = security or Security.from_env()
         self._md = security.metadata()
-        self.channel = security.channel(address, [("grpc.max_receive_message_length", max_message_bytes),
-                                                  ("grpc.max_send_message_length", max_message_bytes),
-                                                  *FOLLOW_MOVES])
-        c = self.channel
+        self._security = security
+        self._options = [("grpc.max_receive_message_length", max_message_bytes),
+                         ("grpc.max_send_message_length", max_message_bytes), *FOLLOW_MOVES]
+        self._reopen_lock = threading.Lock()
+        self._open(security.channel(address, self._options))
+        # Push, Pull and PushPull go over the shard's data channel when it announces one (and
+        # data_channel is True), else over gRPC; both reach the same handlers (server/data.py).
+        self.data = None
+        if data_channel:
+            tls = client_ssl_context(security.root_certificates, security.certificate_chain,
+                                     security.private_key) if security.tls else None
+            self.data = DataChannel(address, self._hello_once, timeout, security.token, tls)
+
+    def _open(self, channel: grpc.Channel) -> None:
+        """Use this channel for every gRPC call from now on."""
+        self.channel = c = channel
         self._hello = c.unary_unary(_METHOD + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
                                     response_deserializer=pb.HelloReply.FromString)
         self._register = c.stream_unary(_METHOD + "Register",
@@ -109,13 +127,15 @@ class ShardClient:
         self._checkpoint = c.unary_unary(_METHOD + "Checkpoint",
                                          request_serializer=pb.CheckpointRequest.SerializeToString,
                                          response_deserializer=pb.CheckpointReply.FromString)
-        # Push, Pull and PushPull go over the shard's data channel when it announces one (and
-        # data_channel is True), else over gRPC; both reach the same handlers (server/data.py).
-        self.data = None
-        if data_channel:
-            tls = client_ssl_context(security.root_certificates, security.certificate_chain,
-                                     security.private_key) if security.tls else None
-            self.data = DataChannel(address, self._hello_once, timeout, security.token, tls)
+
+    def _reopen(self, failed: grpc.Channel) -> None:
+        """A fresh channel in place of one that could not resolve the shard's name (once per failed
+        channel, whichever thread sees it first); calls still on the old one end CANCELLED, retried."""
+        with self._reopen_lock:
+            if self.channel is not failed:
+                return
+            self._open(self._security.channel(self.address, self._options))
+        failed.close()
 
     def close(self) -> None:
         if self.data is not None:
@@ -136,12 +156,15 @@ class ShardClient:
         delay = self.retry.initial
         said = start  # a waiting worker says so every PROGRESS_EVERY seconds, at WARNING
         while True:
+            channel = self.channel
             try:
                 return attempt()
             except (grpc.RpcError, DataCallError) as exc:
                 code = exc.code()
                 pause = random.uniform(0, delay)
                 details = (exc.details() or "").lower().replace(self.address.lower(), "")
+                if code == grpc.StatusCode.UNAVAILABLE and any(p in details for p in _RESOLUTION_FAILURE):
+                    self._reopen(channel)
                 tls_failure = any(phrase in details for phrase in _TLS_FAILURE)
                 if code not in RETRYABLE or tls_failure or time.monotonic() + pause > give_up:
                     trailing = dict(exc.trailing_metadata() or ()) \
@@ -208,9 +231,8 @@ class ShardClient:
 
     def health(self) -> str:
         """The standard grpc.health.v1 status of the shard ("SERVING", "NOT_SERVING", ...)."""
-        stub = health_pb2_grpc.HealthStub(self.channel)
-        reply = self._call("Health", lambda: stub.Check(health_pb2.HealthCheckRequest(service=""),
-                                                        timeout=self.timeout))
+        reply = self._call("Health", lambda: health_pb2_grpc.HealthStub(self.channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=self.timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def _stream(self, message_type, head, items: Iterable[Outgoing], dtype: torch.dtype) -> Iterator[bytes]:

@@ -136,6 +136,38 @@ def test_a_shard_whose_name_mentions_tls_is_waited_for_while_down():
         client.close()
 
 
+def test_a_name_that_failed_to_resolve_is_looked_up_afresh_on_the_next_attempt(shard):
+    # A Swarm service between its old task and the new one: the name does not resolve, and gRPC's
+    # resolver would back off on its own for up to 120 s. Each such failure opens a fresh channel.
+    unresolved = ("errors resolving shard-1:50051: [field:hostname lookup error:address lookup failed for "
+                  "shard-1:50051: Domain name not found]")
+
+    class Unresolved(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return unresolved
+
+    client = ShardClient(shard, retry=RetryPolicy(budget=10, initial=0.001, maximum=0.001), data_channel=False)
+    channels = []
+
+    def unresolved_twice():
+        channels.append(client.channel)
+        if len(channels) < 3:
+            raise Unresolved()
+        return client.hello()
+
+    try:
+        assert client._call("Hello", unresolved_twice).num_shards == 1  # the fresh channel works
+        assert len(set(map(id, channels))) == 3  # a new channel after each failure
+        for old in channels[:2]:
+            with pytest.raises(ValueError, match="closed"):  # and the old ones are closed
+                old.unary_unary("/optserve.v1.OptServe/Hello")(b"", timeout=1)
+    finally:
+        client.close()
+
+
 def test_with_overlap_a_group_added_later_is_pushed_during_backward(shard):
     frozen, head = nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 1)
     with RemoteAdam(frozen.named_parameters(), [shard], overlap=True) as opt:
