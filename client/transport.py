@@ -46,14 +46,16 @@ T = TypeVar("T")
 # within about a second: gRPC re-resolves the name when a connection fails, but by default no sooner
 # than 30 s after the last resolution, and backs off reconnecting for up to 120 s; a worker then dials
 # the old address for most of its retry budget. The data channel resolves on every connect.
-# While the name does not resolve at all (a Swarm service between its old task and the new one's
-# first passing health check), gRPC's resolver backs off on its own (1 s, x1.6, up to 120 s, not
-# configurable): the shard came back but the worker looked the name up again only 5-25 s later. A
-# call that fails resolving the name therefore opens a fresh channel, which resolves at once.
+# While a shard is away (a Swarm service between its old task and the new one's first passing health
+# check), gRPC keeps dialling the address it last resolved and its resolver, failing, backs off on its
+# own (1 s, x1.6, up to 120 s; not configurable): workers resumed 5-7 s after the new task turned
+# healthy. So a call that fails to connect or to resolve opens a fresh channel, which resolves at once.
 PROGRESS_EVERY = 5.0
 FOLLOW_MOVES = (("grpc.dns_min_time_between_resolutions_ms", 1000),
                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000))
-_RESOLUTION_FAILURE = ("errors resolving", "dns resolution failed")  # grpc's native and c-ares resolvers
+# grpc's words for an address that refused or timed out, and for a name its native or c-ares resolver
+# could not resolve
+_ADDRESS_FAILURE = ("failed to connect to all addresses", "errors resolving", "dns resolution failed")
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,8 @@ class ShardClient:
                                          response_deserializer=pb.CheckpointReply.FromString)
 
     def _reopen(self, failed: grpc.Channel) -> None:
-        """A fresh channel in place of one that could not resolve the shard's name (once per failed
-        channel, whichever thread sees it first); calls still on the old one end CANCELLED, retried."""
+        """A fresh channel in place of one that could not reach the shard (once per failed channel,
+        whichever thread sees it first); calls still on the old one end CANCELLED and are retried."""
         with self._reopen_lock:
             if self.channel is not failed:
                 return
@@ -163,7 +165,7 @@ class ShardClient:
                 code = exc.code()
                 pause = random.uniform(0, delay)
                 details = (exc.details() or "").lower().replace(self.address.lower(), "")
-                if code == grpc.StatusCode.UNAVAILABLE and any(p in details for p in _RESOLUTION_FAILURE):
+                if code == grpc.StatusCode.UNAVAILABLE and any(p in details for p in _ADDRESS_FAILURE):
                     self._reopen(channel)
                 tls_failure = any(phrase in details for phrase in _TLS_FAILURE)
                 if code not in RETRYABLE or tls_failure or time.monotonic() + pause > give_up:

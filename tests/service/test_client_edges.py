@@ -136,30 +136,34 @@ def test_a_shard_whose_name_mentions_tls_is_waited_for_while_down():
         client.close()
 
 
-def test_a_name_that_failed_to_resolve_is_looked_up_afresh_on_the_next_attempt(shard):
-    # A Swarm service between its old task and the new one: the name does not resolve, and gRPC's
-    # resolver would back off on its own for up to 120 s. Each such failure opens a fresh channel.
-    unresolved = ("errors resolving shard-1:50051: [field:hostname lookup error:address lookup failed for "
-                  "shard-1:50051: Domain name not found]")
+@pytest.mark.parametrize("details", [
+    "errors resolving shard-1:50051: [field:hostname lookup error:address lookup failed for shard-1:50051: "
+    "Domain name not found]",
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.1.5:50051: Failed to connect to "
+    "remote host: Connection refused"])
+def test_a_shard_that_could_not_be_reached_is_looked_up_afresh_on_the_next_attempt(shard, details):
+    # A Swarm service between its old task and the new one: the old address refuses, the name stops
+    # resolving, and gRPC's resolver backs off on its own for up to 120 s (the worker then found the
+    # new task 5-7 s after it turned healthy). Each such failure opens a fresh channel.
 
     class Unresolved(grpc.RpcError):
         def code(self):
             return grpc.StatusCode.UNAVAILABLE
 
         def details(self):
-            return unresolved
+            return details
 
     client = ShardClient(shard, retry=RetryPolicy(budget=10, initial=0.001, maximum=0.001), data_channel=False)
     channels = []
 
-    def unresolved_twice():
+    def unreachable_twice():
         channels.append(client.channel)
         if len(channels) < 3:
             raise Unresolved()
         return client.hello()
 
     try:
-        assert client._call("Hello", unresolved_twice).num_shards == 1  # the fresh channel works
+        assert client._call("Hello", unreachable_twice).num_shards == 1  # the fresh channel works
         assert len(set(map(id, channels))) == 3  # a new channel after each failure
         for old in channels[:2]:
             with pytest.raises(ValueError, match="closed"):  # and the old ones are closed
