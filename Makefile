@@ -39,3 +39,9 @@ clean:
 .PHONY: compose-test
 compose-test:
 	bash docker/compose_test.sh
+
+# docker/stack.yaml on a single-node Docker Swarm (docker/swarm_test.sh says what it does): builds the
+# image, deploys 2 shards + 2 workers, moves a shard's task mid-run; makes and leaves the swarm.
+.PHONY: swarm-test
+swarm-test:
+	bash docker/swarm_test.sh

@@ -12,8 +12,11 @@ Environment:
   WORKER_INDEX         this worker's index, 0-based; NUM_WORKERS: how many (default 2)
   STEPS                optimizer steps of this worker (default: the demo's)
   PROGRESS_EVERY       print a progress line every N steps (default 25)
-  OPTSERVE_TOKEN_FILE  file holding the bearer token (a compose secret); or OPTSERVE_TOKEN
-  OPTSERVE_TLS_CA      PEM CA file: TLS to the shards (read by RemoteAdam itself)
+  LOG_LEVEL            logging level on stderr (default WARNING; INFO shows every retry)
+  CONNECT_TIMEOUT      seconds to wait for the shards at start (default 30): RemoteAdam's connect_timeout
+  Read by RemoteAdam itself (client/security.py):
+  OPTSERVE_TOKEN_FILE  file holding the bearer token (a compose or Swarm secret); or OPTSERVE_TOKEN
+  OPTSERVE_TLS_CA      PEM CA file: TLS to the shards
   OPTSERVE_TLS_CERT, OPTSERVE_TLS_KEY   mutual TLS: this worker's certificate and key (PEM files)
 """
 from __future__ import annotations
@@ -22,7 +25,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,13 +32,8 @@ from optserve import RemoteAdam, demo
 from optserve.client.discovery import servers_from_env
 
 
-def _read(env: str) -> bytes | None:
-    path = os.environ.get(env)
-    return Path(path).read_bytes() if path else None
-
-
 def main() -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         servers = servers_from_env()  # a list, a template with OPTSERVE_NUM_SHARDS, or a file
@@ -50,9 +47,7 @@ def main() -> int:
         print(f"worker: WORKER_INDEX must be in 0..{cfg.workers - 1}, got {index}", file=sys.stderr)
         return 2
     every = max(1, int(os.environ.get("PROGRESS_EVERY", "25")))
-    token_file = _read("OPTSERVE_TOKEN_FILE")
-    security = dict(token=token_file.decode().strip() if token_file else None,
-                    certificate_chain=_read("OPTSERVE_TLS_CERT"), private_key=_read("OPTSERVE_TLS_KEY"))
+    connect_timeout = float(os.environ.get("CONNECT_TIMEOUT", "30"))
     name = f"worker {index}"
 
     torch.set_num_threads(1)  # tiny matmuls: as the demo, one intra-op thread
@@ -61,7 +56,7 @@ def main() -> int:
     # The demo's split: every worker computes the same shuffle and takes its own part.
     order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))
     share = order.chunk(cfg.workers)[index]
-    remote = dict(lr=cfg.lr, **demo.ADAM_OPTIONS, **demo.REMOTE_ONLY_OPTIONS, **security)
+    remote = dict(lr=cfg.lr, **demo.ADAM_OPTIONS, **demo.REMOTE_ONLY_OPTIONS, connect_timeout=connect_timeout)
     print(f"{name}: {len(share)} training images, {cfg.steps} steps of batch {cfg.batch_size} against "
           f"{', '.join(servers)}", flush=True)
 
@@ -75,7 +70,10 @@ def main() -> int:
             loss = demo.train_step(model, opt, xb, yb)
             if step % every == 0 or step == cfg.steps:
                 print(f"{name}: step {step}/{cfg.steps} loss {loss:.4f}", flush=True)
+        dropped = opt.dropped_pushes
     seconds = time.perf_counter() - start
+    # Every step pushes every key once: a test compares the shards' key versions with these counts.
+    print(f"{name}: pushed every key {cfg.steps} times, {dropped} dropped by the policy", flush=True)
 
     # A replica with other weights: RemoteAdam's construction overwrites them with the shards' values,
     # so this measures the served model, not this worker's copy.
