@@ -111,12 +111,14 @@ one_task() { [[ $(tasks "$1" | wc -l) -ge 1 ]]; }
 
 say "stack $STACK: 2 shards + 2 workers, token as a Swarm secret, dnsrr; $STEPS steps per worker"
 t=$SECONDS
+DEPLOYED=1  # from here on, teardown removes what stack deploy made, even half of it
 OPTSERVE_IMAGE=$IMAGE OPTSERVE_TOKEN_SECRET=$D/secrets/token STEPS=$STEPS PROGRESS_EVERY=1 CONNECT_TIMEOUT=180 LOG_LEVEL=INFO \
     docker stack deploy --resolve-image never --detach=true -c "$D/stack.yaml" "$STACK" >"$STATE/deploy.log" 2>&1 \
     || { cat "$STATE/deploy.log"; die "docker stack deploy"; }
-DEPLOYED=1
 for svc in shard-0 shard-1 worker-0 worker-1; do wait_for 120 "a task of $svc" one_task "$svc"; done
-w0=$(tasks worker-0); w1=$(tasks worker-1); old=$(tasks shard-1)
+w0=$(tasks worker-0); w1=$(tasks worker-1)  # run once: one task each
+old=$(docker ps -q --no-trunc --filter "label=com.docker.swarm.service.name=${STACK}_shard-1" | head -1)
+[[ -n $old ]] || die "shard-1 has no running task"
 shard_up() { [[ $(health "$1") == healthy ]]; }
 wait_for 180 "shard-1 healthy" shard_up "$old"
 say "  tasks started, shard-1 healthy at $(address "$old") ($((SECONDS - t)) s)"
