@@ -117,8 +117,8 @@ OPTSERVE_IMAGE=$IMAGE OPTSERVE_TOKEN_SECRET=$D/secrets/token STEPS=$STEPS PROGRE
     || { cat "$STATE/deploy.log"; die "docker stack deploy"; }
 for svc in shard-0 shard-1 worker-0 worker-1; do wait_for 120 "a task of $svc" one_task "$svc"; done
 w0=$(tasks worker-0); w1=$(tasks worker-1)  # run once: one task each
-old=$(docker ps -q --no-trunc --filter "label=com.docker.swarm.service.name=${STACK}_shard-1" | head -1)
-[[ -n $old ]] || die "shard-1 has no running task"
+running_task() { old=$(docker ps -q --no-trunc --filter "label=com.docker.swarm.service.name=${STACK}_shard-1" | head -1); [[ -n $old ]]; }
+wait_for 120 "a running shard-1 task" running_task
 shard_up() { [[ $(health "$1") == healthy ]]; }
 wait_for 180 "shard-1 healthy" shard_up "$old"
 say "  tasks started, shard-1 healthy at $(address "$old") ($((SECONDS - t)) s)"
