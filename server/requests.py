@@ -31,7 +31,7 @@ from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, STAT
                             dtype_from_proto, dtype_to_proto, hyper_from_proto, hyper_to_proto)
 from optserve.server.dedupe import Origin, PushResult
 from optserve.server.policy import Policy
-from optserve.server.store import GradEntry, Key, Store
+from optserve.server.store import GradEntry, Key, Store, grad_bound_from_squares
 
 log = logging.getLogger("optserve.server")
 
@@ -317,9 +317,9 @@ class RequestCore:
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
             grad = dests[(i, pb.GRAD)]
-            check_finite(key.name, "gradient", grad, squares=True)
+            bound = check_finite(key.name, "gradient", grad, squares=True)
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
-                                     pieces=[(0, self._on_device(grad))]))
+                                     pieces=[(0, self._on_device(grad))], grad_bound=bound))
         return head, entries
 
     def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
@@ -510,14 +510,18 @@ def checkpoint_failed(exc: OSError, directory) -> RequestError:
                         f"checkpoints are kept")
 
 
-def check_finite(name: str, what: str, t: torch.Tensor, squares: bool = False) -> None:
+def check_finite(name: str, what: str, t: torch.Tensor, squares: bool = False) -> float:
     """Refuse NaN and Inf (INVALID_ARGUMENT naming the key and the first bad element); with
-    `squares` (a gradient) also elements whose square would overflow exp_avg_sq."""
+    `squares` (a gradient) also elements whose square would overflow exp_avg_sq, and return a bound
+    on max|t| (store.grad_bound_from_squares: the store's overflow guard uses it); else inf."""
     # One read pass with no allocation and one sync: a float32 sum (or, for a gradient, the sum of
     # squares, a dot product) is non-finite whenever an element is NaN or Inf (or its square
     # overflows). Only then (or when finite values overflow the sum) is the exact elementwise check run.
-    if not t.numel() or math.isfinite((torch.dot(t, t) if squares else t.sum()).item()):
-        return
+    if not t.numel():
+        return 0.0
+    total = (torch.dot(t, t) if squares else t.sum()).item()
+    if math.isfinite(total):
+        return grad_bound_from_squares(total) if squares else math.inf
     bad = (~torch.isfinite(t)).nonzero()
     if bad.numel():
         raise invalid(f"key {name!r}: {what} holds NaN or Inf (first at element {int(bad[0])}); "
@@ -528,6 +532,8 @@ def check_finite(name: str, what: str, t: torch.Tensor, squares: bool = False) -
             i = int(bad[0])
             raise invalid(f"key {name!r}: {what} element {i} is {float(t[i]):g}; its square would overflow "
                           f"exp_avg_sq (gradients must be below {MAX_GRADIENT:g} in magnitude)")
+        return float(t.abs().max())  # finite elements whose squares overflow the float32 sum
+    return math.inf
 
 
 def check_second_moment(name: str, what: str, t: torch.Tensor) -> None:
