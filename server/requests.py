@@ -336,7 +336,7 @@ class RequestCore:
             return result
 
         result, duplicate = self.store.dedupe.run_once(head.client_id, head.seq, fingerprint, apply,
-                                                       self.slots.lent)
+                                                       self.slots.lent, keys=len(entries))
         if duplicate:
             self.counters.add(duplicates=1)
             return pb.PushReply(versions=result.versions, staleness=result.staleness,

@@ -30,7 +30,7 @@ from optserve.serde import PART_NAMES
 from optserve.server.adam import Bounds, adam_fast, step_bounds
 from optserve.server.buffers import BufferPool, Leases
 from optserve.server.checkpoint import KeyRecord
-from optserve.server.dedupe import NO_ORIGIN, Dedupe, Origin, PushResult
+from optserve.server.dedupe import DEFAULT_MAX_BYTES, NO_ORIGIN, Dedupe, Origin, PushResult
 
 STALENESS_BUCKETS = 32  # histogram[i] counts staleness i; the last bucket collects >= 31
 
@@ -133,16 +133,19 @@ BYTES_PER_ELEMENT = 24
 
 @dataclass(frozen=True)
 class StoreLimits:
-    """The defaults' worst case (`worst_case_bytes`): 2**16 keys x 6 KiB + 2**29 elements x 24 bytes,
-    about 12.4 GiB, which a 24 GiB machine survives; a bigger shard raises them by flag."""
+    """The defaults' worst case (`worst_case_bytes`): 2**16 keys x 6 KiB + 2**29 elements x 24 bytes
+    + the exactly-once table's 256 MiB, about 12.6 GiB, which a 24 GiB machine survives; a bigger shard
+    raises them by flag."""
     max_keys: int = 1 << 16
     max_tensor_elements: int = 1 << 29
     max_shard_elements: int = 1 << 29
+    dedupe_bytes: int = DEFAULT_MAX_BYTES  # the exactly-once table (server/dedupe.py)
 
 
 def worst_case_bytes(limits: StoreLimits) -> int:
     """The most memory a shard's keys can hold within `limits` (host, or device plus pinned host)."""
-    return limits.max_keys * KEY_OVERHEAD_BYTES + limits.max_shard_elements * BYTES_PER_ELEMENT
+    return (limits.max_keys * KEY_OVERHEAD_BYTES + limits.max_shard_elements * BYTES_PER_ELEMENT
+            + limits.dedupe_bytes)
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ class Store:
         # leasing the keys' own tensors.
         self._host_copies = self.device.type != "cpu"
         self._leases = Leases()  # the key tensors pull snapshots are sending in place (copy on write)
-        self.dedupe = Dedupe()
+        self.dedupe = Dedupe(max_bytes=limits.dedupe_bytes)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified whenever versions change
         self.pushes = 0
