@@ -392,6 +392,70 @@ def test_a_wait_whose_caller_went_away_gives_its_place_back():
         assert stats(ch).shard.num_keys == 1
 
 
+def _own_connection(address: str) -> grpc.Channel:
+    """A channel with a connection of its own (grpc shares one between a process's channels otherwise),
+    and no flow-control window growth, so that what the shard sends waits for what the client reads."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1),
+                                                   ("grpc.http2.bdp_probe", 0)])
+
+
+def test_one_caller_cannot_take_every_wait_so_another_still_gets_one():
+    # threads 10: 8 for tensors, of which 4 may wait, at most 2 of them for one connection
+    with run_server(threads=10, wait_timeout=600) as address, _own_connection(address) as hog, \
+            _own_connection(address) as other:
+        call(hog, "Register", register())
+        calls = [_pull_future(hog, 1) for _ in range(6)]
+        deadline = time.monotonic() + TIMEOUT  # a hang guard, not an assertion on time
+        while sum(not c.done() for c in calls) > 2:
+            assert time.monotonic() < deadline, "one caller kept more than its share of waits"
+            time.sleep(0.05)
+        refusals = [c for c in calls if c.done()]
+        assert all(c.code() == grpc.StatusCode.UNAVAILABLE and "per caller" in c.details() for c in refusals)
+        # another connection still waits (until its own short deadline) instead of hearing "busy"
+        assert _outcome(_pull_future(other, 1, timeout=1.0)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        for c in calls:
+            c.cancel()
+
+
+def test_a_slow_reader_loses_its_pull_and_lease_at_the_reply_deadline(monkeypatch):
+    from optserve.server import service
+    from optserve.server.main import ServerConfig, Shard
+    monkeypatch.setattr(service, "PULL_SECONDS", 1.0)
+    monkeypatch.setattr(service, "PULL_SECONDS_PER_MIB", 0.0)
+    shard = Shard(ServerConfig(idle_timeout=600, data_port=-1))
+    shard.start()
+    try:
+        with _own_connection(shard.address) as ch:
+            call(ch, "Register", register("big", torch.zeros(2 << 20)))  # 8 MiB: 2,048 messages of 4 KiB
+            stream = ch.unary_stream(_METHOD + "Pull")(
+                pb.PullRequest(keys=["big"], chunk_bytes=4096).SerializeToString(), timeout=TIMEOUT)
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stream:
+                    time.sleep(0.01)  # each message taken well within the idle timeout, the whole far past 1 s
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+            deadline = time.monotonic() + TIMEOUT  # a hang guard: the lease ends as the call does
+            while len(shard.core.store._leases):
+                assert time.monotonic() < deadline, "the cancelled pull kept its snapshot leased"
+                time.sleep(0.05)
+            assert stats(ch).pulls == 1
+    finally:
+        shard.stop()
+
+
+def test_the_exactly_once_table_is_capped_and_still_answers_retries():
+    from optserve.server.dedupe import BYTES_PER_KEY, CLIENT_BYTES, RECORD_BYTES
+    cap = CLIENT_BYTES + 1 + 3 * (RECORD_BYTES + BYTES_PER_KEY)  # client "c" and three results
+    with run_server(dedupe_bytes=cap) as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        for seq in (1, 2, 3):
+            call(ch, "Push", push(version_read=seq - 1, seq=seq))
+        error = refused(ch, "Push", push(version_read=3, seq=4))  # every result is within its retry window
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "exactly-once" in error.details()
+        assert stats(ch).keys[0].version == 3
+        retry = pb.PushReply.FromString(call(ch, "Push", push(version_read=2, seq=3)))
+        assert retry.duplicate and list(retry.versions) == [3]
+
+
 # --- 7. every string a request supplies is bounded -----------------------------------------------
 
 def _push_pull(pull_keys: Sequence[str]) -> list[bytes]:
