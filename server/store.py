@@ -289,7 +289,7 @@ class Store:
             # the push); a non-finite result is refused here, before anything changes.
             predicted = self._predict(entries, configs)
             unsure = [(e, cfg) for e, cfg, b in zip(entries, configs, predicted) if b is None]
-            checked = _checked_steps(unsure)
+            checked = _checked_steps(unsure, self._copy, self._give)
             for e, cfg, b in zip(entries, configs, predicted):
                 if cfg.amsgrad and b is not None:  # allocated before anything changes: out of memory
                     e.key.part(pb.MAX_EXP_AVG_SQ)   # changes nothing
@@ -414,6 +414,19 @@ class Store:
             retired = [t for t in snapshot.parts.values() if self._leases.end(t)]
         self.buffers.give(retired)
 
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        """(Under the lock.) A copy of a key's tensor to compute a checked step in: in a pool buffer on
+        a CPU shard (warm memory when the pool has one: a fresh 64 MiB clone costs 5x the copy in page
+        faults), a clone on a device (the pool holds host buffers there)."""
+        if self._host_copies:
+            return t.clone()
+        return self.buffers.take(t.numel()).copy_(t)
+
+    def _give(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copies of a refused checked step: to the pool on a CPU shard; a device's allocator frees them."""
+        if not self._host_copies:
+            self.buffers.give(list(tensors))
+
     def _own(self, key: Key, part: int, keep_values: bool = True) -> None:
         """(Under the lock, before `part` of `key` changes in place.) Copy on write: if a snapshot
         holds the tensor, move the key onto a copy (or a blank buffer, when every value is about to
@@ -534,19 +547,20 @@ def grad_bound_from_squares(squares: float) -> float:
     return math.sqrt(squares) * (1 + 2.0 ** -20) if math.isfinite(squares) else math.inf
 
 
-def _checked_steps(todo: Sequence[tuple[GradEntry, AdamConfig]]
+def _checked_steps(todo: Sequence[tuple[GradEntry, AdamConfig]], copy: Callable[[torch.Tensor], torch.Tensor],
+                   give: Callable[[Sequence[torch.Tensor]], None]
                    ) -> list[tuple[Key, dict[int, torch.Tensor], Bounds]]:
     """(Under the lock, before anything changes.) The step of each entry computed on copies of its
-    key's tensors, with exact bounds from their extremes, all read in one device sync; a result that
-    is not finite is refused (INVALID_ARGUMENT naming the key, the part and the element) and the
-    copies dropped: the keys stay as they were."""
+    key's tensors (`copy`), with exact bounds from their extremes, all read in one device sync; a
+    result that is not finite is refused (INVALID_ARGUMENT naming the key, the part and the element)
+    and the copies given back (`give`): the keys stay as they were."""
     if not todo:
         return []
     done, extremes = [], []
     for e, cfg in todo:
         k = e.key
         parts = [pb.EXP_AVG, pb.EXP_AVG_SQ] + ([pb.MAX_EXP_AVG_SQ] if cfg.amsgrad else []) + [pb.PARAM]
-        copies = {p: k.read(p).clone() for p in parts}  # read: max_exp_avg_sq before amsgrad as zeros
+        copies = {p: copy(k.read(p)) for p in parts}  # read: max_exp_avg_sq before amsgrad as zeros
         params, grads, ms, vs, vmaxes = [], [], [], [], []
         for offset, g in e.pieces:
             stop = offset + g.numel()
@@ -572,6 +586,7 @@ def _checked_steps(todo: Sequence[tuple[GradEntry, AdamConfig]]
             lo, hi = next(values)
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 i = int((~torch.isfinite(t)).nonzero()[0])
+                give([c for _, _, copies_, _ in done for c in copies_.values()])
                 raise invalid(
                     f"key {e.key.name!r}: this step would make {pb.Part.Name(part).lower()} non-finite "
                     f"(first at element {i}; lr {cfg.lr:g}, eps {cfg.eps:g}, weight_decay "

@@ -41,7 +41,7 @@ def test_an_ordinary_step_after_the_first_is_not_checked_on_a_copy(monkeypatch):
     store.apply([entry(key)])  # a new key's bounds are unknown: its first step is checked
     assert key.bounds is not None
 
-    def no_copy(todo):
+    def no_copy(todo, copy, give):
         assert not todo, "an ordinary step was computed on a copy"
         return []
 
@@ -98,4 +98,4 @@ def test_a_checked_step_never_writes_the_tensor_a_pull_is_sending():
     store.apply([entry(key)])  # unknown bounds: the step is computed on copies, which the key takes
     assert torch.equal(sent, was) and key.param is not sent and key.version == 1
     store.release(snap)
-    assert len(store._leases) == 0 and store.buffers._kept == N  # the old tensor went to the pool
+    assert len(store._leases) == 0 and store.buffers._kept == N  # the leased old tensor went to the pool
