@@ -129,7 +129,8 @@ class Dedupe:
                                            f"push {seq} of client {client_id!r} is older than the last "
                                            f"{self.window} this shard remembers; it may have been applied")
                     size = RECORD_BYTES + BYTES_PER_KEY * keys
-                    need = size + (0 if seen is not None else CLIENT_BYTES + len(client_id))
+                    known = seen is not None or client_id in self._floor  # counted already
+                    need = size + (0 if known else CLIENT_BYTES + len(client_id))
                     self._make_room(need, client_id, seq)
                     self._last[client_id] = self._clock()
                     if seen is None:

@@ -206,3 +206,13 @@ def test_a_refused_push_of_a_new_client_leaves_nothing_behind():
     assert table.begin("once", 1, keys=10) is None
     table.abort("once", 1)
     assert table.bytes == empty and len(table) == 0
+
+
+def test_the_count_returns_to_empty_when_every_client_is_forgotten_after_a_restore():
+    now = [0.0]
+    restored = Dedupe(idle_seconds=100, clock=lambda: now[0])
+    restored.load_json({"floor": {"a": 3}, "clients": {}})  # a client remembered by its floor alone
+    _pushes(restored, "a", [4], keys=5)
+    now[0] = 500.0
+    _pushes(restored, "b", [1])  # a finish sweeps: "a" is forgotten
+    assert restored.bytes == _room_for(1, name="b")
