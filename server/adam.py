@@ -9,6 +9,9 @@ What it is for: updating parameter shards in place from gradients, with
 
 The fast kernels are checked against the reference in ``tests/unit/test_adam.py``.
 
+* ``step_bounds``    -- bounds on what one step can make of a key's state, from scalars alone: the
+  store's guard against an update whose result would overflow float32 (``tests/unit/test_adam_bounds.py``).
+
 What it must not do: own state, know about keys, shards, gRPC or serialisation (the store passes
 lists of tensors and per-key step numbers), write to gradients, or re-validate hyperparameters
 (``AdamConfig`` checks them once, at the edge; the kernels trust it).
@@ -30,6 +33,8 @@ The update for step t (the seed's ``step_param``; weight decay as labml's ``Weig
 from __future__ import annotations
 
 import math
+import struct
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
@@ -45,6 +50,9 @@ __all__ = [
     "adam_fused",
     "adam_fast",
     "fused_supported",
+    "Bounds",
+    "step_bounds",
+    "SAFE_MAGNITUDE",
 ]
 
 
@@ -317,3 +325,75 @@ def adam_fast(
     # Empty lists go to adam_foreach, which checks them and returns.
     kernel = adam_fused if params and fused_supported(params[0].device) else adam_foreach
     kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, cfg)
+
+
+# -- overflow bounds -------------------------------------------------------------------------------
+#
+# Every value a kernel computes for one step is bounded by scalars known before the step: upper bounds
+# on the state's magnitudes (tracked per key), the gradient's (from its NaN/Inf check) and the options.
+# While every such bound stays below SAFE_MAGNITUDE, float32 (max ~2^128) cannot overflow; only a step
+# whose bounds pass it needs its result checked element by element (the store does that on a copy).
+# The slack on each bound covers float32 rounding: a few roundings of at most 2^-24 each, relative to
+# the sum of the magnitudes combined (lerp computes m + w (g - m), whose rounding is relative to |g| + |m|,
+# not to the smaller result).
+
+SAFE_MAGNITUDE = 2.0 ** 100
+_SLACK = 2.0 ** -20
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Upper bounds on max|theta|, max|m|, max v and max vmax of one key (vmax 0 until amsgrad used it).
+    Python floats: they never overflow where float32 would."""
+    param: float
+    exp_avg: float
+    exp_avg_sq: float
+    max_exp_avg_sq: float = 0.0
+
+
+def _float32(x: float) -> float:
+    """x rounded to float32, as the kernels see a Python scalar (0.0 for what underflows)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.inf
+
+
+def step_bounds(b: Bounds, grad: float, step: int, cfg: AdamConfig) -> Bounds | None:
+    """Bounds after one step t = ``step`` of any of this module's kernels, given ``b`` before it and
+    max|g| <= ``grad``; None when a value the step computes might reach SAFE_MAGNITUDE (or with eps = 0,
+    when m / (sqrt(v) + eps) has no bound): then only the result itself can say whether it is finite."""
+    theta, m, v, vmax = b.param, b.exp_avg, b.exp_avg_sq, b.max_exp_avg_sq
+    g = grad
+    intermediates = [g]
+    if cfg.weight_decay != 0:
+        if cfg.weight_decouple:
+            # theta_{t-1} (1 - lambda) or theta_{t-1} (1 - alpha lambda)
+            decay = cfg.weight_decay if cfg.absolute else cfg.lr * cfg.weight_decay
+            theta = theta * abs(1.0 - decay) * (1 + _SLACK)
+        else:
+            # g_t + lambda theta_{t-1}
+            g = (g + cfg.weight_decay * theta) * (1 + _SLACK)
+    beta1, beta2 = cfg.beta1, cfg.beta2
+    # m_t = beta1 m_{t-1} + (1 - beta1) g_t   (computed as m + (1 - beta1)(g - m))
+    m_next = beta1 * m + (1 - beta1) * g + _SLACK * (m + g)
+    # v_t = beta2 v_{t-1} + (1 - beta2) g_t^2
+    v_next = beta2 * v + (1 - beta2) * g * g + _SLACK * (v + g * g)
+    vmax_next = max(vmax, v_next) if cfg.amsgrad else vmax
+    intermediates += [g, m + g, g * g, m_next, v_next, vmax_next]
+    bias_correction1, bias_correction2 = _bias_corrections(step, cfg)
+    # The denominator is at least eps as the kernel holds it (float32; the fused form's eps / sqrt(bc2)
+    # is no smaller), so |m_t / denominator| <= m_next / eps; the step is at most alpha / (1 - beta1^t)
+    # times that (alpha sqrt(1 - beta2^t) / (1 - beta1^t) in the optimized form is smaller).
+    eps = _float32(cfg.eps)
+    if eps == 0.0:
+        return None
+    step_size = cfg.lr / bias_correction1
+    ratio = m_next / eps
+    update = step_size * ratio
+    theta_next = (theta + update) * (1 + _SLACK)
+    intermediates += [_float32(cfg.eps / math.sqrt(bias_correction2)), ratio, step_size * m_next, update,
+                      theta, theta_next]
+    if not max(intermediates) < SAFE_MAGNITUDE:  # `not <`: a NaN bound is no bound
+        return None
+    return Bounds(theta_next, m_next, v_next, vmax_next)

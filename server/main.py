@@ -62,6 +62,7 @@ class ServerConfig:
     max_keys: int = StoreLimits.max_keys
     max_tensor_elements: int = StoreLimits.max_tensor_elements
     max_shard_elements: int = StoreLimits.max_shard_elements
+    dedupe_bytes: int = StoreLimits.dedupe_bytes  # the exactly-once table's memory cap
     insecure: bool = False  # allow plaintext on a non-loopback address
     tls_cert: str = ""
     tls_key: str = ""
@@ -82,7 +83,7 @@ class ServerConfig:
         if not 4096 <= self.chunk_bytes <= self.max_message_bytes - (64 << 10):
             raise ValueError(f"chunk_bytes must be in 4096..max_message_bytes - 64 KiB "
                              f"({self.max_message_bytes - (64 << 10)}), got {self.chunk_bytes}")
-        for name in ("max_keys", "max_tensor_elements", "max_shard_elements"):
+        for name in ("max_keys", "max_tensor_elements", "max_shard_elements", "dedupe_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0 or self.keep < 1:
@@ -251,7 +252,7 @@ class Shard:
     def __init__(self, cfg: ServerConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()):
         self.cfg = cfg
         store = Store(resolve_device(cfg.device), StoreLimits(cfg.max_keys, cfg.max_tensor_elements,
-                                                              cfg.max_shard_elements),
+                                                              cfg.max_shard_elements, cfg.dedupe_bytes),
                       apply_log=open(cfg.apply_log, "a", encoding="utf-8") if cfg.apply_log else None)
         policy = cfg.make_policy()
         self.checkpointer = Checkpointer(store, policy, cfg) if cfg.checkpoint_dir else None
@@ -485,6 +486,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="elements per key (default 2**29)")
     p.add_argument("--max-shard-elements", type=int, default=StoreLimits.max_shard_elements,
                    help="elements per shard (default 2**29; up to 24 bytes each with Adam state and buffers)")
+    p.add_argument("--dedupe-bytes", type=int, default=StoreLimits.dedupe_bytes,
+                   help="memory cap of the exactly-once table (default 256 MiB); at the cap results older "
+                        "than 120 s are forgotten, and beyond that new pushes get RESOURCE_EXHAUSTED")
     p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                    help="payload bytes per streamed message sent by the shard (default 4 MiB)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,

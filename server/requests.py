@@ -31,7 +31,7 @@ from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, STAT
                             dtype_from_proto, dtype_to_proto, hyper_from_proto, hyper_to_proto)
 from optserve.server.dedupe import Origin, PushResult
 from optserve.server.policy import Policy
-from optserve.server.store import GradEntry, Key, Store
+from optserve.server.store import GradEntry, Key, Store, grad_bound_from_squares
 
 log = logging.getLogger("optserve.server")
 
@@ -166,9 +166,13 @@ class RequestCore:
         self.data_port = 0  # the data channel's port, announced in Hello (server/data.py); 0: none
         self.slots = RequestSlots(max(2, os.cpu_count() or 2))  # held by data-channel requests only
         # Calls that may block at once waiting for versions (0: unbounded). The gRPC door sets it to
-        # half its threads for tensors, so waits never take every thread a push needs to end them.
+        # half its threads for tensors, so waits never take every thread a push needs to end them,
+        # and `max_waits_per_caller` to half of that, so one caller (a door's name for its peer: a gRPC
+        # connection) cannot take them all (0: no per-caller bound).
         self.max_waits = 0
+        self.max_waits_per_caller = 0
         self._waits = 0
+        self._waits_by: dict[str, int] = {}
         self._waits_lock = threading.Lock()
 
     def check_ready(self) -> None:
@@ -317,9 +321,9 @@ class RequestCore:
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
             grad = dests[(i, pb.GRAD)]
-            check_finite(key.name, "gradient", grad, squares=True)
+            bound = check_finite(key.name, "gradient", grad, squares=True)
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
-                                     pieces=[(0, self._on_device(grad))]))
+                                     pieces=[(0, self._on_device(grad))], grad_bound=bound))
         return head, entries
 
     def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
@@ -336,7 +340,7 @@ class RequestCore:
             return result
 
         result, duplicate = self.store.dedupe.run_once(head.client_id, head.seq, fingerprint, apply,
-                                                       self.slots.lent)
+                                                       self.slots.lent, keys=len(entries))
         if duplicate:
             self.counters.add(duplicates=1)
             return pb.PushReply(versions=result.versions, staleness=result.staleness,
@@ -344,26 +348,39 @@ class RequestCore:
         return pb.PushReply(versions=result.versions, staleness=result.staleness, dropped=result.dropped)
 
     @contextlib.contextmanager
-    def _waiting(self):
-        """One of `max_waits` places to block in; UNAVAILABLE (retried) when none is free."""
+    def _waiting(self, caller: str = ""):
+        """One of `max_waits` places to block in, and of `max_waits_per_caller` for `caller` (when
+        named); UNAVAILABLE (retried) when none is free."""
         with self._waits_lock:
             if self.max_waits and self._waits >= self.max_waits:
                 raise RequestError(StatusCode.UNAVAILABLE,
                                    f"the shard is busy: {self._waits} calls are waiting for versions "
                                    f"already (at most {self.max_waits}); retry")
+            mine = self._waits_by.get(caller, 0)
+            if caller and self.max_waits_per_caller and mine >= self.max_waits_per_caller:
+                raise RequestError(StatusCode.UNAVAILABLE,
+                                   f"the shard is busy: {mine} calls of this caller are waiting for versions "
+                                   f"already (at most {self.max_waits_per_caller} per caller); retry")
             self._waits += 1
+            if caller:
+                self._waits_by[caller] = mine + 1
         try:
             yield
         finally:
             with self._waits_lock:
                 self._waits -= 1
+                if caller:
+                    self._waits_by[caller] -= 1
+                    if not self._waits_by[caller]:
+                        del self._waits_by[caller]
 
-    def _wait(self, keys: Sequence[Key], minimum: Sequence[int], alive: Callable[[], bool]) -> None:
+    def _wait(self, keys: Sequence[Key], minimum: Sequence[int], alive: Callable[[], bool],
+              caller: str = "") -> None:
         """Block until the keys reach these versions (a sync step); ABORTED after the wait timeout.
         `alive()` false (the caller went away; the door wakes the store then) ends the wait at once."""
         if all(k.version >= m for k, m in zip(keys, minimum)):
             return
-        with self._waiting(), self.slots.lent():
+        with self._waiting(caller), self.slots.lent():
             reached = self.store.wait_versions(keys, minimum, self.info.wait_timeout,
                                                stop=lambda: not self.ready.is_set() or not alive())
         if not alive():
@@ -391,7 +408,7 @@ class RequestCore:
 
     @_device_memory
     def push_pull(self, first: pb.PushRequest, receive: Receive,
-                  alive: Callable[[], bool] = lambda: True) -> PullReply:
+                  alive: Callable[[], bool] = lambda: True, caller: str = "") -> PullReply:
         """A push (possibly of no keys), then the pull of its keys and `pull_keys`, after the policy's
         wait (sync: until the step the push joined has been taken)."""
         staging: list[torch.Tensor] = []
@@ -407,11 +424,12 @@ class RequestCore:
             self.store.buffers.give(staging)
         if reply is not None and self.policy.waits:
             stepped = [e for e in entries if e.key.name not in set(reply.dropped)]
-            self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped], alive)
+            self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped], alive, caller)
         return self.snapshot(pull_keys, [pb.PARAM], dtype, reply)
 
     @_device_memory
-    def pull(self, request: pb.PullRequest, alive: Callable[[], bool] = lambda: True) -> PullReply:
+    def pull(self, request: pb.PullRequest, alive: Callable[[], bool] = lambda: True,
+             caller: str = "") -> PullReply:
         """Validate a pull, wait for its min_versions, and snapshot what it asks for."""
         keys = self._keys(list(request.keys))
         parts = _state_parts(request.parts) or [pb.PARAM]
@@ -428,7 +446,7 @@ class RequestCore:
                     raise RequestError(StatusCode.FAILED_PRECONDITION,
                                        f"key {key.name!r} is at version {key.version}; a pull waits for at "
                                        f"most the next version ({key.version + 1}), not {m}")
-            self._wait(keys, list(request.min_versions), alive)
+            self._wait(keys, list(request.min_versions), alive, caller)
         return self.snapshot(keys, parts, dtype)
 
     @_device_memory
@@ -510,14 +528,18 @@ def checkpoint_failed(exc: OSError, directory) -> RequestError:
                         f"checkpoints are kept")
 
 
-def check_finite(name: str, what: str, t: torch.Tensor, squares: bool = False) -> None:
+def check_finite(name: str, what: str, t: torch.Tensor, squares: bool = False) -> float:
     """Refuse NaN and Inf (INVALID_ARGUMENT naming the key and the first bad element); with
-    `squares` (a gradient) also elements whose square would overflow exp_avg_sq."""
+    `squares` (a gradient) also elements whose square would overflow exp_avg_sq, and return a bound
+    on max|t| (store.grad_bound_from_squares: the store's overflow guard uses it); else inf."""
     # One read pass with no allocation and one sync: a float32 sum (or, for a gradient, the sum of
     # squares, a dot product) is non-finite whenever an element is NaN or Inf (or its square
     # overflows). Only then (or when finite values overflow the sum) is the exact elementwise check run.
-    if not t.numel() or math.isfinite((torch.dot(t, t) if squares else t.sum()).item()):
-        return
+    if not t.numel():
+        return 0.0
+    total = (torch.dot(t, t) if squares else t.sum()).item()
+    if math.isfinite(total):
+        return grad_bound_from_squares(total) if squares else math.inf
     bad = (~torch.isfinite(t)).nonzero()
     if bad.numel():
         raise invalid(f"key {name!r}: {what} holds NaN or Inf (first at element {int(bad[0])}); "
@@ -528,6 +550,8 @@ def check_finite(name: str, what: str, t: torch.Tensor, squares: bool = False) -
             i = int(bad[0])
             raise invalid(f"key {name!r}: {what} element {i} is {float(t[i]):g}; its square would overflow "
                           f"exp_avg_sq (gradients must be below {MAX_GRADIENT:g} in magnitude)")
+        return float(t.abs().max())  # finite elements whose squares overflow the float32 sum
+    return math.inf
 
 
 def check_second_moment(name: str, what: str, t: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ import time
 from typing import Callable, Iterable, Iterator
 
 import grpc
+import torch
 
 from optserve.errors import REASON_METADATA, RequestError, StatusCode, invalid
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
@@ -31,6 +32,10 @@ GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}  # errors.StatusCode (an i
 RESERVED_THREADS = 2
 LIMITED = ("Register", "Push", "PushPull", "Pull", "SetState", "Checkpoint")
 DEFAULT_IDLE_TIMEOUT = 30.0  # seconds a call may wait on its peer for one message (--idle-timeout)
+# The longest a Pull or PushPull reply may take to stream, as the data channel's replies (server/data.py
+# _Peer): then the call is cancelled and its snapshot's lease ends (a leased key is copied by every push).
+PULL_SECONDS = 60.0
+PULL_SECONDS_PER_MIB = 1.0
 
 log = logging.getLogger("optserve.server")
 
@@ -39,12 +44,14 @@ class IdleWatch:
     """Ends (cancels) calls whose peer neither sends the next request message nor takes the next reply
     message for `timeout` seconds, so a stalled or hostile client cannot keep a gRPC thread. Only the
     time spent waiting on the peer counts: a call that is working, or waiting for versions, is not idle.
-    One daemon thread checks a few times a second; watching a message costs a dict write."""
+    It also ends calls past a deadline of their own (`until`: a reply's whole stream). One daemon thread
+    checks a few times a second; watching a message costs a dict write."""
 
     def __init__(self, timeout: float = DEFAULT_IDLE_TIMEOUT):
         self.timeout = timeout
         self._lock = threading.Lock()
         self._since: dict[int, tuple[float, object]] = {}  # id(context) -> (waiting since, context)
+        self._deadlines: dict[int, tuple[float, object]] = {}  # id(context) -> (time.monotonic(), context)
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -54,14 +61,28 @@ class IdleWatch:
         key = id(context)
         with self._lock:
             self._since[key] = (time.monotonic(), context)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="grpc-idle-watch", daemon=True)
-                self._thread.start()
+            self._start()
         try:
             yield
         finally:
             with self._lock:
                 self._since.pop(key, None)
+
+    def until(self, context, deadline: float) -> None:
+        """End the call at `deadline` (time.monotonic()) unless it ended before (`done`)."""
+        with self._lock:
+            self._deadlines[id(context)] = (deadline, context)
+            self._start()
+
+    def done(self, context) -> None:
+        with self._lock:
+            self._deadlines.pop(id(context), None)
+
+    def _start(self) -> None:
+        """(Under the lock.)"""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="grpc-idle-watch", daemon=True)
+            self._thread.start()
 
     def messages(self, iterator: Iterable, context) -> Iterator:
         """`iterator`'s items, each read under the watch."""
@@ -82,8 +103,14 @@ class IdleWatch:
                 idle = [(key, c) for key, (since, c) in self._since.items() if now - since > self.timeout]
                 for key, _ in idle:
                     del self._since[key]
+                late = [(key, c) for key, (deadline, c) in self._deadlines.items() if now > deadline]
+                for key, _ in late:
+                    del self._deadlines[key]
             for _, context in idle:
                 log.info("ending a call whose peer was idle for more than %g s", self.timeout)
+                context.cancel()
+            for _, context in late:
+                log.info("ending a reply its peer took longer than its deadline to read")
                 context.cancel()
 
     def close(self) -> None:
@@ -121,6 +148,8 @@ class Servicer:
         self.idle = IdleWatch(idle_timeout)
         if not core.max_waits:  # waits never hold more than half the threads that pushes need too
             core.max_waits = max(1, self.limit.slots // 2)
+        if not core.max_waits_per_caller:  # nor one connection more than half of those
+            core.max_waits_per_caller = max(1, core.max_waits // 2)
 
     def _messages(self, request_iterator: Iterable[bytes], message_type, context):
         """Decode a request stream; the head must be in the first message and only there."""
@@ -153,22 +182,43 @@ class Servicer:
         return first, receive
 
     def _stream(self, reply: PullReply, chunk_bytes: int, context) -> Iterator[bytes]:
-        """Stream a snapshot chunk by chunk (outside the store lock); release it when the stream ends."""
+        """Stream a snapshot chunk by chunk (outside the store lock). Its lease ends with the call,
+        however the call ends (streamed, failed, cancelled, or never started), and the call is ended
+        PULL_SECONDS + PULL_SECONDS_PER_MIB per MiB after this, so a peer reading one message just
+        before each idle timeout cannot hold the lease longer."""
         info = self.core.info
         chunk = max(4096, min(chunk_bytes or info.chunk_bytes, info.max_message_bytes - (64 << 10)))
+        lock, released = threading.Lock(), []
+
+        def release() -> None:
+            with lock:
+                if released:
+                    return
+                released.append(True)
+            self.idle.done(context)
+            reply.release()
+
+        if not context.add_callback(release):  # the call is over already
+            release()
+        itemsize = torch.empty((), dtype=reply.dtype).element_size()
+        size = sum(item.tensor.numel() for item in reply.items) * itemsize
+        self.idle.until(context, time.monotonic() + PULL_SECONDS + PULL_SECONDS_PER_MIB * size / 2**20)
 
         def meta(segments, first):
             msg = pb.PullReply(head=reply.head) if first else pb.PullReply()
             msg.segments.extend(segments)
             return msg.SerializeToString()
 
-        try:
-            for message in chunk_stream(reply.items, reply.dtype, chunk, meta):
-                self.core.counters.add(bytes_out=len(message))
-                with self.idle.on_peer(context):  # grpc sends it before asking for the next
-                    yield message
-        finally:  # also when the client goes away mid-stream
-            reply.release()
+        def messages() -> Iterator[bytes]:
+            try:
+                for message in chunk_stream(reply.items, reply.dtype, chunk, meta):
+                    self.core.counters.add(bytes_out=len(message))
+                    with self.idle.on_peer(context):  # grpc sends it before asking for the next
+                        yield message
+            finally:  # also when the client goes away mid-stream
+                release()
+
+        return messages()
 
     # -- handlers --------------------------------------------------------------------------------
 
@@ -185,14 +235,14 @@ class Servicer:
     def PushPull(self, request_iterator, context) -> Iterator[bytes]:
         context.add_callback(self.core.store.wake)  # a wait of this call ends when the call does
         reply = self.core.push_pull(*self._request(request_iterator, pb.PushRequest, context),
-                                    alive=context.is_active)
+                                    alive=context.is_active, caller=context.peer())
         return self._stream(reply, 0, context)
 
     def Pull(self, request: bytes, context) -> Iterator[bytes]:
         self.core.counters.add(bytes_in=len(request))
         request = parse(request, pb.PullRequest)
         context.add_callback(self.core.store.wake)  # a wait of this call ends when the call does
-        reply = self.core.pull(request, alive=context.is_active)
+        reply = self.core.pull(request, alive=context.is_active, caller=context.peer())
         return self._stream(reply, request.chunk_bytes, context)
 
     def SetState(self, request_iterator, context) -> pb.SetStateReply:

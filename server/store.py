@@ -27,10 +27,10 @@ from optserve.errors import AHEAD, ROLLBACK, RequestError, StatusCode, invalid
 from optserve.hyper import MAX_STEP, AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import PART_NAMES
-from optserve.server.adam import adam_fast
+from optserve.server.adam import Bounds, adam_fast, step_bounds
 from optserve.server.buffers import BufferPool, Leases
 from optserve.server.checkpoint import KeyRecord
-from optserve.server.dedupe import NO_ORIGIN, Dedupe, Origin, PushResult
+from optserve.server.dedupe import DEFAULT_MAX_BYTES, NO_ORIGIN, Dedupe, Origin, PushResult
 
 STALENESS_BUCKETS = 32  # histogram[i] counts staleness i; the last bucket collects >= 31
 
@@ -68,6 +68,10 @@ class Key:
     pushes: int = 0
     dropped: int = 0  # gradients a policy discarded
     staleness: StalenessStats = field(default_factory=StalenessStats)
+    # Upper bounds on the magnitudes of the key's tensors (server/adam.py, step_bounds), carried from
+    # step to step without reading them; None: unknown (a new, restored or SetState key), so its next
+    # step is checked on a copy, which also gives exact bounds again.
+    bounds: Bounds | None = None
 
     @property
     def numel(self) -> int:
@@ -107,6 +111,7 @@ class GradEntry:
     version_read: int
     cfg: AdamConfig
     pieces: Sequence[tuple[int, torch.Tensor]]
+    grad_bound: float = math.inf  # >= max|g| (from the gradient's NaN/Inf check); inf: not known
 
     def refuse_if_ahead(self) -> None:
         """A gradient computed from a version the key has not reached cannot be applied:
@@ -128,16 +133,19 @@ BYTES_PER_ELEMENT = 24
 
 @dataclass(frozen=True)
 class StoreLimits:
-    """The defaults' worst case (`worst_case_bytes`): 2**16 keys x 6 KiB + 2**29 elements x 24 bytes,
-    about 12.4 GiB, which a 24 GiB machine survives; a bigger shard raises them by flag."""
+    """The defaults' worst case (`worst_case_bytes`): 2**16 keys x 6 KiB + 2**29 elements x 24 bytes
+    + the exactly-once table's 256 MiB, about 12.6 GiB, which a 24 GiB machine survives; a bigger shard
+    raises them by flag."""
     max_keys: int = 1 << 16
     max_tensor_elements: int = 1 << 29
     max_shard_elements: int = 1 << 29
+    dedupe_bytes: int = DEFAULT_MAX_BYTES  # the exactly-once table (server/dedupe.py)
 
 
 def worst_case_bytes(limits: StoreLimits) -> int:
     """The most memory a shard's keys can hold within `limits` (host, or device plus pinned host)."""
-    return limits.max_keys * KEY_OVERHEAD_BYTES + limits.max_shard_elements * BYTES_PER_ELEMENT
+    return (limits.max_keys * KEY_OVERHEAD_BYTES + limits.max_shard_elements * BYTES_PER_ELEMENT
+            + limits.dedupe_bytes)
 
 
 @dataclass(frozen=True)
@@ -170,7 +178,7 @@ class Store:
         # leasing the keys' own tensors.
         self._host_copies = self.device.type != "cpu"
         self._leases = Leases()  # the key tensors pull snapshots are sending in place (copy on write)
-        self.dedupe = Dedupe()
+        self.dedupe = Dedupe(max_bytes=limits.dedupe_bytes)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified whenever versions change
         self.pushes = 0
@@ -276,26 +284,42 @@ class Store:
             for e, cfg in zip(entries, configs):
                 if cfg.eps == 0:
                     _refuse_zero_denominator(e, cfg)
-            for e, cfg in zip(entries, configs):
-                if cfg.amsgrad:  # allocated before anything changes: out of device memory changes nothing
-                    e.key.part(pb.MAX_EXP_AVG_SQ)
+            # No step may make a key non-finite: bounded from scalars (no pass over memory), or, where
+            # the bounds cannot rule overflow out, computed on copies and checked (one device sync for
+            # the push); a non-finite result is refused here, before anything changes.
+            predicted = self._predict(entries, configs)
+            unsure = [(e, cfg) for e, cfg, b in zip(entries, configs, predicted) if b is None]
+            checked = _checked_steps(unsure, self._copy, self._give)
+            for e, cfg, b in zip(entries, configs, predicted):
+                if cfg.amsgrad and b is not None:  # allocated before anything changes: out of memory
+                    e.key.part(pb.MAX_EXP_AVG_SQ)   # changes nothing
             staleness = []
             groups: dict[AdamConfig, list[GradEntry]] = {}
-            for e, cfg in zip(entries, configs):
+            for e, cfg, b in zip(entries, configs, predicted):
                 s = e.key.version - e.version_read
                 staleness.append(s)
                 e.key.staleness.record(s)
                 e.key.step += 1
                 e.key.pushes += 1
                 e.key.hyper = cfg
-                groups.setdefault(cfg, []).append(e)
+                if b is not None:
+                    e.key.bounds = b
+                    groups.setdefault(cfg, []).append(e)
             self.staleness.record(max(staleness))  # per push: how far behind its oldest key was
             if self._leases:  # a pull is sending some tensors from their keys: never write those
-                for e in entries:
-                    for part in e.key.held_parts():
-                        self._own(e.key, part)
+                for group in groups.values():
+                    for e in group:
+                        for part in e.key.held_parts():
+                            self._own(e.key, part)
             for cfg, group in groups.items():
                 _adam_step(group, cfg)
+            for key, results, bounds in checked:  # the checked copies become the key's tensors
+                for part, t in results.items():
+                    old = getattr(key, PART_NAMES[part])
+                    key.replace_part(part, t)
+                    if old is not None:
+                        self._leases.retire(old)  # a snapshot reading it pools it when done
+                key.bounds = bounds
             self.pushes += 1
             self._changed.notify_all()
             result = PushResult([e.key.version for e in entries], staleness)
@@ -307,6 +331,25 @@ class Store:
                 self.apply_log.flush()
             origin.record(result)
             return result
+
+    def _predict(self, entries: Sequence[GradEntry], configs: Sequence[AdamConfig]) -> list[Bounds | None]:
+        """(Under the lock.) Each entry's key bounds after its step, or None where overflow cannot be
+        ruled out from them. A gradient without a bound (a sync round's average) gets one from its
+        sum of squares, as a pushed gradient's check computes it: one device sync for all of them."""
+        missing = [e for e in entries if not math.isfinite(e.grad_bound) and e.key.bounds is not None]
+        if missing:
+            squares = torch.stack([sum(torch.dot(g, g) for _, g in e.pieces) for e in missing]).tolist()
+            found = {id(e): grad_bound_from_squares(x) for e, x in zip(missing, squares)}
+        out = []
+        for e, cfg in zip(entries, configs):
+            if e.key.numel == 0:
+                out.append(Bounds(0.0, 0.0, 0.0))
+            elif e.key.bounds is None:
+                out.append(None)
+            else:
+                grad = e.grad_bound if math.isfinite(e.grad_bound) else found[id(e)]
+                out.append(step_bounds(e.key.bounds, grad, e.key.step + 1, cfg))
+        return out
 
     def count_dropped(self, keys: Sequence[Key]) -> None:
         """Record gradients a policy discarded (late for sync, too stale for ssp), per key."""
@@ -371,6 +414,19 @@ class Store:
             retired = [t for t in snapshot.parts.values() if self._leases.end(t)]
         self.buffers.give(retired)
 
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        """(Under the lock.) A copy of a key's tensor to compute a checked step in: in a pool buffer on
+        a CPU shard (warm memory when the pool has one: a fresh 64 MiB clone costs 5x the copy in page
+        faults), a clone on a device (the pool holds host buffers there)."""
+        if self._host_copies:
+            return t.clone()
+        return self.buffers.take(t.numel()).copy_(t)
+
+    def _give(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copies of a refused checked step: to the pool on a CPU shard; a device's allocator frees them."""
+        if not self._host_copies:
+            self.buffers.give(list(tensors))
+
     def _own(self, key: Key, part: int, keep_values: bool = True) -> None:
         """(Under the lock, before `part` of `key` changes in place.) Copy on write: if a snapshot
         holds the tensor, move the key onto a copy (or a blank buffer, when every value is about to
@@ -402,6 +458,8 @@ class Store:
                 for part, value in parts.items():
                     self._own(key, part, keep_values=False)
                     key.part(part).copy_(value)
+                if parts:
+                    key.bounds = None  # its next step is checked on a copy
                 key.step = step
                 if cfg is not None:
                     key.hyper = cfg
@@ -481,6 +539,63 @@ def _refuse_zero_denominator(e: GradEntry, cfg: AdamConfig) -> None:
         if bad.numel():
             raise invalid(f"key {k.name!r}: with eps = 0, element {offset + int(bad[0])} (gradient 0, "
                           f"exp_avg_sq 0) would divide by zero and become NaN; use eps > 0")
+
+
+def grad_bound_from_squares(squares: float) -> float:
+    """A bound on max|g| from a float32 sum of g's squares: rounding is monotone, so the computed sum
+    is at least the largest square as rounded (>= g^2 (1 - 2^-24)); inf when the sum overflowed."""
+    return math.sqrt(squares) * (1 + 2.0 ** -20) if math.isfinite(squares) else math.inf
+
+
+def _checked_steps(todo: Sequence[tuple[GradEntry, AdamConfig]], copy: Callable[[torch.Tensor], torch.Tensor],
+                   give: Callable[[Sequence[torch.Tensor]], None]
+                   ) -> list[tuple[Key, dict[int, torch.Tensor], Bounds]]:
+    """(Under the lock, before anything changes.) The step of each entry computed on copies of its
+    key's tensors (`copy`), with exact bounds from their extremes, all read in one device sync; a
+    result that is not finite is refused (INVALID_ARGUMENT naming the key, the part and the element)
+    and the copies given back (`give`): the keys stay as they were."""
+    if not todo:
+        return []
+    done, extremes = [], []
+    for e, cfg in todo:
+        k = e.key
+        parts = [pb.EXP_AVG, pb.EXP_AVG_SQ] + ([pb.MAX_EXP_AVG_SQ] if cfg.amsgrad else []) + [pb.PARAM]
+        copies = {p: copy(k.read(p)) for p in parts}  # read: max_exp_avg_sq before amsgrad as zeros
+        params, grads, ms, vs, vmaxes = [], [], [], [], []
+        for offset, g in e.pieces:
+            stop = offset + g.numel()
+            params.append(copies[pb.PARAM][offset:stop])
+            grads.append(g)
+            ms.append(copies[pb.EXP_AVG][offset:stop])
+            vs.append(copies[pb.EXP_AVG_SQ][offset:stop])
+            if cfg.amsgrad:
+                vmaxes.append(copies[pb.MAX_EXP_AVG_SQ][offset:stop])
+        adam_fast(params, grads, ms, vs, vmaxes if cfg.amsgrad else None, [k.step + 1] * len(params), cfg)
+        # The extremes of every part the key holds after the step (a max_exp_avg_sq this step leaves
+        # alone included, for the bounds of a later amsgrad step); NaN and Inf propagate through them.
+        measured = dict(copies)
+        if not cfg.amsgrad and k.max_exp_avg_sq is not None:
+            measured[pb.MAX_EXP_AVG_SQ] = k.max_exp_avg_sq
+        extremes += [torch.stack(torch.aminmax(t)) for t in measured.values()]
+        done.append((e, cfg, copies, measured))
+    values = iter(torch.stack(extremes).tolist())
+    out = []
+    for e, cfg, copies, measured in done:
+        magnitude = {}
+        for part, t in measured.items():
+            lo, hi = next(values)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                i = int((~torch.isfinite(t)).nonzero()[0])
+                give([c for _, _, copies_, _ in done for c in copies_.values()])
+                raise invalid(
+                    f"key {e.key.name!r}: this step would make {pb.Part.Name(part).lower()} non-finite "
+                    f"(first at element {i}; lr {cfg.lr:g}, eps {cfg.eps:g}, weight_decay "
+                    f"{cfg.weight_decay:g}, from the key's state and this gradient); refused, the key is "
+                    f"unchanged: lower lr or raise eps, or SetState smaller values")
+            magnitude[part] = max(-lo, hi)
+        out.append((e.key, copies, Bounds(magnitude[pb.PARAM], magnitude[pb.EXP_AVG],
+                                          magnitude[pb.EXP_AVG_SQ], magnitude.get(pb.MAX_EXP_AVG_SQ, 0.0))))
+    return out
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

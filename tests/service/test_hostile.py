@@ -180,6 +180,107 @@ def test_zero_eps_with_gradients_everywhere_nonzero_is_applied(channel):
     _round_trips(channel)
 
 
+def _hyper(**changes) -> pb.HyperParams:
+    hyper = pb.HyperParams()
+    hyper.CopyFrom(HYPER)
+    for name, value in changes.items():
+        setattr(hyper, name, value)
+    return hyper
+
+
+def _with(value: float, at: int) -> torch.Tensor:
+    t = W0.clone()
+    t[at] = value
+    return t
+
+
+# (SetState before the push: (part, values) or None; the push's options; the part and element named)
+OVERFLOWS = {
+    # param 3.4e38 at element 0, whose gradient is negative: the step adds lr to it, past float32's max
+    "param-near-max": ((pb.PARAM, _with(3.4e38, 0)), _hyper(lr=1e36), "param", 0),
+    # lr 1 times exp_avg 3e38 over sqrt(v) ~ 0.02 is an update of ~4e39
+    "huge-exp-avg": ((pb.EXP_AVG, _with(3e38, 1)), _hyper(lr=1.0), "param", 1),
+    "huge-exp-avg-amsgrad": ((pb.EXP_AVG, _with(3e38, 1)), _hyper(lr=1.0, amsgrad=True), "param", 1),
+    # L2 decay: g + 1e30 theta squared overflows exp_avg_sq at the first nonzero theta
+    "coupled-weight-decay": (None, _hyper(weight_decay=1e30, weight_decouple=False), "exp_avg_sq", 1),
+    # AdamW: theta (1 - lr lambda) = 1e38 x (1 - 10)
+    "decoupled-weight-decay": ((pb.PARAM, _with(1e38, 1)), _hyper(lr=1.0, weight_decay=10.0), "param", 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERFLOWS))
+def test_a_step_whose_finite_inputs_would_overflow_is_refused_and_changes_nothing(channel, case):
+    state, hyper, part, element = OVERFLOWS[case]
+    if state is not None:
+        call(channel, "SetState", set_state(0, state[1], part=state[0]))
+    before = fingerprint(channel)
+    for _ in range(2):  # and again: a refused push is not half-applied
+        error = refused(channel, "Push", push(hyper=hyper))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'w'" in error.details() and f"make {part} non-finite" in error.details()
+        assert f"element {element}" in error.details()
+        assert fingerprint(channel) == before
+    _round_trips(channel)
+    call(channel, "Push", push(seq=2))  # the key still trains with ordinary options
+    _round_trips(channel)
+
+
+def test_pushes_with_lr_1e38_are_applied_until_the_one_that_would_overflow_is_refused(channel):
+    # Each step moves every element by ~1e38, so a few pass float32's max; the fused kernel's
+    # lr / (1 - beta1^t) (1e39 at t = 1) overflows already: then the first step is the one refused.
+    hyper = _hyper(lr=1e38)
+    version = 0
+    while True:
+        assert version < 5, "five steps of 1e38 cannot all stay finite"
+        before = fingerprint(channel)
+        try:
+            call(channel, "Push", push(version_read=version, seq=version + 1, hyper=hyper))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "'w'" in error.details() and "non-finite" in error.details()
+            break
+        version += 1
+        _round_trips(channel)
+    assert fingerprint(channel) == before
+    _round_trips(channel)
+
+
+def test_an_ordinary_step_from_a_param_near_float_max_is_applied(channel):
+    call(channel, "SetState", set_state(0, _with(3.4e38, 0), part=pb.PARAM))
+    call(channel, "Push", push())  # its result is finite: no refusal for being near the edge
+    assert stats(channel).keys[0].version == 1
+    _round_trips(channel)
+
+
+def test_a_push_of_several_keys_is_refused_whole_when_one_would_overflow(channel):
+    call(channel, "Register", register("u"))
+    call(channel, "SetState", set_state(0, _with(3e38, 1), part=pb.EXP_AVG, name="u"))
+    head = pb.PushHead(client_id="c", seq=1, wire_dtype=pb.FLOAT32, hyper=[_hyper(lr=1.0)],
+                       entries=[pb.PushEntry(key="w"), pb.PushEntry(key="u")])
+    segments = [pb.Segment(entry=i, part=pb.GRAD, count=G.numel()) for i in (0, 1)]
+    before = fingerprint(channel)
+    error = refused(channel, "Push", [message(pb.PushRequest, head, segments, floats(G, G))])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "'u'" in error.details()
+    assert fingerprint(channel) == before  # "w", which alone would have stepped, did not either
+
+
+def test_state_dict_round_trips_after_a_refused_overflowing_step():
+    from optserve import RemoteAdam
+    from optserve.client.transport import ShardError
+    with run_server() as address:
+        param = torch.nn.Parameter(W0.clone())
+        with RemoteAdam([("w", param)], [address], lr=1e38) as opt:
+            with pytest.raises(ShardError, match="non-finite"):
+                for _ in range(5):
+                    param.grad = G.clone()
+                    opt.step()
+            saved = opt.state_dict()
+            opt.load_state_dict(saved)
+            assert torch.isfinite(param).all()
+            assert all(torch.isfinite(t).all() for s in opt.state_dict()["state"].values()
+                       for t in s.values() if torch.is_tensor(t))
+
+
 # --- 3. no call can starve the others ------------------------------------------------------------
 
 def _health(channel: grpc.Channel) -> int:
@@ -289,6 +390,70 @@ def test_a_wait_whose_caller_went_away_gives_its_place_back():
         while _outcome(_pull_future(ch, 1, timeout=1.0)) != grpc.StatusCode.DEADLINE_EXCEEDED:
             assert time.monotonic() < deadline, "cancelled waits never gave their place back"
         assert stats(ch).shard.num_keys == 1
+
+
+def _own_connection(address: str) -> grpc.Channel:
+    """A channel with a connection of its own (grpc shares one between a process's channels otherwise),
+    and no flow-control window growth, so that what the shard sends waits for what the client reads."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1),
+                                                   ("grpc.http2.bdp_probe", 0)])
+
+
+def test_one_caller_cannot_take_every_wait_so_another_still_gets_one():
+    # threads 10: 8 for tensors, of which 4 may wait, at most 2 of them for one connection
+    with run_server(threads=10, wait_timeout=600) as address, _own_connection(address) as hog, \
+            _own_connection(address) as other:
+        call(hog, "Register", register())
+        calls = [_pull_future(hog, 1) for _ in range(6)]
+        deadline = time.monotonic() + TIMEOUT  # a hang guard, not an assertion on time
+        while sum(not c.done() for c in calls) > 2:
+            assert time.monotonic() < deadline, "one caller kept more than its share of waits"
+            time.sleep(0.05)
+        refusals = [c for c in calls if c.done()]
+        assert all(c.code() == grpc.StatusCode.UNAVAILABLE and "per caller" in c.details() for c in refusals)
+        # another connection still waits (until its own short deadline) instead of hearing "busy"
+        assert _outcome(_pull_future(other, 1, timeout=1.0)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        for c in calls:
+            c.cancel()
+
+
+def test_a_slow_reader_loses_its_pull_and_lease_at_the_reply_deadline(monkeypatch):
+    from optserve.server import service
+    from optserve.server.main import ServerConfig, Shard
+    monkeypatch.setattr(service, "PULL_SECONDS", 1.0)
+    monkeypatch.setattr(service, "PULL_SECONDS_PER_MIB", 0.0)
+    shard = Shard(ServerConfig(idle_timeout=600, data_port=-1))
+    shard.start()
+    try:
+        with _own_connection(shard.address) as ch:
+            call(ch, "Register", register("big", torch.zeros(2 << 20)))  # 8 MiB: 2,048 messages of 4 KiB
+            stream = ch.unary_stream(_METHOD + "Pull")(
+                pb.PullRequest(keys=["big"], chunk_bytes=4096).SerializeToString(), timeout=TIMEOUT)
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stream:
+                    time.sleep(0.01)  # each message taken well within the idle timeout, the whole far past 1 s
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+            deadline = time.monotonic() + TIMEOUT  # a hang guard: the lease ends as the call does
+            while len(shard.core.store._leases):
+                assert time.monotonic() < deadline, "the cancelled pull kept its snapshot leased"
+                time.sleep(0.05)
+            assert stats(ch).pulls == 1
+    finally:
+        shard.stop()
+
+
+def test_the_exactly_once_table_is_capped_and_still_answers_retries():
+    from optserve.server.dedupe import BYTES_PER_KEY, CLIENT_BYTES, RECORD_BYTES
+    cap = CLIENT_BYTES + 1 + 3 * (RECORD_BYTES + BYTES_PER_KEY)  # client "c" and three results
+    with run_server(dedupe_bytes=cap) as address, grpc.insecure_channel(address) as ch:
+        call(ch, "Register", register())
+        for seq in (1, 2, 3):
+            call(ch, "Push", push(version_read=seq - 1, seq=seq))
+        error = refused(ch, "Push", push(version_read=3, seq=4))  # every result is within its retry window
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "exactly-once" in error.details()
+        assert stats(ch).keys[0].version == 3
+        retry = pb.PushReply.FromString(call(ch, "Push", push(version_read=2, seq=3)))
+        assert retry.duplicate and list(retry.versions) == [3]
 
 
 # --- 7. every string a request supplies is bounded -----------------------------------------------

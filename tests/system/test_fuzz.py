@@ -541,6 +541,65 @@ def test_malformed_set_state_gets_its_status_and_changes_nothing(fuzzed, mutatio
     check(fuzzed, "SetState", request, SET_STATE_MUTATIONS[mutation])
 
 
+# --- extreme but finite values: a key never becomes non-finite -------------------------------------
+
+def _parts(channel: grpc.Channel, name: str) -> tuple[bytes, torch.Tensor]:
+    """Every part of key `name`, as pulled: the raw reply (the state's bytes) and the values."""
+    raw = call(channel, "Pull", pb.PullRequest(keys=[name], parts=[*STATE_PARTS, pb.MAX_EXP_AVG_SQ])
+               .SerializeToString())
+    values = torch.cat([torch.frombuffer(bytearray(decode(m, pb.PullReply)[1]), dtype=torch.float32)
+                        for m in raw])
+    return b"".join(raw), values
+
+
+magnitude = st.sampled_from([0.0, 1e-45, 1e-30, 1e-3, 1.0, 1e19, 1e30, 1e36, 3e38, 3.4e38])
+signed = st.builds(lambda m, negative: -m if negative else m, magnitude, st.booleans())
+extreme_hyper = st.builds(
+    pb.HyperParams, lr=magnitude, beta1=st.sampled_from([0.0, 0.5, 0.9, 0.999999]),
+    beta2=st.sampled_from([0.0, 0.9, 0.999, 0.99999999]), eps=magnitude, weight_decay=magnitude,
+    weight_decouple=st.booleans(), absolute=st.booleans(), optimized_update=st.booleans(), amsgrad=st.booleans())
+
+
+@pytest.fixture(scope="module")
+def extreme():
+    """A shard of its own (the examples change its state): one key "x" of 6 elements."""
+    with run_server() as address, grpc.insecure_channel(address) as channel:
+        head = pb.RegisterHead(keys=[pb.KeySpec(name="x", shape=[6], dtype=pb.FLOAT32)], with_values=True,
+                               num_shards=1)
+        call(channel, "Register", encode_stream(pb.RegisterRequest, head, [cut(0, pb.PARAM, torch.zeros(6), [],
+                                                                                  torch.float32)]))
+        yield channel
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_extreme_finite_state_and_options_never_make_a_key_non_finite(extreme, data):
+    """SetState of extreme finite state, then a push of extreme finite options and gradient: the push is
+    applied with a finite result, or refused (INVALID_ARGUMENT) with the state as it was; never UNKNOWN."""
+    draw = data.draw
+    step = draw(st.integers(0, 10**6))
+    parts = draw(st.lists(st.sampled_from([*STATE_PARTS, pb.MAX_EXP_AVG_SQ]), min_size=1, max_size=4, unique=True))
+    values = {p: torch.tensor([abs(draw(signed)) if p in (pb.EXP_AVG_SQ, pb.MAX_EXP_AVG_SQ) else draw(signed)
+                               for _ in range(6)]) for p in parts}
+    head = pb.SetStateHead(entries=[pb.StateEntry(key="x", step=step)], parts=parts)
+    pieces = [p for part, v in values.items() for p in cut(0, part, v, [], torch.float32)]
+    call(extreme, "SetState", encode_stream(pb.SetStateRequest, head, [pieces]))
+    before, _ = _parts(extreme, "x")
+    grad = torch.tensor([draw(signed) for _ in range(6)])
+    push = pb.PushHead(wire_dtype=pb.FLOAT32, hyper=[draw(extreme_hyper)],
+                       entries=[pb.PushEntry(key="x", version_read=step)])
+    code = status_of(extreme, "Push", encode_stream(pb.PushRequest, push, [cut(0, pb.GRAD, grad, [], torch.float32)]))
+    COUNTS[code.name] += 1
+    after, state = _parts(extreme, "x")
+    assert code in (OK, INVALID), code.name
+    assert torch.isfinite(state).all(), "a step made the key non-finite"
+    version = pb.StatsReply.FromString(call(extreme, "Stats", b"")).keys[0].version
+    if code == INVALID:
+        assert after == before and version == step  # refused: bitwise as it was
+    else:
+        assert version == step + 1
+
+
 # --- garbage, oversized messages, cancelled calls ----------------------------------------------------
 
 @fuzz(200)

@@ -1,10 +1,12 @@
 """The shard's table of applied pushes (server/dedupe.py): each (client_id, seq) once, a window."""
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from optserve.errors import RequestError, StatusCode
-from optserve.server.dedupe import Dedupe, PushResult
+from optserve.server.dedupe import BYTES_PER_KEY, CLIENT_BYTES, RECORD_BYTES, Dedupe, PushResult
 
 
 def result(seq: int) -> PushResult:
@@ -126,3 +128,91 @@ def test_a_checkpoint_floor_stays_below_a_push_still_in_flight():
 
     assert restored.begin("a", 1) is None
     assert [restored.begin("a", s) for s in (2, 3, 4, 5)] == [result(s) for s in (2, 3, 4, 5)]
+
+
+# --- the memory cap (issue 13): what the table holds is bounded, retries within the window answered --
+
+def _pushes(table: Dedupe, client: str, seqs, keys: int = 1) -> None:
+    for seq in seqs:
+        assert table.begin(client, seq, keys=keys) is None
+        table.finish(client, seq, PushResult([seq] * keys, [0] * keys))
+
+
+def _room_for(records: int, keys: int = 1, clients: int = 1, name: str = "a") -> int:
+    return clients * (CLIENT_BYTES + len(name)) + records * (RECORD_BYTES + BYTES_PER_KEY * keys)
+
+
+def test_one_client_pushing_many_keys_and_seqs_stays_under_the_cap():
+    now = [0.0]
+    table = Dedupe(max_bytes=_room_for(10, keys=4096), retry_seconds=60, clock=lambda: now[0])
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    for seq in range(1, 201):  # 200 results of 4,096 keys: ~19 MiB without the cap
+        now[0] += 10.0
+        _pushes(table, "a", [seq], keys=4096)
+        assert table.bytes <= table.max_bytes
+    held = tracemalloc.get_traced_memory()[0] - start
+    tracemalloc.stop()
+    assert held <= table.max_bytes  # what it counts covers what it holds
+    assert table.begin("a", 200, keys=4096).versions == [200] * 4096  # the newest: answered
+
+
+def test_at_the_cap_results_past_the_retry_window_are_forgotten_and_their_retries_refused():
+    now = [0.0]
+    table = Dedupe(max_bytes=_room_for(3), retry_seconds=60, clock=lambda: now[0])
+    _pushes(table, "a", [1, 2, 3])
+    now[0] = 61.0
+    _pushes(table, "a", [4])  # makes room by forgetting seq 1, recorded 61 s ago
+
+    assert table.begin("a", 4) == result(4) and table.begin("a", 2) == result(2)
+    with pytest.raises(RequestError) as err:
+        table.begin("a", 1)  # forgotten: refused, never applied a second time
+    assert err.value.code == StatusCode.FAILED_PRECONDITION
+
+
+def test_at_the_cap_with_every_result_recent_a_new_push_is_refused_and_retries_still_answered():
+    now = [0.0]
+    table = Dedupe(max_bytes=_room_for(3), retry_seconds=60, clock=lambda: now[0])
+    _pushes(table, "a", [1, 2, 3])
+    now[0] = 59.0
+
+    with pytest.raises(RequestError) as err:
+        table.begin("a", 4)
+    assert err.value.code == StatusCode.RESOURCE_EXHAUSTED and "exactly-once table is full" in err.value.message
+    with pytest.raises(RequestError) as err:
+        table.begin("new-client", 1)
+    assert err.value.code == StatusCode.RESOURCE_EXHAUSTED
+    assert [table.begin("a", s) for s in (1, 2, 3)] == [result(1), result(2), result(3)]  # every retry answered
+    now[0] = 61.0
+    _pushes(table, "a", [4])  # the oldest aged out of the window: room again
+
+
+def test_clients_forgotten_at_the_cap_make_room_for_new_clients():
+    now = [0.0]
+    table = Dedupe(max_bytes=_room_for(1, clients=5, name="client-0") + _room_for(4, clients=0),
+                   retry_seconds=60, clock=lambda: now[0])
+    for c in range(5):
+        _pushes(table, f"client-{c}", [1])
+    for c in range(5, 20):  # each new client makes room by forgetting old ones, results and all
+        now[0] += 100.0
+        _pushes(table, f"client-{c}", [1])
+        assert table.bytes <= table.max_bytes
+    assert len(table) <= 5
+
+
+def test_a_refused_push_of_a_new_client_leaves_nothing_behind():
+    table = Dedupe()
+    empty = table.bytes
+    assert table.begin("once", 1, keys=10) is None
+    table.abort("once", 1)
+    assert table.bytes == empty and len(table) == 0
+
+
+def test_the_count_returns_to_empty_when_every_client_is_forgotten_after_a_restore():
+    now = [0.0]
+    restored = Dedupe(idle_seconds=100, clock=lambda: now[0])
+    restored.load_json({"floor": {"a": 3}, "clients": {}})  # a client remembered by its floor alone
+    _pushes(restored, "a", [4], keys=5)
+    now[0] = 500.0
+    _pushes(restored, "b", [1])  # a finish sweeps: "a" is forgotten
+    assert restored.bytes == _room_for(1, name="b")
