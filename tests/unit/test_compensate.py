@@ -221,3 +221,23 @@ def test_reference_adam_after_hand_dc_equals_the_store_in_float32_bit_for_bit():
     adam_reference(theta1, g, m, v, None, 2, CFG)
 
     torch.testing.assert_close(store.get("w").param, theta1, rtol=0, atol=1e-7)
+
+
+def test_the_shards_checkpointer_writes_mean_square_to_disk_and_restores_it(tmp_path):
+    from optserve.server.main import Checkpointer, ServerConfig
+
+    cfg = ServerConfig(compensate="dca:0.5", checkpoint_dir=str(tmp_path))
+    policy, store = cfg.make_policy(), store_with("w", "odd name/with:slash")
+    for seq in range(1, 4):
+        submit(policy, store, "a", seq, entry(store, "w", 0 if seq < 3 else 2, grad_values(seq)),
+               entry(store, "odd name/with:slash", store.get("odd name/with:slash").version, grad_values(9)))
+    Checkpointer(store, policy, cfg).write()
+    restored_store, restored = Store("cpu"), cfg.make_policy()
+
+    Checkpointer(restored_store, restored, cfg).restore()
+
+    assert restored.name == policy.name == "async+dca:0.5:0.95"
+    assert set(restored.compensator.mean_square) == {"w", "odd name/with:slash"}
+    for name, ms in policy.compensator.mean_square.items():
+        assert torch.equal(restored.compensator.mean_square[name], ms)
+    assert torch.equal(restored_store.get("w").param, store.get("w").param)
