@@ -116,7 +116,7 @@ class VersionRing:
 
     def record(self, version: int, param: torch.Tensor) -> None:
         if self.entries and self.entries[-1][0] == version:
-            return  # already recorded (a refused push recorded nothing, so this is the same value)
+            return  # recorded already: only a step changes θ at a version (SetState empties the ring)
         if len(self.entries) >= self.depth:
             _, buf = self.entries.popleft()
             buf.copy_(param)  # the oldest version's buffer takes the newest value: no allocation
