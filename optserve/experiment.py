@@ -83,7 +83,7 @@ def _make_cnn(seed: int) -> nn.Module:
 CHARLM_FILES = ("argparse.py", "difflib.py", "textwrap.py")
 CHARLM_CONTEXT = 16  # characters the model sees
 CHARLM_VOCAB = 97  # '\n', the 95 printable ASCII characters, and one for anything else
-CHARLM_TRAIN, CHARLM_TEST = 24_000, 4_000  # windows: training (first 90% of the text), held out (last 10%)
+CHARLM_TRAIN, CHARLM_TEST = 120_000, 4_000  # windows: training (first 90% of the text), held out (last 10%)
 
 
 def _encode_chars(text: str) -> torch.Tensor:
