@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,23 @@ def test_the_cli_prints_bitwise_equal_and_exits_0(logged_run, capsys):
     code = cli_main(["replay", str(log), "--checkpoint", start])
 
     assert code == 0 and capsys.readouterr().out.strip().endswith("bitwise equal")
+
+
+def test_a_checkpoint_directory_holding_several_must_be_named_one(logged_run):
+    log, start, *_ = logged_run
+    directory = str(Path(start).parent)
+
+    with pytest.raises(ValueError, match="holds 2 checkpoints"):
+        replay(log, directory)
+
+
+def test_a_log_without_gradients_is_refused_with_what_to_set(logged_run, tmp_path):
+    log, start, *_ = logged_run
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    for line in lines:
+        del line["grad_at"]  # as a shard writes it without --apply-log-max-gradient-bytes
+    copy = tmp_path / "apply.jsonl"
+    copy.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    with pytest.raises(ValueError, match="--apply-log-max-gradient-bytes"):
+        replay(copy, start)
