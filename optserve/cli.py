@@ -1,4 +1,4 @@
-"""The `optserve` command: serve, status, checkpoint, export, demo, experiment.
+"""The `optserve` command: serve, status, checkpoint, export, demo, experiment, replay.
 
 Parses arguments and hands on; no logic of its own."""
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _command(argv: list[str]) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from optserve import demo, experiment
+    from optserve import demo, experiment, replay
     from optserve.server.main import add_serve_arguments
 
     parser, sub = _root_parser()
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         _client_arguments(p)
     demo.add_arguments(sub.add_parser("demo", help="train digits with 2 in-process shards and 4 workers"))
     experiment.add_arguments(sub.add_parser(
-        "experiment", help="compare sync, async and ssp:S training with worker and shard processes"))
+        "experiment", help="compare sync, async, ssp:S and DC-ASGD training with worker and shard processes"))
+    replay.add_arguments(sub.add_parser(
+        "replay", help="re-apply a shard's --apply-log from a checkpoint; report the first divergence"))
     return parser
 
 
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "experiment":
             from optserve import experiment
             return experiment.main(args)
+        if args.command == "replay":
+            from optserve import replay
+            return replay.main(args)
         from optserve import demo
         return demo.main(args)
     except (ValueError, BindError) as exc:  # configuration errors (a port in use too): no traceback

@@ -1,15 +1,19 @@
-"""`optserve experiment`: one training task under sync, async and ssp:S, side by side, as real processes.
+"""`optserve experiment`: one training task under sync, async, ssp:S and DC-ASGD, side by side, in processes.
 
 What it is for: seeing what the training-mode policies (DESIGN.md "Policies") do to convergence and
 staleness. For each mode it runs `optserve serve` shard processes with that policy and W worker
 processes, each with its own replica, its own share of the training data and its own RemoteAdam
 against every shard, optionally with an artificial per-step sleep on some workers (stragglers). Each
 worker logs every step (wall time since a common start, loss, the staleness its push was applied
-with, pushes dropped); at the end the served model's held-out accuracy is measured. It writes
-`<out>/experiment.csv` (one row per worker step), `<out>/experiment.png` (loss against wall time and
-against steps, staleness histogram) and `<out>/summary.md` (one row per mode), and returns the table.
+with, pushes dropped); at the end the served model's held-out accuracy is measured. With `repeats`
+N the whole comparison runs N times with seeds seed..seed+N-1 (split, weights, shuffles) and the
+summary gives mean ± standard deviation over the runs. It writes `<out>/experiment.csv` (one row per
+worker step), `<out>/experiment.png` (loss against wall time and against steps, staleness histogram,
+final loss against measured staleness) and `<out>/summary.md` (one row per mode), and returns the
+table. A mode `dc:λ` or `dca:λ0[:m]` runs shards with `--policy async --compensate` that spec.
 
-What it must not do: download anything (digits ships inside scikit-learn), pick ports (shards bind
+What it must not do: download anything (digits ships inside scikit-learn, charlm reads this Python's
+own standard-library sources), pick ports (shards bind
 port 0 on 127.0.0.1 and print their address), leave a process behind (every process is stopped in a
 `finally`), wait without a bound, or do Adam math (the shards do it). The task helpers (data, MLP,
 batches, train step, accuracy) are the demo's, imported from `optserve.demo`.
@@ -30,6 +34,7 @@ import select
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -47,8 +52,9 @@ from optserve.demo import (ADAM_OPTIONS, REMOTE_ONLY_OPTIONS, accuracy, batches,
 CSV_NAME = "experiment.csv"
 PNG_NAME = "experiment.png"
 SUMMARY_NAME = "summary.md"
-CSV_COLUMNS = ("mode", "worker", "step", "wall_time", "loss", "staleness", "staleness_max", "dropped")
-DEFAULT_MODES = ("sync", "async", "ssp:2")
+CSV_COLUMNS = ("mode", "repeat", "worker", "step", "wall_time", "loss", "staleness", "staleness_max",
+               "dropped")
+DEFAULT_MODES = ("sync", "async", "ssp:2", "dca:2")
 MAX_STEPS_PER_VERSION = 100  # sync: bound on a worker's steps per model version (its pushes may be late)
 BACKUP_WAIT_TIMEOUT = 10.0  # seconds, plus 10x the longest straggler delay (sync with backup workers)
 START_TIMEOUT = 120.0  # seconds for a shard to print its address, or a worker to build its RemoteAdam
@@ -73,9 +79,68 @@ def _make_cnn(seed: int) -> nn.Module:
     return model
 
 
+# Character-level language model on this Python's own standard-library sources (offline, ~200 KB).
+CHARLM_FILES = ("argparse.py", "difflib.py", "textwrap.py")
+CHARLM_CONTEXT = 16  # characters the model sees
+CHARLM_VOCAB = 97  # '\n', the 95 printable ASCII characters, and one for anything else
+CHARLM_TRAIN, CHARLM_TEST = 120_000, 4_000  # windows: training (first 90% of the text), held out (last 10%)
+
+
+def _encode_chars(text: str) -> torch.Tensor:
+    codes = torch.tensor(list(text.encode("ascii", errors="replace")), dtype=torch.long)
+    out = torch.full_like(codes, CHARLM_VOCAB - 1)
+    out[codes == 10] = 0
+    printable = (codes >= 32) & (codes < 127)
+    out[printable] = codes[printable] - 31
+    return out
+
+
+def _load_charlm(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, y) windows of CHARLM_CONTEXT characters -> the next one; training windows are drawn (seeded)
+    from the first 90% of the text, held-out ones from the last 10%."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    try:
+        text = "".join((stdlib / name).read_text(encoding="utf-8") for name in CHARLM_FILES)
+    except OSError as exc:
+        raise ValueError(f"charlm reads {', '.join(CHARLM_FILES)} from this Python's standard library "
+                         f"({stdlib}): {exc}") from None
+    codes = _encode_chars(text)
+    cut = int(len(codes) * 0.9)
+    gen = torch.Generator().manual_seed(seed)
+
+    def windows(lo: int, hi: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = torch.randint(lo, hi - CHARLM_CONTEXT - 1, (n,), generator=gen)
+        idx = start[:, None] + torch.arange(CHARLM_CONTEXT + 1)
+        w = codes[idx]
+        return w[:, :-1].contiguous(), w[:, -1].contiguous()
+
+    return (*windows(0, cut, CHARLM_TRAIN), *windows(cut, len(codes), CHARLM_TEST))
+
+
+def _make_charlm(seed: int) -> nn.Module:
+    """Embedding 97x24 over 16 characters, fc 384-256, fc 256-97 (about 126k parameters)."""
+    model = nn.Sequential(nn.Embedding(CHARLM_VOCAB, 24), nn.Flatten(), nn.Linear(24 * CHARLM_CONTEXT, 256),
+                          nn.ReLU(), nn.Linear(256, CHARLM_VOCAB))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model[0].weight.normal_(0.0, 1.0, generator=gen)
+        for layer in (model[2], model[4]):
+            bound = 1.0 / math.sqrt(layer.in_features)
+            layer.weight.uniform_(-bound, bound, generator=gen)
+            layer.bias.uniform_(-bound, bound, generator=gen)
+    return model
+
+
+def _load_digits(seed: int):
+    sklearn, _, _ = require_demo_packages()
+    return load_digits(sklearn, seed)
+
+
 @dataclass(frozen=True)
 class Task:
-    """A training task: model builder (a module-level function: workers look it up by name) and defaults."""
+    """A training task: data loader and model builder (module-level functions: workers look the model up
+    by task name) and defaults."""
+    load: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
     make_model: Callable[[int], nn.Module]
     lr: float
     batch_size: int
@@ -83,9 +148,19 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "digits": Task(make_model, 3e-3, 32, "the demo's MLP 64-128-10 on digits"),
-    "digits-cnn": Task(_make_cnn, 2e-3, 32, "CNN conv16-conv32-pool-fc64-fc10 on 8x8 digits"),
+    "digits": Task(_load_digits, make_model, 3e-3, 32, "the demo's MLP 64-128-10 on digits"),
+    "digits-cnn": Task(_load_digits, _make_cnn, 2e-3, 32, "CNN conv16-conv32-pool-fc64-fc10 on 8x8 digits"),
+    "charlm": Task(_load_charlm, _make_charlm, 2e-3, 64,
+                   "next-character MLP (embedding 24 x 16 characters, fc 256) on the standard library's "
+                   f"{', '.join(CHARLM_FILES)}"),
 }
+
+
+def policy_arguments(mode: str) -> list[str]:
+    """The `optserve serve` flags of an experiment mode: dc:λ / dca:λ0[:m] are async with DC-ASGD."""
+    if mode.startswith(("dc:", "dca:")):
+        return ["--policy", "async", "--compensate", mode]
+    return ["--policy", mode]
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -123,6 +198,7 @@ class ExperimentConfig:
     batch_size: int = 0  # 0: the task's default
     lr: float = 0.0  # 0: the task's default
     seed: int = 0
+    repeats: int = 1  # runs of every mode, with seeds seed, seed + 1, ...
     delay: dict[int, float] = field(default_factory=dict)  # worker index -> seconds slept per step
     backup_workers: int = 0  # sync: step after workers - backup_workers gradients
     stale: str = "reject"  # ssp: reject or scale pushes over the bound
@@ -134,7 +210,7 @@ class ExperimentConfig:
 
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)}")
-        for name in ("workers", "shards", "steps"):
+        for name in ("workers", "shards", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"experiment {name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 0 or not 0.0 <= self.lr < math.inf:
@@ -142,8 +218,11 @@ class ExperimentConfig:
                              f"{self.batch_size} and {self.lr}")
         if not self.modes or len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes must be a non-empty list without repeats, got {list(self.modes)}")
-        for mode in self.modes:
-            parse_policy(mode, self.workers, self.backup_workers, self.stale)  # raises a clear ValueError
+        for mode in self.modes:  # each raises a clear ValueError
+            if mode.startswith(("dc:", "dca:")):
+                parse_policy("async", compensate=mode)
+            else:
+                parse_policy(mode, self.workers, self.backup_workers, self.stale)
         for worker, seconds in self.delay.items():
             if not -self.workers <= worker < self.workers or not 0.0 <= seconds < math.inf:
                 raise ValueError(f"delay {worker}:{seconds}: worker must be in "
@@ -303,7 +382,7 @@ class _Shard:
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "optserve.cli", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
-             "--port", "0", "--policy", mode, "--workers", str(cfg.workers),
+             "--port", "0", *policy_arguments(mode), "--workers", str(cfg.workers),
              "--backup-workers", str(cfg.backup_workers), "--stale", cfg.stale,
              "--wait-timeout", str(cfg.wait_timeout(mode)), "--shard-index", str(index),
              "--num-shards", str(cfg.shards),
@@ -348,8 +427,8 @@ def _stop_all(shards: Sequence[_Shard]) -> None:
 
 # -- one mode ---------------------------------------------------------------------------------------
 
-def _run_mode(cfg: ExperimentConfig, mode: str, servers: list[str], workers: _Workers, shares, data, tqdm,
-              progress: bool) -> dict[str, Any]:
+def _run_mode(cfg: ExperimentConfig, mode: str, repeat: int, servers: list[str], workers: _Workers, shares,
+              data, tqdm, progress: bool) -> dict[str, Any]:
     """Train under one mode; returns its rows (CSV order), dropped pushes, wall time and accuracy."""
     from optserve.client.remote_adam import RemoteAdam
 
@@ -359,7 +438,7 @@ def _run_mode(cfg: ExperimentConfig, mode: str, servers: list[str], workers: _Wo
     for w, share in enumerate(shares):
         workers.jobs[w].put(WorkerJob(
             mode=mode, servers=servers, task=cfg.task, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-            seed=cfg.seed, delay=cfg.delay.get(w, 0.0), until_version=mode == "sync",
+            seed=cfg.seed + repeat, delay=cfg.delay.get(w, 0.0), until_version=mode == "sync",
             end_on_wait_timeout=mode == "sync" and cfg.backup_workers > 0, timeout=cfg.timeout,
             x=x_train[share].numpy(), y=y_train[share].numpy()))
     ready = 0
@@ -368,14 +447,15 @@ def _run_mode(cfg: ExperimentConfig, mode: str, servers: list[str], workers: _Wo
     start = time.monotonic()  # the common start: CLOCK_MONOTONIC is one clock for all processes
     workers.go.set()
     rows, dropped, timed_out = [], {}, 0
-    with tqdm(total=cfg.workers * cfg.steps, desc=f"{cfg.task} {mode}", unit="step",
+    label = f"{cfg.task} {mode}" + (f" run {repeat + 1}/{cfg.repeats}" if cfg.repeats > 1 else "")
+    with tqdm(total=cfg.workers * cfg.steps, desc=label, unit="step",
               disable=not progress) as bar:
         while len(dropped) < cfg.workers:
             msg = workers.receive(deadline)
             if msg[0] == "step":
                 _, w, step, t, loss, stale, stale_max, n_dropped = msg
-                rows.append(dict(mode=mode, worker=w, step=step, wall_time=t - start, loss=loss,
-                                 staleness=stale, staleness_max=stale_max, dropped=n_dropped))
+                rows.append(dict(mode=mode, repeat=repeat, worker=w, step=step, wall_time=t - start,
+                                 loss=loss, staleness=stale, staleness_max=stale_max, dropped=n_dropped))
                 bar.update()
                 if bar.n % 25 == 0:
                     bar.set_postfix(loss=f"{loss:.3f}")
@@ -384,7 +464,7 @@ def _run_mode(cfg: ExperimentConfig, mode: str, servers: list[str], workers: _Wo
                 timed_out += msg[3]
     # A fresh replica with other weights: RemoteAdam's construction overwrites them with the shards'
     # final values, so this measures the served model, not any worker's copy.
-    final = TASKS[cfg.task].make_model(cfg.seed + 10_000)
+    final = TASKS[cfg.task].make_model(cfg.seed + repeat + 10_000)
     RemoteAdam(final.named_parameters(), servers=servers, timeout=cfg.timeout).close()
     rows.sort(key=lambda r: (r["worker"], r["step"]))
     return {"rows": rows, "dropped": sum(dropped.values()), "wall_time": max(r["wall_time"] for r in rows),
@@ -414,62 +494,102 @@ def _loss_by_step(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(steps), np.array([np.mean(by_step[s]) for s in steps])
 
 
-def _summarize(cfg: ExperimentConfig, results: dict[str, dict]) -> tuple[float, dict[str, dict]]:
-    """(target loss, per-mode metrics)."""
-    curves = {m: _loss_over_time(r["rows"], cfg.workers) for m, r in results.items()}
-    # Default target: the loss the worst mode ends at, so every mode has a time to it.
-    target = cfg.target_loss if cfg.target_loss is not None else max(float(c[1][-1]) for c in curves.values())
+def _run_metrics(r: dict, workers: int, target: float) -> dict[str, Any]:
+    """One run of one mode: the summary's numbers."""
+    times, smooth = _loss_over_time(r["rows"], workers)
+    hit = np.nonzero(smooth <= target)[0]
+    stale = np.array([x["staleness"] for x in r["rows"]], dtype=np.float64)
+    stale_max = np.array([x["staleness_max"] for x in r["rows"]], dtype=np.float64)
+    return {
+        "time_to_target": float(times[hit[0]]) if len(hit) else None,
+        "final_loss": float(smooth[-1]),
+        "accuracy": r["accuracy"],
+        "staleness_mean": float(np.nanmean(stale)) if np.isfinite(stale).any() else math.nan,
+        "staleness_max": int(np.nanmax(stale_max)) if np.isfinite(stale_max).any() else 0,
+        "dropped": r["dropped"],  # per shard that refused: a step may drop one push per shard
+        "steps_dropped": sum(1 for x in r["rows"] if x["dropped"]),
+        "steps": len(r["rows"]),
+        "wall_time": r["wall_time"],
+        "ended_on_wait_timeout": r["ended_on_wait_timeout"],
+        "target_loss": target,
+    }
+
+
+MEAN_STD = ("final_loss", "accuracy", "staleness_mean", "wall_time", "steps_per_second")
+
+
+def _summarize(cfg: ExperimentConfig, results: dict[str, list[dict]]) -> tuple[float, dict[str, dict]]:
+    """(target loss, per-mode metrics). Each run has its own target: given, or the final (smoothed) loss
+    of the mode that ends highest in that run, so every mode has a time to it. Per mode: the runs'
+    means, `<name>_std` (sample standard deviation over the runs; 0 for one run) for MEAN_STD, sums of
+    the counts, the highest staleness, time to target averaged when every run reached it, and `runs`."""
+    targets = []
+    for i in range(cfg.repeats):
+        ends = [float(_loss_over_time(runs[i]["rows"], cfg.workers)[1][-1]) for runs in results.values()]
+        targets.append(cfg.target_loss if cfg.target_loss is not None else max(ends))
     summary = {}
-    for mode, r in results.items():
-        times, smooth = curves[mode]
-        hit = np.nonzero(smooth <= target)[0]
-        stale = np.array([x["staleness"] for x in r["rows"]], dtype=np.float64)
-        stale_max = np.array([x["staleness_max"] for x in r["rows"]], dtype=np.float64)
-        summary[mode] = {
-            "time_to_target": float(times[hit[0]]) if len(hit) else None,
-            "final_loss": float(smooth[-1]),
-            "accuracy": r["accuracy"],
-            "staleness_mean": float(np.nanmean(stale)) if np.isfinite(stale).any() else math.nan,
-            "staleness_max": int(np.nanmax(stale_max)) if np.isfinite(stale_max).any() else 0,
-            "dropped": r["dropped"],  # per shard that refused: a step may drop one push per shard
-            "steps_dropped": sum(1 for x in r["rows"] if x["dropped"]),
-            "steps": len(r["rows"]),
-            "wall_time": r["wall_time"],
-            "ended_on_wait_timeout": r["ended_on_wait_timeout"],
-        }
-    return target, summary
+    for mode, runs in results.items():
+        per_run = [_run_metrics(r, cfg.workers, t) for r, t in zip(runs, targets)]
+        for m in per_run:
+            m["steps_per_second"] = m["steps"] / m["wall_time"]
+        s: dict[str, Any] = {"runs": per_run}
+        for name in MEAN_STD:
+            values = np.array([m[name] for m in per_run], dtype=np.float64)
+            s[name] = float(np.mean(values))
+            s[name + "_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        for name in ("dropped", "steps_dropped", "steps", "ended_on_wait_timeout"):
+            s[name] = sum(m[name] for m in per_run)
+        s["staleness_max"] = max(m["staleness_max"] for m in per_run)
+        hits = [m["time_to_target"] for m in per_run]
+        s["time_to_target"] = None if None in hits else float(np.mean(hits))
+        s["time_to_target_std"] = float(np.std(hits, ddof=1)) if None not in hits and len(hits) > 1 else 0.0
+        summary[mode] = s
+    return float(np.mean(targets)), summary
+
+
+def _pm(s: dict, name: str, fmt: str, repeats: int) -> str:
+    """`mean` or, over several runs, `mean ± std`."""
+    if s[name] is None:
+        return "not reached"
+    text = format(s[name], fmt)
+    return f"{text} ± {format(s[name + '_std'], fmt)}" if repeats > 1 else text
 
 
 def _markdown(cfg: ExperimentConfig, target: float, summary: dict[str, dict]) -> str:
     delay = ", ".join(f"worker {w} +{s:g} s" for w, s in sorted(cfg.delay.items())) or "none"
-    origin = "given" if cfg.target_loss is not None else "the highest final loss among the modes"
+    origin = "given" if cfg.target_loss is not None else "per run, the highest final loss among the modes"
+    seeds = f"seed {cfg.seed}" if cfg.repeats == 1 else (f"{cfg.repeats} runs, seeds {cfg.seed}.."
+                                                         f"{cfg.seed + cfg.repeats - 1}, mean ± standard "
+                                                         "deviation over the runs")
     lines = [
         f"# optserve experiment: {cfg.task}",
         "",
         f"{TASKS[cfg.task].description}; {cfg.workers} worker processes x {cfg.steps} steps, {cfg.shards} "
-        f"shard processes, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}; stragglers: {delay}; "
+        f"shard processes, batch {cfg.batch_size}, lr {cfg.lr:g}, {seeds}; stragglers: {delay}; "
         f"ssp over the bound: {cfg.stale}; sync backup workers: {cfg.backup_workers}.",
-        f"Target loss {target:.4f} ({origin}; losses are moving means over {5 * cfg.workers} worker steps).",
+        f"Target loss {target:.4f} ({origin}{', mean' if cfg.repeats > 1 else ''}; losses are moving means "
+        f"over {5 * cfg.workers} worker steps).",
         "",
         "| mode | time to target (s) | final loss | held-out accuracy | staleness mean | staleness max "
         "| shard pushes dropped | steps with a drop | steps | wall time (s) | steps/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    n = cfg.repeats
     for mode, s in summary.items():
-        ttt = "not reached" if s["time_to_target"] is None else f"{s['time_to_target']:.2f}"
-        lines.append(f"| {mode} | {ttt} | {s['final_loss']:.4f} | {s['accuracy']:.2%} | "
-                     f"{s['staleness_mean']:.2f} | {s['staleness_max']} | {s['dropped']} | "
-                     f"{s['steps_dropped']} | {s['steps']} | {s['wall_time']:.2f} "
-                     f"| {s['steps'] / s['wall_time']:.1f} |")
+        accuracy = {"accuracy": 100 * s["accuracy"], "accuracy_std": 100 * s["accuracy_std"]}
+        lines.append(f"| {mode} | {_pm(s, 'time_to_target', '.2f', n)} | {_pm(s, 'final_loss', '.4f', n)} | "
+                     f"{_pm(accuracy, 'accuracy', '.2f', n)}% | {_pm(s, 'staleness_mean', '.2f', n)} | "
+                     f"{s['staleness_max']} | {s['dropped']} | {s['steps_dropped']} | {s['steps']} | "
+                     f"{_pm(s, 'wall_time', '.2f', n)} | {_pm(s, 'steps_per_second', '.1f', n)} |")
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: Path, results: dict[str, dict]) -> None:
+def _write_csv(path: Path, results: dict[str, list[dict]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        for r in results.values():
-            for row in r["rows"]:
+        for runs in results.values():
+            for row in (row for r in runs for row in r["rows"]):
                 writer.writerow({**row, "wall_time": f"{row['wall_time']:.6f}", "loss": f"{row['loss']:.6g}",
                                  "staleness": ("" if math.isnan(row["staleness"])
                                                else f"{row['staleness']:.4g}"),
@@ -477,19 +597,21 @@ def _write_csv(path: Path, results: dict[str, dict]) -> None:
                                  int(row["staleness_max"])})
 
 
-def _plot(Figure: Callable, path: Path, cfg: ExperimentConfig, results: dict[str, dict],
-          target: float) -> None:
+def _plot(Figure: Callable, path: Path, cfg: ExperimentConfig, results: dict[str, list[dict]],
+          target: float, summary: dict[str, dict]) -> None:
     # matplotlib.figure.Figure needs no pyplot and no backend switch: it renders with Agg on savefig.
-    fig = Figure(figsize=(16, 4.6), layout="constrained")
-    ax_time, ax_step, ax_hist = fig.subplots(1, 3)
+    fig = Figure(figsize=(21, 4.8), layout="constrained")
+    ax_time, ax_step, ax_hist, ax_stale = fig.subplots(1, 4)
     colors = {m: f"C{i}" for i, m in enumerate(results)}
-    for mode, r in results.items():
-        times, smooth = _loss_over_time(r["rows"], cfg.workers)
-        ax_time.plot(times, smooth, color=colors[mode], label=mode)
-        steps, mean = _loss_by_step(r["rows"])
-        window = max(1, min(10, len(mean) // 10))
-        ax_step.plot(steps, mean, color=colors[mode], alpha=0.2, linewidth=0.8)
-        ax_step.plot(steps[window - 1:], moving_average(list(mean), window), color=colors[mode], label=mode)
+    for mode, runs in results.items():
+        for i, r in enumerate(runs):  # every run; the legend names the mode once
+            label = mode if i == 0 else None
+            times, smooth = _loss_over_time(r["rows"], cfg.workers)
+            ax_time.plot(times, smooth, color=colors[mode], label=label, alpha=1.0 if i == 0 else 0.5)
+            steps, mean = _loss_by_step(r["rows"])
+            window = max(1, min(10, len(mean) // 10))
+            ax_step.plot(steps[window - 1:], moving_average(list(mean), window), color=colors[mode],
+                         label=label, alpha=1.0 if i == 0 else 0.5)
     for ax in (ax_time, ax_step):
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
         ax.set_yscale("log")
@@ -498,8 +620,9 @@ def _plot(Figure: Callable, path: Path, cfg: ExperimentConfig, results: dict[str
     ax_time.set_xlabel("wall time since the common start (s)")
     ax_time.set_title(f"loss vs time (mean of {_window(10 ** 9, cfg.workers)} worker steps)")
     ax_step.set_xlabel("step (per worker)")
-    ax_step.set_title(f"loss vs step (mean over {cfg.workers} workers)")
-    values = [np.array([x["staleness"] for x in r["rows"]], dtype=np.float64) for r in results.values()]
+    ax_step.set_title(f"loss vs step (mean over {cfg.workers} workers, smoothed)")
+    values = [np.array([x["staleness"] for r in runs for x in r["rows"]], dtype=np.float64)
+              for runs in results.values()]
     values = [v[np.isfinite(v)] for v in values]
     top = max((float(v.max()) for v in values if len(v)), default=0.0)
     ax_hist.hist(values, bins=np.arange(0.0, math.ceil(top) + 1.0, 0.5) - 0.25, label=list(results),
@@ -508,6 +631,17 @@ def _plot(Figure: Callable, path: Path, cfg: ExperimentConfig, results: dict[str
     ax_hist.set_ylabel("worker steps")
     ax_hist.set_title("staleness (dropped pushes not counted)")
     ax_hist.legend()
+    for mode, s in summary.items():
+        runs = s["runs"]
+        ax_stale.scatter([m["staleness_mean"] for m in runs], [m["final_loss"] for m in runs],
+                         color=colors[mode], alpha=0.5, s=18)
+        ax_stale.errorbar(s["staleness_mean"], s["final_loss"], xerr=s["staleness_mean_std"],
+                          yerr=s["final_loss_std"], color=colors[mode], marker="o", capsize=3, label=mode)
+    ax_stale.set_xlabel("measured staleness (mean over applied pushes, versions)")
+    ax_stale.set_ylabel("final training loss (smoothed)")
+    ax_stale.set_title(f"final loss vs staleness ({cfg.repeats} run{'s' if cfg.repeats > 1 else ''} "
+                       f"per mode; mean ± std)")
+    ax_stale.legend()
     fig.suptitle(f"optserve experiment: {cfg.task}, {cfg.workers} workers, {cfg.shards} shards")
     fig.savefig(path, dpi=100)
 
@@ -516,7 +650,7 @@ def _plot(Figure: Callable, path: Path, cfg: ExperimentConfig, results: dict[str
 
 def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2,
                    modes: Sequence[str] = DEFAULT_MODES, steps: int = ExperimentConfig.steps,
-                   batch_size: int = 0, lr: float = 0.0, seed: int = 0,
+                   batch_size: int = 0, lr: float = 0.0, seed: int = 0, repeats: int = 1,
                    delay: str | Mapping[int, float] | None = None, backup_workers: int = 0,
                    stale: str = "reject",
                    target_loss: float | None = None, out_dir: str | Path = "experiment-out",
@@ -524,35 +658,39 @@ def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2,
     """Run the task under every mode; write the CSV, PNG and summary; return what `main` prints.
 
     delay: stragglers, {worker index: seconds slept before each step} or "3:0.05,2:0.01".
-    Keys of the result: config (ExperimentConfig), target_loss, modes ({mode: time_to_target (s or
-    None), final_loss, accuracy, staleness_mean, staleness_max, dropped (pushes refused, one per
-    shard), steps_dropped (worker steps with a drop), steps, wall_time, ended_on_wait_timeout
-    (workers whose last sync step timed out: backup workers only)}), table
+    Keys of the result: config (ExperimentConfig), target_loss (mean over runs), modes ({mode:
+    time_to_target (s or None), final_loss, accuracy, staleness_mean, wall_time, steps_per_second
+    (means over the runs, each with a `_std`), staleness_max, dropped (pushes refused, one per
+    shard), steps_dropped (worker steps with a drop), steps, ended_on_wait_timeout (workers whose
+    last sync step timed out: backup workers only) (sums over the runs), runs (each run's)}), table
     (summary.md's text), csv, png, summary (paths).
     """
     cfg = ExperimentConfig(task=task, workers=workers, shards=shards, modes=tuple(modes), steps=steps,
-                           batch_size=batch_size, lr=lr, seed=seed, delay=parse_delay(delay),
+                           batch_size=batch_size, lr=lr, seed=seed, repeats=repeats, delay=parse_delay(delay),
                            backup_workers=backup_workers, stale=stale, target_loss=target_loss,
                            timeout=timeout)
-    sklearn, Figure, tqdm = require_demo_packages()
-    x_train, y_train, x_test, y_test = load_digits(sklearn, cfg.seed)
-    # Each worker trains on its own disjoint share of a seeded shuffle of the training set (as the demo).
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))
-    shares = order.chunk(cfg.workers)
-    results: dict[str, dict] = {}
+    _, Figure, tqdm = require_demo_packages()
+    results: dict[str, list[dict]] = {mode: [] for mode in cfg.modes}
     shard_procs: dict[str, list[_Shard]] = {}
     pool, ok = None, False
     try:
-        for mode in cfg.modes:
-            shard_procs[mode] = [_Shard(mode, i, cfg) for i in range(cfg.shards)]
         pool = _Workers(cfg.workers)
-        deadline = time.monotonic() + START_TIMEOUT
-        servers = {m: [s.address(deadline) for s in ss] for m, ss in shard_procs.items()}
-        with torch_threads(1):  # the evaluation's replica; this process's thread count is put back
-            for mode in cfg.modes:
-                results[mode] = _run_mode(cfg, mode, servers[mode], pool, shares,
-                                          (x_train, y_train, x_test, y_test), tqdm, progress)
-                _stop_all(shard_procs.pop(mode))
+        for repeat in range(cfg.repeats):
+            seed = cfg.seed + repeat
+            x_train, y_train, x_test, y_test = TASKS[cfg.task].load(seed)
+            # Each worker trains on its own disjoint share of a seeded shuffle of the training set (as the
+            # demo).
+            order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
+            shares = order.chunk(cfg.workers)
+            for mode in cfg.modes:  # fresh shards for every run: all modes' at once (idle ones cost nothing)
+                shard_procs[mode] = [_Shard(mode, i, cfg) for i in range(cfg.shards)]
+            deadline = time.monotonic() + START_TIMEOUT
+            servers = {m: [s.address(deadline) for s in ss] for m, ss in shard_procs.items()}
+            with torch_threads(1):  # the evaluation's replica; this process's thread count is put back
+                for mode in cfg.modes:
+                    results[mode].append(_run_mode(cfg, mode, repeat, servers[mode], pool, shares,
+                                                   (x_train, y_train, x_test, y_test), tqdm, progress))
+                    _stop_all(shard_procs.pop(mode))
         ok = True
     finally:
         if pool is not None:
@@ -565,7 +703,7 @@ def run_experiment(task: str = "digits", workers: int = 4, shards: int = 2,
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / CSV_NAME, "png": out / PNG_NAME, "summary": out / SUMMARY_NAME}
     _write_csv(paths["csv"], results)
-    _plot(Figure, paths["png"], cfg, results, target)
+    _plot(Figure, paths["png"], cfg, results, target, summary)
     paths["summary"].write_text(table)
     return {"config": cfg, "target_loss": target, "modes": summary, "table": table, **paths}
 
@@ -580,16 +718,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=d.shards, help="shard processes per mode (default "
                                                                      f"{d.shards})")
     parser.add_argument("--modes", default=",".join(d.modes),
-                        help="comma-separated policies to compare: sync, async, ssp:S (default "
+                        help="comma-separated policies to compare: sync, async, ssp:S, dc:LAMBDA, "
+                             "dca:LAMBDA0[:M] (async with DC-ASGD) (default "
                              f"{','.join(d.modes)})")
     parser.add_argument("--steps", type=int, default=d.steps,
                         help="optimizer steps per worker; sync: every worker trains until the model took "
                              "this many steps, so with backup workers a straggler takes fewer (default "
                              f"{d.steps})")
-    parser.add_argument("--batch-size", type=int, default=0, help="minibatch size (default: the task's, 32)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="minibatch size (default: the task's, 32; charlm 64)")
     parser.add_argument("--lr", type=float, default=0.0, help="Adam learning rate (default: the task's)")
     parser.add_argument("--seed", type=int, default=d.seed,
                         help=f"seed of split, weights and shuffles (default {d.seed})")
+    parser.add_argument("--repeats", type=int, default=d.repeats,
+                        help="run every mode this many times, with seeds seed, seed + 1, ...; the summary "
+                             f"gives mean ± standard deviation (default {d.repeats})")
     parser.add_argument("--delay", default="", metavar="W:SEC[,W:SEC...]",
                         help="stragglers: worker W sleeps SEC seconds before each step, e.g. 3:0.05; -1 is "
                              "the last worker, written --delay=-1:0.05 (default none)")
@@ -615,7 +758,8 @@ def main(args: argparse.Namespace) -> int:
     """Run the experiment, print the summary table and where the files are; 0 on success."""
     r = run_experiment(task=args.task, workers=args.workers, shards=args.shards,
                        modes=[m.strip() for m in args.modes.split(",") if m.strip()], steps=args.steps,
-                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, delay=args.delay,
+                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, repeats=args.repeats,
+                       delay=args.delay,
                        backup_workers=args.backup_workers, stale=args.stale, target_loss=args.target_loss,
                        out_dir=args.out, progress=not args.no_progress, timeout=args.timeout)
     print(r["table"])

@@ -27,9 +27,11 @@ from optserve.errors import StatusCode
 from optserve.serde import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from optserve.server.checkpoint import CheckpointData, list_checkpoints, restore_latest, write_checkpoint
 from optserve.net import is_loopback, load_token
+from optserve.server.applylog import ApplyLog
 from optserve.server.auth import TokenInterceptor, server_credentials, server_ssl_context
 from optserve.server.data import DataServer
 from optserve.server.metrics import ShardMetrics
+from optserve.server.compensate import DEFAULT_DEPTH
 from optserve.server.policy import Policy, parse_policy
 from optserve.server.requests import RequestCore, ShardInfo, checkpoint_failed
 from optserve.server.service import DEFAULT_IDLE_TIMEOUT, SERVICE_NAME, Servicer, generic_handler
@@ -48,11 +50,14 @@ class ServerConfig:
     workers: int = 0  # sync: gradients per step
     backup_workers: int = 0  # sync: step after workers - backup_workers
     stale: str = "reject"  # ssp: what to do with a push over the bound (reject or scale)
+    compensate: str = ""  # async: DC-ASGD, dc:λ or dca:λ0[:m] (server/compensate.py)
+    max_dc_versions: int = DEFAULT_DEPTH  # DC-ASGD: parameter versions kept per key
     wait_timeout: float = 60.0  # sync: longest a worker waits for a step
     checkpoint_dir: str = ""  # empty: no checkpoints
     checkpoint_every: float = 0.0  # seconds between periodic checkpoints; 0: only on request and SIGTERM
     keep: int = 2  # checkpoints kept
     apply_log: str = ""  # a file to append one JSON line per applied push to
+    apply_log_max_gradient_bytes: int = 0  # > 0: the apply log keeps the gradients, up to this many bytes
     shard_index: int = 0
     num_shards: int = 1
     threads: int = 16
@@ -89,6 +94,11 @@ class ServerConfig:
         if self.checkpoint_every < 0 or self.keep < 1:
             raise ValueError(f"checkpoint_every must be >= 0 and keep >= 1, got {self.checkpoint_every}, "
                              f"{self.keep}")
+        if self.apply_log_max_gradient_bytes < 0:
+            raise ValueError(f"--apply-log-max-gradient-bytes must be >= 0, got "
+                             f"{self.apply_log_max_gradient_bytes}")
+        if self.apply_log_max_gradient_bytes and not self.apply_log:
+            raise ValueError("--apply-log-max-gradient-bytes needs --apply-log")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("--checkpoint-every needs --checkpoint-dir")
         if not self.idle_timeout > 0:
@@ -118,7 +128,8 @@ class ServerConfig:
                       for f in dataclasses.fields(cls)})
 
     def make_policy(self) -> Policy:
-        return parse_policy(self.policy, self.workers, self.backup_workers, self.stale)
+        return parse_policy(self.policy, self.workers, self.backup_workers, self.stale, self.compensate,
+                            self.max_dc_versions)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -253,7 +264,8 @@ class Shard:
         self.cfg = cfg
         store = Store(resolve_device(cfg.device), StoreLimits(cfg.max_keys, cfg.max_tensor_elements,
                                                               cfg.max_shard_elements, cfg.dedupe_bytes),
-                      apply_log=open(cfg.apply_log, "a", encoding="utf-8") if cfg.apply_log else None)
+                      apply_log=(ApplyLog(cfg.apply_log, cfg.apply_log_max_gradient_bytes) if cfg.apply_log
+                                 else None))
         policy = cfg.make_policy()
         self.checkpointer = Checkpointer(store, policy, cfg) if cfg.checkpoint_dir else None
         self.metrics = ShardMetrics()
@@ -446,13 +458,24 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stale", choices=("reject", "scale"), default="reject",
                    help="ssp: refuse a push over the bound (FAILED_PRECONDITION, the client re-pulls) or "
                         "apply it with lr / (staleness + 1)")
+    p.add_argument("--compensate", default="",
+                   help="async: delay-compensate stale gradients (DC-ASGD): dc:LAMBDA (constant, e.g. "
+                        "dc:0.04) or dca:LAMBDA0[:M] (adaptive, M default 0.95); README: Training modes")
+    p.add_argument("--max-dc-versions", type=int, default=DEFAULT_DEPTH,
+                   help=f"DC-ASGD: parameter versions kept per key (default {DEFAULT_DEPTH}; costs that many "
+                        "copies of the shard's parameters); a push staler than this is refused as stale")
     p.add_argument("--wait-timeout", type=float, default=60.0,
                    help="sync: seconds a worker waits for the other workers' gradients (default 60)")
     p.add_argument("--checkpoint-dir", help="write checkpoints here, and restore the newest at start")
     p.add_argument("--checkpoint-every", type=float, default=0.0,
                    help="seconds between periodic checkpoints (default 0: only on request and SIGTERM)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    p.add_argument("--apply-log", help="append one JSON line per applied push (its order) to this file")
+    p.add_argument("--apply-log", help="append one JSON line per applied push (its order, options, digests "
+                                        "of its gradient and of the state after it) to this file")
+    p.add_argument("--apply-log-max-gradient-bytes", type=int, default=0,
+                   help="also keep the applied gradients in APPLY_LOG.grad (raw float32), up to this many "
+                        "bytes, for `optserve replay`; at the bound later pushes are logged with digests "
+                        "only (default 0: digests only)")
     p.add_argument("--shard-index", type=_shard_index, default=0,
                    help="this shard's index, 0-based; auto: OPTSERVE_SHARD_INDEX, else the ordinal "
                         "ending the host name (a StatefulSet pod optserve-2 is shard 2)")

@@ -13,6 +13,8 @@ tests/unit/test_policy.py drives each policy against a bare Store.
 - `ssp:S`: bounded staleness. A push more than S versions behind is refused (FAILED_PRECONDITION with
   reason "stale": the client re-pulls and drops the gradient, counted) or, with `scale`, applied with
   the learning rate divided by (staleness + 1) (Zhang et al., IJCAI 2016).
+- `async` with `--compensate dc:λ` or `dca:λ0[:m]`: async, each stale gradient first delay-compensated
+  (DC-ASGD, Zheng et al., ICML 2017; the math and its state are server/compensate.py's).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 
 from optserve.hyper import AdamConfig
 from optserve.errors import STALE, RequestError, StatusCode
+from optserve.server.compensate import DEFAULT_DEPTH, Compensator, DCSpec, parse_compensate
 from optserve.server.dedupe import Origin, PushResult
 from optserve.server.store import GradEntry, Key, Store
 
@@ -155,6 +158,69 @@ class SSPPolicy(AsyncPolicy):
             raise
 
 
+class DCPolicy(AsyncPolicy):
+    """async with delay compensation (DC-ASGD): a push at staleness s >= 1 has its gradient replaced by
+    g + λ g ⊙ g ⊙ (θ_now − θ_read) under the store's lock, before Adam; θ_read is the key's value at
+    the version the push names, from a ring of the last `depth` versions (server/compensate.py). A
+    push whose θ_read is out of the ring is refused as stale (the client drops it and pulls).
+
+    Checkpoints keep MeanSquare (adaptive: it decides future λ), not the ring (depth copies of every
+    key): after a restore the ring starts empty, so a push computed before the restart is refused
+    as stale rather than compensated against a value the shard no longer knows."""
+
+    MEAN_SQUARE = "dc_mean_square/"  # checkpoint tensor name prefix, then the key's name
+
+    def __init__(self, spec: DCSpec, depth: int = DEFAULT_DEPTH):
+        self.compensator = Compensator(spec, depth)
+        self.name = f"async+{spec.name}"
+        # Order: this lock, then the store's. It makes a checkpoint's copy of MeanSquare the one of
+        # the instant its keys are copied (no push between), and orders SetState with pushes.
+        self._lock = threading.Lock()
+
+    def submit(self, store: Store, entries: Sequence[GradEntry], origin: Origin) -> PushResult:
+        with self._lock:
+            try:
+                return store.apply(entries, origin=origin, compensate=self.compensator.prepare)
+            except RequestError as exc:
+                if exc.reason == STALE:
+                    store.count_dropped([e.key for e in entries])
+                raise
+
+    def set_state(self, store: Store, updates: Sequence[Update],
+                  max_versions: Sequence[int | None] = ()) -> list[int]:
+        with self._lock:
+            versions = store.set_state(updates, max_versions)
+            self.compensator.forget([key for key, *_ in updates])
+            return versions
+
+    def checkpoint_lock(self):
+        return self._lock
+
+    def checkpoint_state(self) -> tuple[list, dict[str, torch.Tensor]]:
+        """MeanSquare of every key (adaptive; call with checkpoint_lock() held); no sync rounds."""
+        return [], {self.MEAN_SQUARE + name: t.to("cpu", copy=True)
+                    for name, t in self.compensator.mean_square.items()}
+
+    def restore_state(self, state: list, tensors: dict[str, torch.Tensor], store: Store) -> None:
+        super().restore_state(state, tensors, store)  # a sync checkpoint's open rounds: dropped
+        mean_square = {}
+        for name, t in tensors.items():
+            if not name.startswith(self.MEAN_SQUARE):
+                continue
+            key = store.get(name[len(self.MEAN_SQUARE):])
+            if t.numel() != key.numel:
+                raise ValueError(f"DC-ASGD MeanSquare of key {key.name!r} has {t.numel()} elements, the key "
+                                 f"{key.numel}")
+            mean_square[key.name] = t.reshape(-1).to(key.param.device)
+        if self.compensator.spec.adaptive:
+            if not mean_square and len(store):
+                log.warning("the checkpoint holds no DC-ASGD MeanSquare (written under another policy or "
+                            "constant λ); %s starts it at 0", self.name)
+            self.compensator.mean_square = mean_square
+        elif mean_square:
+            log.warning("the checkpoint's DC-ASGD MeanSquare is not used by %s (constant λ)", self.name)
+
+
 @dataclass
 class _Round:
     """One key's sync round: the gradients of its current version summed so far."""
@@ -277,8 +343,14 @@ class SyncPolicy:
                 f"gradients ({self.workers} workers, {self.backups} backups)")
 
 
-def parse_policy(spec: str, workers: int = 0, backups: int = 0, on_stale: str = "reject") -> Policy:
-    """The policy named by `spec` (as given to `optserve serve --policy`): async, sync or ssp:S."""
+def parse_policy(spec: str, workers: int = 0, backups: int = 0, on_stale: str = "reject",
+                 compensate: str = "", max_dc_versions: int = DEFAULT_DEPTH) -> Policy:
+    """The policy named by `spec` (as given to `optserve serve --policy`): async, sync or ssp:S;
+    `compensate` (--compensate dc:λ or dca:λ0[:m]) is for async only."""
+    if compensate:
+        if spec != "async":
+            raise ValueError(f"--compensate {compensate} needs --policy async, got --policy {spec}")
+        return DCPolicy(parse_compensate(compensate), max_dc_versions)
     if spec == "async":
         return AsyncPolicy()
     if spec == "sync":

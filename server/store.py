@@ -15,11 +15,10 @@ write: a push moves a leased key onto a copy first, `_own`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TextIO
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,6 +27,7 @@ from optserve.hyper import MAX_STEP, AdamConfig
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import PART_NAMES
 from optserve.server.adam import Bounds, adam_fast, step_bounds
+from optserve.server.applylog import ApplyLog
 from optserve.server.buffers import BufferPool, Leases
 from optserve.server.checkpoint import KeyRecord
 from optserve.server.dedupe import DEFAULT_MAX_BYTES, NO_ORIGIN, Dedupe, Origin, PushResult
@@ -165,10 +165,10 @@ class Store:
     """The keys of one shard."""
 
     def __init__(self, device: torch.device | str = "cpu", limits: StoreLimits = StoreLimits(),
-                 apply_log: TextIO | None = None):
+                 apply_log: ApplyLog | None = None):
         self.device = torch.device(device)
-        # One JSON line per applied push, written under the lock: the exact order of updates, so a
-        # run can be replayed (tests/system) or audited.
+        # One JSON line per applied push, written under the lock: the exact order of updates, with
+        # digests (and gradients, bounded), so a run can be replayed (`optserve replay`) or audited.
         self.apply_log = apply_log
         self.limits = limits
         self._keys: dict[str, Key] = {}
@@ -263,13 +263,15 @@ class Store:
 
     def apply(self, entries: Sequence[GradEntry],
               decide: Callable[[Key, int, AdamConfig], AdamConfig] | None = None,
-              origin: Origin = NO_ORIGIN) -> PushResult:
+              origin: Origin = NO_ORIGIN, compensate: Callable | None = None) -> PushResult:
         """One Adam step on every key of a push, atomically; returns versions and staleness.
 
         decide(key, staleness, cfg) lets the policy refuse a push (raise RequestError) or change the
         options of a step (ssp's lr scaling); it runs for every entry before anything changes.
         The result is recorded through `origin` (server/dedupe.py) under the same lock as the step, so
         a checkpoint holds a push's effect exactly when it holds its record.
+        compensate(entries) -> Pending (server/compensate.py, DC-ASGD) replaces the gradients after
+        `decide`, changing nothing (or raising RequestError); its `commit()` runs right before Adam.
         """
         with self._lock:
             configs = []
@@ -281,6 +283,9 @@ class Store:
                                        f"reach ({MAX_STEP}); SetState a lower step to train it further")
                 s = e.key.version - e.version_read
                 configs.append(decide(e.key, s, e.cfg) if decide is not None else e.cfg)
+            pending = compensate(entries) if compensate is not None else None
+            if pending is not None:
+                entries = pending.entries
             for e, cfg in zip(entries, configs):
                 if cfg.eps == 0:
                     _refuse_zero_denominator(e, cfg)
@@ -293,6 +298,8 @@ class Store:
             for e, cfg, b in zip(entries, configs, predicted):
                 if cfg.amsgrad and b is not None:  # allocated before anything changes: out of memory
                     e.key.part(pb.MAX_EXP_AVG_SQ)   # changes nothing
+            if pending is not None:  # nothing can refuse the push past here: the compensation's state
+                pending.commit()
             staleness = []
             groups: dict[AdamConfig, list[GradEntry]] = {}
             for e, cfg, b in zip(entries, configs, predicted):
@@ -324,11 +331,7 @@ class Store:
             self._changed.notify_all()
             result = PushResult([e.key.version for e in entries], staleness)
             if self.apply_log is not None:
-                self.apply_log.write(json.dumps({
-                    "client_id": origin.client_id, "seq": origin.seq, "keys": [e.key.name for e in entries],
-                    "version_read": [e.version_read for e in entries], "versions": result.versions,
-                    "lr": [cfg.lr for cfg in configs]}) + "\n")
-                self.apply_log.flush()
+                self.apply_log.write(origin, entries, configs, result)
             origin.record(result)
             return result
 

@@ -219,3 +219,28 @@ def test_a_cuda_shards_pinned_memory_stays_within_its_budget():
                     p.grad = torch.ones_like(p)
                 opt.step()
         assert 0 < shard.core.store.buffers.pinned_elements <= 1_000
+
+
+@pytest.mark.parametrize("spec", ["dc:0.5", "dca:0.5"])
+def test_dc_asgd_on_a_cuda_store_matches_the_cpu_store(spec):
+    """DC-ASGD's ring, MeanSquare and compensation on the device: the same schedule of stale pushes as
+    a CPU store, within the fast kernels' bound; staleness 0 leaves the gradient as pushed."""
+    from optserve.server.policy import parse_policy
+    from optserve.server.store import GradEntry, Store
+
+    n, gen = 4096, torch.Generator().manual_seed(3)
+    initial = torch.randn(n, generator=gen)
+    grads = [torch.randn(n, generator=gen) for _ in range(8)]
+    schedule = [(0, 0), (0, 1), (1, 2), (1, 3), (4, 4), (3, 5), (6, 6), (5, 7)]  # (version read, grad)
+    params = {}
+    for device in ("cpu", DEVICE):
+        store, policy = Store(device), parse_policy("async", compensate=spec)
+        store.create([("w", (n,), initial.to(device), {})])
+        for seq, (read, i) in enumerate(schedule, 1):
+            entry = GradEntry(key=store.get("w"), version_read=read, cfg=AdamConfig(lr=0.05),
+                              pieces=[(0, grads[i].to(device))])
+            store.dedupe.run_once("a", seq, 0, lambda origin: policy.submit(store, [entry], origin))
+        assert policy.compensator.compensated == 5
+        params[device] = store.get("w").param.to("cpu")
+
+    torch.testing.assert_close(params[DEVICE], params["cpu"], **BOUND)
