@@ -290,8 +290,20 @@ class SyncPolicy:
                 del self._rounds[key.name]
                 step.append(GradEntry(key=key, version_read=r.version, cfg=r.cfg,
                                       pieces=[(0, r.total.div_(len(r.clients)))]))
-        if step:
+        if not step:
+            return
+        try:
             store.apply(step)
+        except RequestError as refused:
+            # The mean, stepped with the round's options, was refused (it would make a key
+            # non-finite, or a key is at its last step): nothing changed, and the rounds are void,
+            # as SetState voids them. Their acknowledged gradients are counted as dropped, the push
+            # that completed them gets the refusal, and the version opens a fresh round; waits for
+            # the step end in ABORTED after --wait-timeout.
+            store.count_dropped([e.key for e in step])
+            log.warning("sync: the step of %s was refused (%s); its round is void and its gradients "
+                        "dropped", ", ".join(repr(e.key.name) for e in step), refused.message)
+            raise
 
     def set_state(self, store: Store, updates: Sequence[Update],
                   max_versions: Sequence[int | None] = ()) -> list[int]:

@@ -228,3 +228,25 @@ def test_async_applies_every_push_at_once_and_records_its_staleness():
 
     assert result.versions == [2] and result.staleness == [1]
     assert store.get("w").staleness.max == 1 and store.staleness.count == 2
+
+
+def test_sync_a_round_whose_step_is_refused_is_void_and_counted_as_dropped_and_the_version_trains_on():
+    """The round's mean, stepped with the round's options (its first push's), would make the key
+    non-finite: the push that completed it is refused, and the round's acknowledged gradients are
+    counted as dropped (as when SetState voids a round), not lost uncounted; the same version then
+    opens a fresh round."""
+    store, policy = store_with("w"), SyncPolicy(workers=2)
+    before = store.get("w").param.clone()
+    huge = GradEntry(key=store.get("w"), version_read=0, cfg=AdamConfig(lr=1e38),
+                     pieces=[(0, torch.full((N,), 1.0))])
+    submit(policy, store, "a", 1, huge)
+    with pytest.raises(RequestError) as refused:
+        submit(policy, store, "b", 1, grad(store, "w", 0, 3.0))
+    assert refused.value.code == StatusCode.INVALID_ARGUMENT and "'w'" in refused.value.message
+    key = store.get("w")
+    assert torch.equal(key.param, before) and key.version == 0
+    assert key.dropped == 1 and store.dropped == 1  # a's acknowledged gradient: counted, not silent
+
+    submit(policy, store, "a", 2, grad(store, "w", 0, 1.0))
+    assert submit(policy, store, "b", 2, grad(store, "w", 0, 3.0)).versions == [1]
+    assert torch.equal(store.get("w").param, one_step(2.0))
