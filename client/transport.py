@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
@@ -77,50 +78,93 @@ class ShardError(RuntimeError):
         self.reason = reason
 
 
-class ShardClient:
-    """Calls to one shard. Thread-safe: calls may run concurrently on the one channel."""
+# A replicated shard index (server/replication.py) is named by its replicas' addresses joined by "|"
+# ("a:50051|b:50051"): calls go to one, and a retryable failure (a replica down, or one that is not
+# the primary: reason not_primary) moves them to the next, with the same (client_id, seq).
+REPLICA_SEPARATOR = "|"
 
-    def __init__(self, address: str, *, timeout: float = 300.0,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 retry: RetryPolicy = RetryPolicy(), security: Security | None = None,
-                 data_channel: bool = True):
+
+class _Endpoint:
+    """One replica's channel, stubs and data channel."""
+
+    def __init__(self, address: str, security: Security, timeout: float, max_message_bytes: int,
+                 data_channel: bool, md):
         self.address = address
-        self.timeout = timeout
-        self.chunk_bytes = chunk_bytes
-        self.retry = retry
-        security = security or Security.from_env()
-        self._md = security.metadata()
         self.channel = security.channel(address, [("grpc.max_receive_message_length", max_message_bytes),
                                                   ("grpc.max_send_message_length", max_message_bytes),
                                                   *FOLLOW_MOVES])
         c = self.channel
-        self._hello = c.unary_unary(_METHOD + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
-                                    response_deserializer=pb.HelloReply.FromString)
-        self._register = c.stream_unary(_METHOD + "Register",
-                                        response_deserializer=pb.RegisterReply.FromString)
-        self._push = c.stream_unary(_METHOD + "Push", response_deserializer=pb.PushReply.FromString)
-        self._pull = c.unary_stream(_METHOD + "Pull", request_serializer=pb.PullRequest.SerializeToString)
-        self._push_pull = c.stream_stream(_METHOD + "PushPull")
-        self._set_state = c.stream_unary(_METHOD + "SetState",
-                                         response_deserializer=pb.SetStateReply.FromString)
-        self._stats = c.unary_unary(_METHOD + "Stats", request_serializer=pb.StatsRequest.SerializeToString,
-                                    response_deserializer=pb.StatsReply.FromString)
-        self._checkpoint = c.unary_unary(_METHOD + "Checkpoint",
-                                         request_serializer=pb.CheckpointRequest.SerializeToString,
-                                         response_deserializer=pb.CheckpointReply.FromString)
+        self.hello = c.unary_unary(_METHOD + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
+                                   response_deserializer=pb.HelloReply.FromString)
+        self.register = c.stream_unary(_METHOD + "Register",
+                                       response_deserializer=pb.RegisterReply.FromString)
+        self.push = c.stream_unary(_METHOD + "Push", response_deserializer=pb.PushReply.FromString)
+        self.pull = c.unary_stream(_METHOD + "Pull", request_serializer=pb.PullRequest.SerializeToString)
+        self.push_pull = c.stream_stream(_METHOD + "PushPull")
+        self.set_state = c.stream_unary(_METHOD + "SetState",
+                                        response_deserializer=pb.SetStateReply.FromString)
+        self.stats = c.unary_unary(_METHOD + "Stats", request_serializer=pb.StatsRequest.SerializeToString,
+                                   response_deserializer=pb.StatsReply.FromString)
+        self.checkpoint = c.unary_unary(_METHOD + "Checkpoint",
+                                        request_serializer=pb.CheckpointRequest.SerializeToString,
+                                        response_deserializer=pb.CheckpointReply.FromString)
         # Push, Pull and PushPull go over the shard's data channel when it announces one (and
         # data_channel is True), else over gRPC; both reach the same handlers (server/data.py).
         self.data = None
         if data_channel:
             tls = client_ssl_context(security.root_certificates, security.certificate_chain,
                                      security.private_key) if security.tls else None
-            self.data = DataChannel(address, self._hello_once, timeout, security.token, tls)
+            self.data = DataChannel(address, lambda: self.hello(pb.HelloRequest(), timeout=timeout,
+                                                                metadata=md), timeout, security.token, tls)
 
     def close(self) -> None:
         if self.data is not None:
             self.data.close()
         self.channel.close()
+
+
+class ShardClient:
+    """Calls to one shard (one of its replicas at a time). Thread-safe: calls may run concurrently on
+    the one channel."""
+
+    def __init__(self, address: str, *, timeout: float = 300.0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 retry: RetryPolicy = RetryPolicy(), security: Security | None = None,
+                 data_channel: bool = True):
+        self.replicas = [a.strip() for a in address.split(REPLICA_SEPARATOR)]
+        if not all(self.replicas) or len(set(self.replicas)) != len(self.replicas):
+            raise ValueError(f"shard address {address!r}: replicas are distinct addresses joined by "
+                             f"{REPLICA_SEPARATOR!r}")
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.retry = retry
+        security = security or Security.from_env()
+        self._md = security.metadata()
+        self._endpoints = [_Endpoint(a, security, timeout, max_message_bytes, data_channel, self._md)
+                           for a in self.replicas]
+        self._switch = threading.Lock()
+        self._use(self._endpoints[0])
+
+    def _use(self, ep: _Endpoint) -> None:
+        """Send calls to this replica from now on (attributes the calls read when they are made)."""
+        self._current = ep
+        self.address, self.channel, self.data = ep.address, ep.channel, ep.data
+        self._hello, self._register, self._push, self._pull = ep.hello, ep.register, ep.push, ep.pull
+        self._push_pull, self._set_state, self._stats = ep.push_pull, ep.set_state, ep.stats
+        self._checkpoint = ep.checkpoint
+
+    def _next_replica(self, failed: _Endpoint) -> None:
+        """After a retryable failure on `failed`: the next replica (unless a concurrent call moved on)."""
+        with self._switch:
+            if self._current is failed and len(self._endpoints) > 1:
+                nxt = self._endpoints[(self._endpoints.index(failed) + 1) % len(self._endpoints)]
+                log.info("shard %s: trying replica %s", failed.address, nxt.address)
+                self._use(nxt)
+
+    def close(self) -> None:
+        for ep in self._endpoints:
+            ep.close()
 
     def _either(self, over_data: Callable, over_grpc: Callable[[], T]) -> T:
         return over_grpc() if self.data is None else self.data.call(over_data, over_grpc)
@@ -136,19 +180,22 @@ class ShardClient:
         delay = self.retry.initial
         said = start  # a waiting worker says so every PROGRESS_EVERY seconds, at WARNING
         while True:
+            endpoint = self._current
             try:
                 return attempt()
             except (grpc.RpcError, DataCallError) as exc:
                 code = exc.code()
+                if code in RETRYABLE:
+                    self._next_replica(endpoint)
                 pause = random.uniform(0, delay)
-                details = (exc.details() or "").lower().replace(self.address.lower(), "")
+                details = (exc.details() or "").lower().replace(endpoint.address.lower(), "")
                 tls_failure = any(phrase in details for phrase in _TLS_FAILURE)
                 if code not in RETRYABLE or tls_failure or time.monotonic() + pause > give_up:
                     trailing = dict(exc.trailing_metadata() or ()) \
                         if hasattr(exc, "trailing_metadata") else {}
-                    raise ShardError(self.address, method, code, exc.details(),
+                    raise ShardError(endpoint.address, method, code, exc.details(),
                                      trailing.get(REASON_METADATA, "")) from None
-                log.info("%s on %s: %s (%s); retrying in %.2f s", method, self.address, code.name,
+                log.info("%s on %s: %s (%s); retrying in %.2f s", method, endpoint.address, code.name,
                          exc.details(), pause)
                 if time.monotonic() - said >= PROGRESS_EVERY:
                     said = time.monotonic()
