@@ -189,11 +189,14 @@ class Replicator:
 
     # -- what RequestCore asks -------------------------------------------------------------------
 
-    def check_serving(self) -> None:
+    def check_serving(self, read: bool = False) -> None:
         """Refuse (UNAVAILABLE, reason not_primary: the client tries the next replica) unless this
-        replica is the primary and may acknowledge: with its backup in sync, or solo."""
+        replica is the primary and may acknowledge: with its backup in sync, or solo. A `read` (Pull)
+        is served by a backup too: it holds every acknowledged change (and perhaps one in flight)."""
         with self._lock:
             if self.role == PRIMARY and (self.solo or self._backup_in_sync):
+                return
+            if read and self.role in (PRIMARY, BACKUP):
                 return
             role, primary = self.role, self.primary
         if role == PRIMARY:
@@ -573,15 +576,15 @@ class Replicator:
     def _install(self, data: CheckpointData, epoch: int, index: int) -> None:
         """Replace this replica's state by the primary's (all or nothing per Store.restore)."""
         store, policy = self.core.store, self.core.policy
+        # (no worker request reaches a replica without a role; restore_state takes the policy lock itself)
         with self._seq:
-            with policy.checkpoint_lock():
+            store.clear()
+            try:
+                store.restore(data.keys, data.extra.get("dedupe", {}))
+                policy.restore_state(data.extra.get("sync_rounds", []), data.extra_tensors, store)
+            except BaseException:
                 store.clear()
-                try:
-                    store.restore(data.keys, data.extra.get("dedupe", {}))
-                    policy.restore_state(data.extra.get("sync_rounds", []), data.extra_tensors, store)
-                except BaseException:
-                    store.clear()
-                    raise
+                raise
             with self._lock:
                 self.role, self.epoch, self.index, self.primary = BACKUP, epoch, index, self.cfg.peer
                 self.solo = False

@@ -181,10 +181,11 @@ class RequestCore:
         if not self.ready.is_set():
             raise RequestError(StatusCode.UNAVAILABLE, self.not_ready)
 
-    def _gate(self, forwarded: bool = False) -> None:
-        """A worker's request on a replica that is not the serving primary: UNAVAILABLE, not_primary."""
+    def _gate(self, forwarded: bool = False, read: bool = False) -> None:
+        """A worker's request on a replica that is not the serving primary (a read: on one that is
+        neither primary nor backup, whose state is not the shard's): UNAVAILABLE, not_primary."""
         if self.replication is not None and not forwarded:
-            self.replication.check_serving()
+            self.replication.check_serving(read)
 
     def _replicated(self, op: str, message, items: Sequence[Outgoing], local: Callable, forwarded: bool):
         """`local()` (a state change), in the replicas' order and forwarded to the backup before it
@@ -455,7 +456,7 @@ class RequestCore:
     @_device_memory
     def pull(self, request: pb.PullRequest, alive: Callable[[], bool] = lambda: True) -> PullReply:
         """Validate a pull, wait for its min_versions, and snapshot what it asks for."""
-        self._gate()
+        self._gate(read=True)
         keys = self._keys(list(request.keys))
         parts = _state_parts(request.parts) or [pb.PARAM]
         dtype = dtype_from_proto(request.dtype, default=torch.float32)
