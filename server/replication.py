@@ -39,6 +39,7 @@ import struct
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -164,6 +165,7 @@ class Replicator:
         self._sent = time.monotonic()  # primary: the last forward or heartbeat the backup answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="replication", daemon=True)
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="replication-send")
         self._peer_client = None
         # a test's partition: while set, this replica reaches its peer's data channel no more and
         # refuses the peer's replication frames (tests/system/test_replication.py)
@@ -184,6 +186,7 @@ class Replicator:
             self._thread.join(timeout=10)
         with self._seq:
             self._drop_link()
+        self._sender.shutdown(wait=False)
         if self._peer_client is not None:
             self._peer_client.close()
 
@@ -209,31 +212,72 @@ class Replicator:
 
     def apply(self, op: str, message: bytes, items: Sequence[Outgoing],
               local: Callable[[], object]) -> tuple[object, RequestError | None]:
-        """Run `local()` (the state change) in the replicas' order, then forward it to the backup:
+        """Run `local()` (the state change) in the replicas' order and forward it to the backup:
         (its result, None), or (its result, the error to answer instead of an acknowledgement) when the
-        backup could not be reached within the timeout (this replica is deposed then). A refusal of
-        `local()` itself (nothing changed) propagates, and nothing is forwarded."""
+        backup could not be reached within the timeout (this replica is deposed then).
+
+        The forward is sent while `local()` runs (its bytes are the request's, which `local()` only
+        reads), so the backup receives and applies while the primary applies. Both run the same checks
+        on the same state: a refusal of `local()` (nothing changed) is the backup's refusal too, and is
+        raised. Should they ever differ (the backup applied what `local()` refused: a device out of
+        memory here), this replica is deposed and answers UNAVAILABLE, and the retry of the same
+        (client_id, seq) gets the backup's result."""
         with self._seq:
             self.check_serving()
-            result = local()
             with self._lock:
-                self.index += 1
-                index, epoch, forward = self.index, self.epoch, self._backup_in_sync
+                index, epoch, forward = self.index + 1, self.epoch, self._backup_in_sync
             if not forward:
+                result = local()
+                with self._lock:
+                    self.index = index
                 return result, None
             meta = pack_meta({"op": op, "epoch": epoch, "index": index}, message)
-            return result, self._forward(FORWARD, meta, items, index)
+            sent = self._sender.submit(self._send_once, FORWARD, meta, items)
+            try:
+                result = local()
+            except BaseException as exc:
+                outcome = sent.result()
+                if isinstance(outcome, RequestError) and outcome.reason != STALE_EPOCH:
+                    raise  # refused on both replicas: nothing changed anywhere
+                # applied on the backup only, or not known (the link broke): never acknowledged
+                raise self._depose(f"operation {index} was refused here ({type(exc).__name__}: {exc}) "
+                                   f"but the backup's outcome is {outcome or 'applied'}") from None
+            with self._lock:
+                self.index = index
+            outcome = sent.result()
+            if outcome is None:
+                self._acked(index)
+                return result, None
+            if isinstance(outcome, RequestError) and outcome.reason != STALE_EPOCH and \
+                    outcome.code != StatusCode.UNAVAILABLE:
+                return result, self._depose(f"the backup refused operation {index}, which this replica "
+                                            f"applied: {outcome.message}")
+            return result, self._forward(FORWARD, meta, items, index)  # resend (a duplicate is answered OK)
+
+    def _send_once(self, kind: int, meta: bytes, items: Sequence[Outgoing]) -> BaseException | None:
+        """(The sender thread, while `_seq` is held for it.) One attempt: None when the backup applied
+        it, else the refusal or the connection's failure (dropped)."""
+        try:
+            self._connect().call(kind, meta, items)
+            return None
+        except RequestError as exc:
+            return exc
+        except (OSError, ProtocolError) as exc:
+            self._drop_link()
+            return exc
+
+    def _acked(self, index: int) -> None:
+        with self._lock:
+            self._backup_index = max(self._backup_index, index)
+        self._sent = time.monotonic()
 
     def _forward(self, kind: int, meta: bytes, items: Sequence[Outgoing], index: int) -> RequestError | None:
         """(Under _seq.) Send one frame to the backup until it answers, for at most the timeout."""
         give_up = None
         while True:
             try:
-                link = self._connect()
-                link.call(kind, meta, items)
-                with self._lock:
-                    self._backup_index = max(self._backup_index, index)
-                self._sent = time.monotonic()
+                self._connect().call(kind, meta, items)
+                self._acked(index)
                 return None
             except RequestError as exc:
                 if exc.code != StatusCode.UNAVAILABLE or exc.reason == STALE_EPOCH:

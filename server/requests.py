@@ -322,8 +322,8 @@ class RequestCore:
         return pb.RegisterReply(keys=[pb.KeyStatus(name=key.name, exists=True, created=c, version=key.version)
                                       for key, c in result])
 
-    def _decode_push(self, first: pb.PushRequest, receive: Receive,
-                     staging: list[torch.Tensor]) -> tuple[pb.PushHead, list[GradEntry]]:
+    def _decode_push(self, first: pb.PushRequest, receive: Receive, staging: list[torch.Tensor],
+                     forwarded: bool = False) -> tuple[pb.PushHead, list[GradEntry]]:
         """Validate a push and receive its gradients into pool buffers appended to `staging`."""
         head = first.head
         if len(head.client_id) > MAX_CLIENT_ID_LENGTH:
@@ -345,7 +345,8 @@ class RequestCore:
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
             grad = dests[(i, pb.GRAD)]
-            check_finite(key.name, "gradient", grad, squares=True)
+            if not forwarded:  # the primary checked it before it applied and forwarded it
+                check_finite(key.name, "gradient", grad, squares=True)
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
                                      pieces=[(0, self._on_device(grad))]))
         return head, entries
@@ -424,7 +425,7 @@ class RequestCore:
         self._gate(forwarded)
         staging: list[torch.Tensor] = []
         try:
-            head, entries = self._decode_push(first, receive, staging)
+            head, entries = self._decode_push(first, receive, staging, forwarded)
             if not entries:
                 raise invalid("a Push must carry at least one key")
             return self._submit(head, entries, forwarded)
