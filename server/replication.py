@@ -349,20 +349,20 @@ class Replicator:
             self._serve_join(conn, header, slots)
             return
         epoch = int(header.get("epoch", -1))
-        with self._lock:
-            mine, role = self.epoch, self.role
-            if role != BACKUP or epoch != mine:
-                raise RequestError(StatusCode.FAILED_PRECONDITION,
-                                   f"replica {self.cfg.me} is {role} at epoch {mine}; a forward of epoch "
-                                   f"{epoch} is refused", reason=STALE_EPOCH)
-            self._heard = time.monotonic()
-        if kind == HEARTBEAT:
-            send_header(conn, StatusCode.OK, b"", 0)
-            return
-        if kind != FORWARD:
+        if kind not in (HEARTBEAT, FORWARD):
             raise invalid(f"unexpected replication frame kind {kind}")
-        index = int(header["index"])
-        with self._seq:
+        with self._seq:  # the role is checked in the order a takeover (also under _seq) changes it
+            with self._lock:
+                mine, role = self.epoch, self.role
+                if role != BACKUP or epoch != mine:
+                    raise RequestError(StatusCode.FAILED_PRECONDITION,
+                                       f"replica {self.cfg.me} is {role} at epoch {mine}; a forward of "
+                                       f"epoch {epoch} is refused", reason=STALE_EPOCH)
+                self._heard = time.monotonic()
+            if kind == HEARTBEAT:
+                send_header(conn, StatusCode.OK, b"", 0)
+                return
+            index = int(header["index"])
             if index <= self.index:  # a resend of an operation applied already
                 send_header(conn, StatusCode.OK, b"", 0)
                 return
