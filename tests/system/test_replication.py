@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -25,8 +28,8 @@ from optserve import RemoteAdam
 from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.server.main import ServerConfig, Shard
-from test_durability import (HANG_GUARD, ShardProcess, Shards, kill, replay, shard_state, synthetic_step,
-                             tiny_model, wait_for)
+from test_durability import (ENV, HANG_GUARD, OPTSERVE, ShardProcess, Shards, kill, replay, shard_state,
+                             synthetic_step, tiny_model, wait_for)
 
 pytestmark = pytest.mark.system
 TIMEOUT = "1.0"  # --replica-timeout
@@ -45,8 +48,11 @@ def free_ports(n: int) -> list[int]:
 class ReplicaSet:
     """Replica processes of `num_shards` shard indices x 2, each with its own apply log."""
 
-    def __init__(self, shards: Shards, tmp_path: Path, num_shards: int, extra=(), security=None):
+    def __init__(self, shards: Shards, tmp_path: Path, num_shards: int, extra=(), security=None,
+                 die_after: dict[tuple[int, int], int] | None = None):
+        """die_after[(s, r)] = K: that replica runs replica_killer.py and dies in its K-th forward."""
         self.shards, self.security = shards, security
+        self.die_after = die_after or {}
         ports = free_ports(2 * num_shards)
         self.addresses = [[f"127.0.0.1:{ports[2 * s + r]}" for r in range(2)] for s in range(num_shards)]
         self.logs = [[tmp_path / f"apply{s}-{r}.jsonl" for r in range(2)] for s in range(num_shards)]
@@ -57,8 +63,8 @@ class ReplicaSet:
                         "--replicas", ",".join(self.addresses[s]), "--replica-index", str(r),
                         "--replica-timeout", TIMEOUT, "--apply-log", str(self.logs[s][r]), *extra)
                 log = tmp_path / f"shard{s}-{r}.log"
-                proc = shards._launch(log, args, int(self.addresses[s][r].rsplit(":", 1)[1]))
-                self.procs[s][r] = ShardProcess(proc, self.addresses[s][r], log, args)
+                self.procs[s][r] = ShardProcess(self._launch(s, r, log, args, self.die_after.get((s, r))),
+                                                self.addresses[s][r], log, args)
         for s in range(num_shards):
             for r in range(2):
                 assert shards._listening(self.procs[s][r].proc, self.procs[s][r].log) == self.addresses[s][r]
@@ -89,8 +95,28 @@ class ReplicaSet:
         wait_for(lambda: self.primary(s) >= 0, f"shard {s}'s replicas in sync")
         return self.primary(s)
 
+    def _launch(self, s: int, r: int, log: Path, args, die_after: int | None) -> subprocess.Popen:
+        command, env = OPTSERVE, ENV
+        if die_after is not None:
+            command = [sys.executable, str(Path(__file__).with_name("replica_killer.py"))]
+            env = {**ENV, "OPTSERVE_TEST_DIE_AFTER_FORWARDS": str(die_after)}
+        port = self.addresses[s][r].rsplit(":", 1)[1]
+        with open(log, "ab") as err:
+            proc = subprocess.Popen([*command, "serve", "--port", port, *args], stdout=subprocess.PIPE,
+                                    stderr=err, text=True, env=env)
+        self.shards.procs.append(proc)  # killed at teardown
+        return proc
+
     def restart(self, s: int, r: int) -> None:
-        self.procs[s][r] = self.shards.restart(self.procs[s][r])
+        """The replica again (plain `optserve serve`), after its process ended; a marker line in its
+        apply log separates its lives."""
+        old = self.procs[s][r]
+        assert old.proc.wait(HANG_GUARD) is not None
+        with open(self.logs[s][r], "a") as f:
+            f.write(json.dumps({"restart": True}) + "\n")
+        proc = self._launch(s, r, old.log, old.args, None)
+        assert self.shards._listening(proc, old.log) == old.address
+        self.procs[s][r] = ShardProcess(proc, old.address, old.log, old.args)
 
     def state(self, s: int, r: int) -> dict:
         return shard_state(self.addresses[s][r])
@@ -98,6 +124,28 @@ class ReplicaSet:
 
 def log_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def lives(path: Path) -> list[list[dict]]:
+    """A replica's apply log, cut at its restarts."""
+    out = [[]]
+    for line in log_lines(path):
+        if line.get("restart"):
+            out.append([])
+        else:
+            out[-1].append(line)
+    return out
+
+
+def stitch(before: list[dict], after: list[dict]) -> list[dict]:
+    """A shard index's history across a failover: `before`, the old primary's pushes from the start
+    (it was in sync from the first push), then `after`, the pushes of the replica that joined it
+    (the joined state is the old primary's up to where `after` begins: its first push, when the old
+    primary forwarded or had applied it, or else the old primary's end)."""
+    ids = [(x["client_id"], x["seq"]) for x in before]
+    first = next((ids.index((x["client_id"], x["seq"])) for x in after if (x["client_id"], x["seq"]) in ids),
+                 len(before))
+    return before[:first] + after
 
 
 @pytest.fixture
@@ -146,65 +194,70 @@ def run_workers(n: int, steps: int, servers: list[str], on_step=None, until_vers
 WORKERS, STEPS = 4, 200
 
 
-def test_sigkill_of_each_shard_index_primary_loses_no_acknowledged_push(shards, tmp_path):
-    """4 workers x 200 steps on 2 shard indices x 2 replicas; the primary of shard 0, then that of shard
-    1, is SIGKILLed at a random point and restarted (it rejoins). Every key's step is the number of
-    acknowledged pushes, the surviving replica's apply log replays to the final state bitwise with each
-    (client, seq) once, and both replicas of each shard end bitwise equal."""
-    rs = ReplicaSet(shards, tmp_path, 2)
-    primaries = [rs.wait_in_sync(s) for s in range(2)]
+def test_sigkills_of_primaries_mid_forward_and_mid_push_lose_no_acknowledged_push(shards, tmp_path):
+    """4 workers x 200 steps on 2 shard indices x 2 replicas. Shard 0's first primary kills itself in
+    the middle of a forward (replica_killer.py: the frame sent, the answer not read) and is restarted;
+    once it has rejoined, the new primary is SIGKILLed at a random step (mid-push, most likely) and
+    restarted; shard 1's primary is SIGKILLed once at a random step. Afterwards: every key's step is
+    the number of acknowledged pushes, each index's history (apply logs, stitched across the
+    failovers) has every (client, seq) once and replays bitwise to the final state, and both replicas
+    of each index are bitwise equal."""
     rng = random.Random()
     total = WORKERS * STEPS
-    kill_at = sorted(rng.sample(range(total // 5, 3 * total // 5), 2))
-    killed: list[tuple[int, int]] = []
-    fired = threading.Lock()
+    rs = ReplicaSet(shards, tmp_path, 2, die_after={(0, 0): rng.randrange(total // 8, total // 4)})
+    assert [rs.wait_in_sync(s) for s in range(2)] == [0, 0]  # a cold start: the first replica begins
+    second_kill, shard1_kill = rng.randrange(total // 2, 3 * total // 4), rng.randrange(total // 8, total // 2)
+    events: list[str] = []
+    stop = threading.Event()
+    progress = [0]
 
     def on_step(done: int) -> None:
-        s = len(killed)
-        if s < 2 and done >= kill_at[s] and fired.acquire(blocking=False):
-            try:
-                if len(killed) == s:
-                    kill(rs.procs[s][primaries[s]])
-                    killed.append((s, primaries[s]))
-            finally:
-                fired.release()
+        progress[0] = done
 
-    restarter_stop = threading.Event()
+    def chaos() -> None:  # restarts the self-killed replica; kills at the chosen steps; restarts those
+        while not stop.is_set():
+            if "0/0 died" not in events and rs.procs[0][0].proc.poll() is not None:
+                events.append("0/0 died")
+                events.append(f"0/0 exit {rs.procs[0][0].proc.returncode}")  # its own SIGKILL: -9
+                rs.restart(0, 0)
+            if "1/0 killed" not in events and progress[0] >= shard1_kill:
+                kill(rs.procs[1][0])
+                events.append("1/0 killed")
+                rs.restart(1, 0)
+            if "0/1 killed" not in events and "0/0 died" in events and progress[0] >= second_kill \
+                    and rs.primary(0) == 1:  # only once the first victim is back in sync
+                kill(rs.procs[0][1])
+                events.append("0/1 killed")
+                rs.restart(0, 1)
+            stop.wait(0.02)
 
-    def restarter() -> None:  # brings a killed replica back (it rejoins by state transfer)
-        restarted = 0
-        while restarted < 2 and not restarter_stop.is_set():
-            if len(killed) > restarted:
-                s, r = killed[restarted]
-                rs.restart(s, r)
-                restarted += 1
-            restarter_stop.wait(0.05)
-
-    thread = threading.Thread(target=restarter)
+    thread = threading.Thread(target=chaos)
     thread.start()
     try:
         done = run_workers(WORKERS, STEPS, rs.servers, on_step=on_step)
     finally:
-        restarter_stop.set()
+        stop.set()
         thread.join()
-    assert done == [STEPS] * WORKERS and len(killed) == 2
+    assert done == [STEPS] * WORKERS
+    assert set(events) == {"0/0 died", f"0/0 exit {-signal.SIGKILL}", "1/0 killed", "0/1 killed"}, events
 
     names = [n for n, _ in tiny_model().named_parameters()]
+    histories = {0: stitch(lives(rs.logs[0][1])[0], lives(rs.logs[0][0])[-1]),
+                 1: log_lines(rs.logs[1][1])}
     final = {}
     for s in range(2):
-        new_primary = rs.wait_in_sync(s)
-        assert new_primary == 1 - primaries[s]  # the backup took over; the killed one rejoined as backup
+        assert rs.wait_in_sync(s) == (0 if s == 0 else 1)
         states = [rs.state(s, r) for r in range(2)]
-        assert states[0] == states[1]  # bitwise, after the rejoin
-        survivor_log = rs.logs[s][new_primary]
-        lines = log_lines(survivor_log)
-        pushes = Counter((line["client_id"], line["seq"]) for line in lines)
+        assert states[0] == states[1]  # bitwise, after the rejoins
+        history = histories[s]
+        pushes = Counter((line["client_id"], line["seq"]) for line in history)
         assert max(pushes.values()) == 1  # no push applied twice
         assert Counter(c.split("/")[0] for c, _ in pushes) == {f"worker-{w}": STEPS for w in range(WORKERS)}
-        assert replay(survivor_log, sorted(states[0])) == states[0]
+        path = tmp_path / f"history{s}.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in history))
+        assert replay(path, sorted(states[0])) == states[0]
         final.update(states[0])
-        epoch = rs.hello(rs.addresses[s][new_primary]).epoch
-        assert epoch == 2
+        assert rs.hello(rs.addresses[s][0]).epoch == (3 if s == 0 else 2)
     assert {k: v["step"] for k, v in final.items()} == {n: WORKERS * STEPS for n in names}
 
 
