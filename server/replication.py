@@ -161,6 +161,8 @@ class Replicator:
         self._backup_error = "not joined yet"
         self._link: _Link | None = None
         self._backup_data: tuple[str, int] | None = None
+        # while a replica joins: (index, op, message, items) of each change applied after its state
+        self._catch_up: list | None = None
         self._heard = time.monotonic()  # backup: the primary's last forward or heartbeat
         self._sent = time.monotonic()  # primary: the last forward or heartbeat the backup answered
         self._stop = threading.Event()
@@ -230,6 +232,9 @@ class Replicator:
                 result = local()
                 with self._lock:
                     self.index = index
+                if self._catch_up is not None:  # a replica is joining: it gets this after the state
+                    self._catch_up.append((index, op, message,
+                                           [Outgoing(it.entry, it.part, it.tensor.clone()) for it in items]))
                 return result, None
             meta = pack_meta({"op": op, "epoch": epoch, "index": index}, message)
             sent = self._sender.submit(self._send_once, FORWARD, meta, items)
@@ -271,8 +276,11 @@ class Replicator:
             self._backup_index = max(self._backup_index, index)
         self._sent = time.monotonic()
 
-    def _forward(self, kind: int, meta: bytes, items: Sequence[Outgoing], index: int) -> RequestError | None:
-        """(Under _seq.) Send one frame to the backup until it answers, for at most the timeout."""
+    def _forward(self, kind: int, meta: bytes, items: Sequence[Outgoing], index: int,
+                 depose: bool = True) -> RequestError | None:
+        """(Under _seq.) Send one frame to the backup until it answers, for at most the timeout; then
+        (or when it refuses) depose this primary, or with depose=False (a joiner that is not in sync
+        yet: the primary goes on as it was) only say why."""
         give_up = None
         while True:
             try:
@@ -281,7 +289,7 @@ class Replicator:
                 return None
             except RequestError as exc:
                 if exc.code != StatusCode.UNAVAILABLE or exc.reason == STALE_EPOCH:
-                    return self._depose(f"the backup refused a forward: {exc.message}")
+                    return self._give_up(f"the backup refused a forward: {exc.message}", depose)
                 problem = exc.message
             except (OSError, ProtocolError) as exc:
                 self._drop_link()
@@ -289,9 +297,15 @@ class Replicator:
             now = time.monotonic()
             give_up = give_up or now + self.cfg.timeout
             if now >= give_up:
-                return self._depose(f"the backup {self.cfg.peer} did not answer for "
-                                    f"{self.cfg.timeout:g} s: {problem}")
+                return self._give_up(f"the backup {self.cfg.peer} did not answer for "
+                                     f"{self.cfg.timeout:g} s: {problem}", depose)
             self._sleep(min(0.1, self.cfg.timeout / 20))
+
+    def _give_up(self, why: str, depose: bool) -> RequestError:
+        if depose:
+            return self._depose(why)
+        self._drop_link()
+        return RequestError(StatusCode.UNAVAILABLE, why, reason=NOT_PRIMARY)
 
     def _depose(self, why: str) -> RequestError:
         with self._lock:
@@ -392,44 +406,66 @@ class Replicator:
             raise invalid(f"unknown forwarded operation {op!r}")
 
     def _serve_join(self, conn, header: dict, slots) -> None:
-        """(Primary.) Send a checkpoint of the state, in the replicas' order, then take the joiner as
-        backup when it says JOINED. Pushes wait meanwhile (the order lock is held)."""
+        """(Primary.) Send the state as a checkpoint, taken at one point of the replicas' order; the
+        changes applied after that point (a solo primary goes on acknowledging) are kept and forwarded,
+        in order, once the joiner has installed the state; then it is the backup."""
         with self._seq:
             with self._lock:
                 if self.role != PRIMARY:
                     raise RequestError(StatusCode.UNAVAILABLE, f"replica {self.cfg.me} is {self.role}",
                                        reason=NOT_PRIMARY)
                 epoch, index = self.epoch, self.index
-            self._drop_link()
-            with self._lock:
                 self._backup_in_sync = False
                 self._backup_error = "joining"
+            self._drop_link()
+            data = self._snapshot()  # copies, under the policy's and the store's locks
+            self._catch_up = []  # apply() keeps what it applies from here on
+        try:
             tmp = Path(tempfile.mkdtemp(prefix="optserve-join-"))
             try:
-                path = write_checkpoint(tmp, self._snapshot(), keep=1)
+                path = write_checkpoint(tmp, data, keep=1)
                 files = [(f.name, f.read_bytes()) for f in sorted(path.iterdir())]
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            del data
             reply = json.dumps({"epoch": epoch, "index": index,
                                 "files": [[name, len(b)] for name, b in files]}).encode()
             send_header(conn, StatusCode.OK, reply, sum(len(b) for _, b in files))
             for _, b in files:
                 conn.sendall(b)
+            del files
             with slots.lent():
                 kind, meta_len, data_len = read_header(conn)
                 joined = json.loads(read_meta(conn, meta_len).decode() or "{}")
             if kind != JOINED or data_len:
                 raise ProtocolError(f"expected JOINED after a state transfer, got kind {kind}")
-            with self._lock:
-                self._backup_data = (str(joined["host"]), int(joined["data_port"]))
-                self._backup_index = index
-                self._backup_in_sync = True
-                self._backup_error = ""
-                self.solo = False
-            self._sent = time.monotonic()
-            send_header(conn, StatusCode.OK, b"", 0)
-        log.info("replica %s: %s joined as backup at epoch %d, operation %d", self.cfg.me, self.cfg.peer,
-                 epoch, index)
+            with self._seq:
+                with self._lock:
+                    if self.role != PRIMARY or self.epoch != epoch:
+                        raise RequestError(StatusCode.UNAVAILABLE, f"replica {self.cfg.me} is no longer "
+                                           f"primary at epoch {epoch}", reason=NOT_PRIMARY)
+                    self._backup_data = (str(joined["host"]), int(joined["data_port"]))
+                    self._backup_index = index
+                caught_up = len(self._catch_up)
+                for op_index, op, message, items in self._catch_up:  # in order, before anything new
+                    meta = pack_meta({"op": op, "epoch": epoch, "index": op_index}, message)
+                    failed = self._forward(FORWARD, meta, items, op_index, depose=False)
+                    if failed is not None:
+                        raise failed
+                self._catch_up = None
+                with self._lock:
+                    self._backup_in_sync = True
+                    self._backup_error = ""
+                    self.solo = False
+                self._sent = time.monotonic()
+                send_header(conn, StatusCode.OK, b"", 0)
+        finally:
+            with self._seq:
+                self._catch_up = None
+                if not self._backup_in_sync:
+                    self._drop_link()
+        log.info("replica %s: %s joined as backup at epoch %d, operation %d (%d more forwarded after the "
+                 "state)", self.cfg.me, self.cfg.peer, epoch, index, caught_up)
 
     def _snapshot(self) -> CheckpointData:
         """(Under _seq.) The state as a checkpoint: keys, the exactly-once table, open sync rounds."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +29,7 @@ import torch
 from optserve import RemoteAdam
 from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.server import replication
 from optserve.server.main import ServerConfig, Shard
 from test_durability import (ENV, HANG_GUARD, OPTSERVE, ShardProcess, Shards, kill, replay, shard_state,
                              synthetic_step, tiny_model, wait_for)
@@ -332,11 +335,27 @@ def test_replication_with_tls_token_and_sync_with_a_backup_worker_survives_a_pri
     assert {k: v["step"] for k, v in states[0].items()} == {n: target for n, _ in tiny_model().named_parameters()}
 
 
-def test_a_partition_leaves_at_most_one_replica_acknowledging_per_epoch(tmp_path):
+def test_a_partition_leaves_at_most_one_replica_acknowledging_per_epoch(tmp_path, monkeypatch, caplog):
     """The link between primary and backup is cut while a worker pushes: the primary stops
     acknowledging (deposed) once its forwards fail for the timeout, the backup takes over at a new
-    epoch; every acknowledged push came from one replica per epoch, and after the partition heals
-    the old primary rejoins and both are bitwise equal with every acknowledged push applied once."""
+    epoch; every acknowledged push came from one replica per epoch. After the partition heals the old
+    primary rejoins while the worker goes on pushing (the state transfer is held until 5 more steps
+    were acknowledged; they reach the joiner after the state), and both end bitwise equal with every
+    acknowledged push applied once."""
+    progress = [0]
+    hold, joining = threading.Event(), threading.Event()
+    real_write = replication.write_checkpoint
+
+    def slow_write(*args, **kwargs):  # the rejoin's state transfer: held while pushes go on
+        if not hold.is_set():  # the first join, at the start
+            return real_write(*args, **kwargs)
+        joining.set()
+        start = progress[0]
+        wait_for(lambda: progress[0] >= start + 5, "pushes during the state transfer")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(replication, "write_checkpoint", slow_write)
+    caplog.set_level(logging.INFO, logger="optserve.server")
     ports = free_ports(2)
     replicas = ",".join(f"127.0.0.1:{p}" for p in ports)
     cfgs = [ServerConfig(port=p, replicas=replicas, replica_index=i, replica_timeout=float(TIMEOUT),
@@ -366,14 +385,17 @@ def test_a_partition_leaves_at_most_one_replica_acknowledging_per_epoch(tmp_path
         cut, healed = threading.Event(), threading.Event()
 
         def on_step(done: int) -> None:  # the worker goes on pushing across the cut
+            progress[0] = done
             if done == 20:
                 for s in shards_:
                     s.replication.partitioned.set()
                 cut.set()
             if done == 40:
+                hold.set()
                 for s in shards_:
                     s.replication.partitioned.clear()
                 healed.set()
+                wait_for(joining.is_set, "the old primary to begin its rejoin")
 
         servers = ["|".join(f"127.0.0.1:{p}" for p in ports)]
         done = run_workers(1, 60, servers, on_step=on_step)
@@ -392,6 +414,9 @@ def test_a_partition_leaves_at_most_one_replica_acknowledging_per_epoch(tmp_path
             assert all(torch.equal(a.part(p), b.part(p)) for p in (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ))
         lines = log_lines(tmp_path / f"apply{1 - primary}.jsonl")
         assert max(Counter((x["client_id"], x["seq"]) for x in lines).values()) == 1
+        caught_up = [int(m.group(1)) for r in caplog.records
+                     if (m := re.search(r"\((\d+) more forwarded after the state\)", r.getMessage()))]
+        assert caught_up and caught_up[-1] >= 5  # the pushes acknowledged during the transfer
     finally:
         for shard in shards_:
             shard.stop()
