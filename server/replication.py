@@ -19,9 +19,10 @@ is deterministic given the order, so both replicas hold the same bits. The rules
   why the side that keeps the primary's role (without a backup) stops, and only the side that takes
   over goes on alone.
 - A replica without a role (*joining*: started, or its state refused; *deposed*) asks its peer: a
-  primary is joined (state transfer: a checkpoint of server/checkpoint.py's format, taken under the
-  primary's order lock, sent over the data channel and verified; then JOINED makes it the backup, and
-  a solo primary acknowledges with it again). A deposed replica whose peer is joining (an empty
+  primary is joined (state transfer: a checkpoint of server/checkpoint.py's format, copied at one
+  point of the primary's order, sent over the data channel and verified while pushes go on; then
+  JOINED, the pushes applied meanwhile are forwarded, and it is the backup: a solo primary
+  acknowledges with it again). A deposed replica whose peer is joining (an empty
   replica, so no newer state exists anywhere) becomes primary at epoch + 1 with its state; two
   joining replicas (a cold start) make the first in `--replicas` primary.
 
