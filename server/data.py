@@ -23,9 +23,8 @@ import threading
 import time
 
 from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PUSH_PULL, REPLICATION_KINDS,
-                             ProtocolError,
-                             Receiver, error_meta, read_header, read_meta, send_frame, send_header, tune,
-                             whole_segments)
+                             ProtocolError, Receiver, error_meta, read_header, read_meta, send_frame,
+                             send_header, tune, whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.errors import RequestError, StatusCode, invalid
 from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES

@@ -173,8 +173,8 @@ class RequestCore:
         self._waits_lock = threading.Lock()
         # server/replication.py's Replicator when this shard is one of replicas (None: the only copy):
         # it gates the workers' requests (only the primary takes them) and orders and forwards every
-        # state change (`_replicated`); forwarded changes come back in through `apply_push_here` and
-        # `register`/`set_state` with forwarded=True.
+        # state change (`_replicated`); on the backup, forwarded changes come in through `push`,
+        # `register` and `set_state` with forwarded=True.
         self.replication = None
 
     def check_ready(self) -> None:
@@ -187,12 +187,14 @@ class RequestCore:
         if self.replication is not None and not forwarded:
             self.replication.check_serving(read)
 
-    def _replicated(self, op: str, message, items: Sequence[Outgoing], local: Callable, forwarded: bool):
+    def _replicated(self, op: str, request: Callable[[], tuple], local: Callable, forwarded: bool):
         """`local()` (a state change), in the replicas' order and forwarded to the backup before it
         returns: (its result, None), or (its result, the error to answer instead: the backup was not
-        reached, this replica is deposed)."""
+        reached, this replica is deposed). `request()` gives what is forwarded: (message, tensors)."""
         if self.replication is None or forwarded:
             return local(), None
+        message, items = request()
+        message.segments.extend(whole_segments(items))
         return self.replication.apply(op, message.SerializeToString(), items, local)
 
     def stop_serving(self, why: str) -> None:
@@ -308,9 +310,9 @@ class RequestCore:
             value = dests[(i, pb.PARAM)]
             check_finite(name, "initial value", value)
             values.append((name, shape, self._on_device(value), infos[i]))
-        items = [Outgoing(i, pb.PARAM, v) for i, (_, _, v, _) in enumerate(values)]
         result, failed = self._replicated(
-            "register", pb.RegisterRequest(head=head, segments=whole_segments(items)), items,
+            "register", lambda: (pb.RegisterRequest(head=head),
+                                 [Outgoing(i, pb.PARAM, v) for i, (_, _, v, _) in enumerate(values)]),
             lambda: self.store.create(values), forwarded)
         self._unstage(dests)
         if failed is not None:
@@ -361,12 +363,14 @@ class RequestCore:
         def apply(origin: Origin) -> PushResult:
             start = time.perf_counter()
             # The store (or the sync policy) records the result under the lock that applies it.
-            items = [Outgoing(i, pb.GRAD, e.pieces[0][1]) for i, e in enumerate(entries)]
-            forward = pb.PushRequest(head=pb.PushHead(client_id=head.client_id, seq=head.seq,
-                                                      wire_dtype=pb.FLOAT32, entries=head.entries,
-                                                      hyper=head.hyper), segments=whole_segments(items))
+            def forward() -> tuple[pb.PushRequest, list[Outgoing]]:  # float32, from the staging buffers
+                return (pb.PushRequest(head=pb.PushHead(client_id=head.client_id, seq=head.seq,
+                                                        wire_dtype=pb.FLOAT32, entries=head.entries,
+                                                        hyper=head.hyper)),
+                        [Outgoing(i, pb.GRAD, e.pieces[0][1]) for i, e in enumerate(entries)])
+
             result, error = self._replicated(
-                "push", forward, items, lambda: self.policy.submit(self.store, entries, origin), forwarded)
+                "push", forward, lambda: self.policy.submit(self.store, entries, origin), forwarded)
             if error is not None:  # applied and recorded here, but not on the backup: not acknowledged
                 failed.append(error)
             if self.metrics is not None:
@@ -504,9 +508,9 @@ class RequestCore:
                 values[p] = self._on_device(dests[(i, p)])
             updates.append((key, e.step, configs[i], values))
         bounds = [e.max_version if e.HasField("max_version") else None for e in head.entries]
-        items = [Outgoing(i, p, values[p]) for i, (_, _, _, values) in enumerate(updates) for p in parts]
         versions, failed = self._replicated(
-            "set_state", pb.SetStateRequest(head=head, segments=whole_segments(items)), items,
+            "set_state", lambda: (pb.SetStateRequest(head=head), [
+                Outgoing(i, p, values[p]) for i, (_, _, _, values) in enumerate(updates) for p in parts]),
             lambda: self.policy.set_state(self.store, updates, bounds), forwarded)
         self._unstage(dests)
         if failed is not None:
