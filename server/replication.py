@@ -545,7 +545,7 @@ class Replicator:
             security = Security(tls=self.cfg.tls, root_certificates=self.cfg.tls_ca,
                                 certificate_chain=self.cfg.tls_cert, private_key=self.cfg.tls_key,
                                 token=self.cfg.token or None)
-            self._peer_client = ShardClient(self.cfg.peer, timeout=max(1.0, self.cfg.timeout / 2),
+            self._peer_client = ShardClient(self.cfg.peer, timeout=self.cfg.timeout,
                                             retry=RetryPolicy(budget=0), security=security,
                                             data_channel=False)
         return self._peer_client
