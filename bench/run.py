@@ -6,6 +6,7 @@ Sections (each module's docstring says exactly what it measures):
   c  end-to-end RemoteAdam.step() ms for 1M/10M/50M params, 1 and 2 shards, vs local
      fused Adam and the transfer lower bound                                            (bench/e2e.py)
   d  aggregate pushes/s with 1/2/4/8 async worker processes, 1 and 2 shards             (bench/workers.py)
+  e  replication: 64+64 MiB step and 8-worker steps/s, R=1 vs R=2 replicas              (bench/replication.py)
 
 Every figure is median (min–max) over the repetitions (>= 5; 3 with --quick), variants interleaved
 round-robin. Sections (b) and (c) also time their anchors' minimal standalone forms
@@ -13,7 +14,7 @@ round-robin. Sections (b) and (c) also time their anchors' minimal standalone fo
 Prints tables and PASS/MISS/INVALID target lines, writes <out>/latest.json (machine facts, raw
 samples, other processes' CPU load per section) and <out>/latest.png.
 
-    python bench/run.py [--quick] [--only a,b,c,d] [--out bench/results] [--reps N]
+    python bench/run.py [--quick] [--only a,b,c,d,e] [--out bench/results] [--reps N]
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first; the mo
 
 from bench.common import Settings, verdict  # noqa: E402
 
-SECTIONS = {"a": "kernel", "b": "transport", "c": "e2e", "d": "workers"}
+SECTIONS = {"a": "kernel", "b": "transport", "c": "e2e", "d": "workers", "e": "replication"}
 TITLES = {"a": "(a) update kernel", "b": "(b) transport: 64 MiB push + 64 MiB pull, one shard",
-          "c": "(c) end-to-end RemoteAdam.step()", "d": "(d) aggregate pushes/s, async workers"}
+          "c": "(c) end-to-end RemoteAdam.step()", "d": "(d) aggregate pushes/s, async workers",
+          "e": "(e) replication: R=1 vs R=2, one shard index"}
 
 
 class _Timeout(Exception):
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="reduced set in under ~2 min: 3 reps, no 50M, workers up to 4")
-    ap.add_argument("--only", default="a,b,c,d", help="comma-separated sections to run (default a,b,c,d)")
+    ap.add_argument("--only", default="a,b,c,d,e", help="comma-separated sections to run (default a,b,c,d,e)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for latest.json/.png")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 7; 3 with --quick)")
     ap.add_argument("--time-limit", type=float, default=None,

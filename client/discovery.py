@@ -2,7 +2,8 @@
 and a worker's name. Read once, at construction; standard library only.
 
 A worker (RemoteAdam with servers=None, and the client commands given no address) reads, in order:
-  OPTSERVE_SERVERS       "host:port,host:port,..." in shard-index order, or a template holding "{i}"
+  OPTSERVE_SERVERS       "host:port,host:port,..." in shard-index order (a replicated shard index is
+                         its replicas joined by "|": "a:50051|b:50051"), or a template holding "{i}"
                          ("optserve-{i}.optserve:50051", a StatefulSet's stable names) together with
   OPTSERVE_NUM_SHARDS    how many shards the template names;
   OPTSERVE_SERVERS_FILE  a file with one address per line in shard-index order (# comments allowed),

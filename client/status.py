@@ -1,4 +1,5 @@
-"""`optserve status ADDR...`: what each shard holds (keys, shapes, versions, pushes, staleness).
+"""`optserve status ADDR...`: what each shard holds (keys, shapes, versions, pushes, staleness), and
+for a replicated shard each replica's role, epoch, lag and whether its backup is in sync.
 
 Reads shards through Stats only; never changes anything.
 """
@@ -7,13 +8,14 @@ from __future__ import annotations
 import json
 from typing import Sequence, TextIO
 
-from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
+from optserve.client.transport import REPLICA_SEPARATOR, RetryPolicy, Security, ShardClient, ShardError
 
 
 def collect(addresses: Sequence[str], timeout: float = 10.0, security: Security | None = None) -> list[dict]:
     """Stats of every shard as plain dicts; an unreachable shard gives {"address", "error"}."""
     out = []
-    for address in addresses:
+    # a replicated shard ("a|b", client/transport.py) is shown replica by replica
+    for address in [a for spec in addresses for a in spec.split(REPLICA_SEPARATOR)]:
         client = ShardClient(address, timeout=timeout, retry=RetryPolicy(budget=1.0),  # say so quickly
                              security=security)
         try:
@@ -52,6 +54,15 @@ def render(shards: list[dict], out: TextIO) -> None:
         print(f"  keys {len(s['keys'])}  pushes {s['pushes']}  pulls {s['pulls']}  "
               f"bytes in {s['bytes_in']}  out {s['bytes_out']}  rejected {s['rejected']}  "
               f"duplicates {s['duplicates']}  dropped {s['dropped']}", file=out)
+        r = h.get("replication")
+        if r and r["role"]:
+            primary = f"  primary {r['primary']}" if r["primary"] and r["role"] != "primary" else ""
+            print(f"  replica {r['replica_index']} of {','.join(r['replicas'])}: {r['role']}"
+                  f"{' (solo)' if r['solo'] else ''}  epoch {r['epoch']}  operation {r['index']}{primary}",
+                  file=out)
+            for peer in r["peers"]:
+                print(f"    backup {peer['address']}: " + (f"in sync, lag {peer['lag']}" if peer["in_sync"]
+                                                             else f"NOT in sync ({peer['error']})"), file=out)
         print("  data channel: " + (f"port {h['data_port']}, {s['data_calls']} calls"
                                      if h["data_port"] else "none (tensors over gRPC)"), file=out)
         hist = s["staleness"]["histogram"]

@@ -85,20 +85,18 @@ class ShardError(RuntimeError):
         self.reason = reason
 
 
-class ShardClient:
-    """Calls to one shard. Thread-safe: calls may run concurrently on the one channel."""
+# A replicated shard index (server/replication.py) is named by its replicas' addresses joined by "|"
+# ("a:50051|b:50051"): calls go to one, and a retryable failure (a replica down, or one that is not
+# the primary: reason not_primary) moves them to the next, with the same (client_id, seq).
+REPLICA_SEPARATOR = "|"
 
-    def __init__(self, address: str, *, timeout: float = 300.0,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 retry: RetryPolicy = RetryPolicy(), security: Security | None = None,
-                 data_channel: bool = True):
+
+class _Endpoint:
+    """One replica's channel, stubs and data channel."""
+
+    def __init__(self, address: str, security: Security, timeout: float, max_message_bytes: int,
+                 data_channel: bool, md):
         self.address = address
-        self.timeout = timeout
-        self.chunk_bytes = chunk_bytes
-        self.retry = retry
-        security = security or Security.from_env()
-        self._md = security.metadata()
         self._security = security
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes), *FOLLOW_MOVES]
@@ -110,39 +108,93 @@ class ShardClient:
         if data_channel:
             tls = client_ssl_context(security.root_certificates, security.certificate_chain,
                                      security.private_key) if security.tls else None
-            self.data = DataChannel(address, self._hello_once, timeout, security.token, tls)
+            self.data = DataChannel(address, lambda: self.hello(pb.HelloRequest(), timeout=timeout,
+                                                                metadata=md), timeout, security.token, tls)
 
     def _open(self, channel: grpc.Channel) -> None:
-        """Use this channel for every gRPC call from now on."""
+        """Use this channel for every gRPC call to this replica from now on."""
         self.channel = c = channel
-        self._hello = c.unary_unary(_METHOD + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
-                                    response_deserializer=pb.HelloReply.FromString)
-        self._register = c.stream_unary(_METHOD + "Register",
-                                        response_deserializer=pb.RegisterReply.FromString)
-        self._push = c.stream_unary(_METHOD + "Push", response_deserializer=pb.PushReply.FromString)
-        self._pull = c.unary_stream(_METHOD + "Pull", request_serializer=pb.PullRequest.SerializeToString)
-        self._push_pull = c.stream_stream(_METHOD + "PushPull")
-        self._set_state = c.stream_unary(_METHOD + "SetState",
-                                         response_deserializer=pb.SetStateReply.FromString)
-        self._stats = c.unary_unary(_METHOD + "Stats", request_serializer=pb.StatsRequest.SerializeToString,
-                                    response_deserializer=pb.StatsReply.FromString)
-        self._checkpoint = c.unary_unary(_METHOD + "Checkpoint",
-                                         request_serializer=pb.CheckpointRequest.SerializeToString,
-                                         response_deserializer=pb.CheckpointReply.FromString)
+        self.hello = c.unary_unary(_METHOD + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
+                                   response_deserializer=pb.HelloReply.FromString)
+        self.register = c.stream_unary(_METHOD + "Register",
+                                       response_deserializer=pb.RegisterReply.FromString)
+        self.push = c.stream_unary(_METHOD + "Push", response_deserializer=pb.PushReply.FromString)
+        self.pull = c.unary_stream(_METHOD + "Pull", request_serializer=pb.PullRequest.SerializeToString)
+        self.push_pull = c.stream_stream(_METHOD + "PushPull")
+        self.set_state = c.stream_unary(_METHOD + "SetState",
+                                        response_deserializer=pb.SetStateReply.FromString)
+        self.stats = c.unary_unary(_METHOD + "Stats", request_serializer=pb.StatsRequest.SerializeToString,
+                                   response_deserializer=pb.StatsReply.FromString)
+        self.checkpoint = c.unary_unary(_METHOD + "Checkpoint",
+                                        request_serializer=pb.CheckpointRequest.SerializeToString,
+                                        response_deserializer=pb.CheckpointReply.FromString)
 
-    def _reopen(self, failed: grpc.Channel) -> None:
-        """A fresh channel in place of one that could not reach the shard (once per failed channel,
-        whichever thread sees it first); calls still on the old one end CANCELLED and are retried."""
+    def reopen(self, failed: grpc.Channel) -> bool:
+        """A fresh channel in place of one that could not reach the replica (once per failed channel,
+        whichever thread sees it first; True for that one); calls still on the old one end CANCELLED
+        and are retried."""
         with self._reopen_lock:
             if self.channel is not failed:
-                return
+                return False
             self._open(self._security.channel(self.address, self._options))
         failed.close()
+        return True
 
     def close(self) -> None:
         if self.data is not None:
             self.data.close()
         self.channel.close()
+
+
+class ShardClient:
+    """Calls to one shard (one of its replicas at a time). Thread-safe: calls may run concurrently on
+    the one channel."""
+
+    def __init__(self, address: str, *, timeout: float = 300.0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 retry: RetryPolicy = RetryPolicy(), security: Security | None = None,
+                 data_channel: bool = True):
+        self.replicas = [a.strip() for a in address.split(REPLICA_SEPARATOR)]
+        if not all(self.replicas) or len(set(self.replicas)) != len(self.replicas):
+            raise ValueError(f"shard address {address!r}: replicas are distinct addresses joined by "
+                             f"{REPLICA_SEPARATOR!r}")
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.retry = retry
+        security = security or Security.from_env()
+        self._md = security.metadata()
+        self._endpoints = [_Endpoint(a, security, timeout, max_message_bytes, data_channel, self._md)
+                           for a in self.replicas]
+        self._switch = threading.Lock()
+        self._use(self._endpoints[0])
+
+    def _use(self, ep: _Endpoint) -> None:
+        """Send calls to this replica from now on (attributes the calls read when they are made)."""
+        self._current = ep
+        self.address, self.channel, self.data = ep.address, ep.channel, ep.data
+        self._hello, self._register, self._push, self._pull = ep.hello, ep.register, ep.push, ep.pull
+        self._push_pull, self._set_state, self._stats = ep.push_pull, ep.set_state, ep.stats
+        self._checkpoint = ep.checkpoint
+
+    def _next_replica(self, failed: _Endpoint) -> None:
+        """After a retryable failure on `failed`: the next replica (unless a concurrent call moved on)."""
+        with self._switch:
+            if self._current is failed and len(self._endpoints) > 1:
+                nxt = self._endpoints[(self._endpoints.index(failed) + 1) % len(self._endpoints)]
+                log.info("shard %s: trying replica %s", failed.address, nxt.address)
+                self._use(nxt)
+
+    def _reopen(self, endpoint: _Endpoint, failed: grpc.Channel) -> None:
+        """A replica that could not be reached (its name no longer resolves, or its old address is
+        dead: it moved) gets a fresh channel, and the calls that use it the fresh stubs."""
+        with self._switch:
+            if endpoint.reopen(failed) and self._current is endpoint:
+                self._use(endpoint)
+
+    def close(self) -> None:
+        for ep in self._endpoints:
+            ep.close()
 
     def _either(self, over_data: Callable, over_grpc: Callable[[], T]) -> T:
         return over_grpc() if self.data is None else self.data.call(over_data, over_grpc)
@@ -158,22 +210,25 @@ class ShardClient:
         delay = self.retry.initial
         said = start  # a waiting worker says so every PROGRESS_EVERY seconds, at WARNING
         while True:
-            channel = self.channel
+            endpoint = self._current
+            channel = endpoint.channel
             try:
                 return attempt()
             except (grpc.RpcError, DataCallError) as exc:
                 code = exc.code()
+                if code in RETRYABLE:
+                    self._next_replica(endpoint)
                 pause = random.uniform(0, delay)
-                details = (exc.details() or "").lower().replace(self.address.lower(), "")
+                details = (exc.details() or "").lower().replace(endpoint.address.lower(), "")
                 if code == grpc.StatusCode.UNAVAILABLE and any(p in details for p in _ADDRESS_FAILURE):
-                    self._reopen(channel)
+                    self._reopen(endpoint, channel)
                 tls_failure = any(phrase in details for phrase in _TLS_FAILURE)
                 if code not in RETRYABLE or tls_failure or time.monotonic() + pause > give_up:
                     trailing = dict(exc.trailing_metadata() or ()) \
                         if hasattr(exc, "trailing_metadata") else {}
-                    raise ShardError(self.address, method, code, exc.details(),
+                    raise ShardError(endpoint.address, method, code, exc.details(),
                                      trailing.get(REASON_METADATA, "")) from None
-                log.info("%s on %s: %s (%s); retrying in %.2f s", method, self.address, code.name,
+                log.info("%s on %s: %s (%s); retrying in %.2f s", method, endpoint.address, code.name,
                          exc.details(), pause)
                 if time.monotonic() - said >= PROGRESS_EVERY:
                     said = time.monotonic()

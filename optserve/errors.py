@@ -39,6 +39,8 @@ STALE = "stale"  # ssp: the gradient is over the staleness bound; drop it and pu
 AHEAD = "ahead"  # the gradient was computed from a version the key has not reached; pull
 ROLLBACK = "rollback"  # a conditional SetState would undo applied steps
 TIMEOUT = "timeout"  # a wait for versions (a sync step, min_versions) ran out
+NOT_PRIMARY = "not_primary"  # a replica that does not take pushes now: try the shard's next replica
+STALE_EPOCH = "stale_epoch"  # a forward from a primary whose epoch is over (server/replication.py)
 DROP_GRADIENT = (STALE, AHEAD)  # reasons after which a client drops the gradient and re-pulls
 
 

@@ -41,7 +41,13 @@ from optserve.serde import Assembler, Expected, Outgoing, host_copy, tensor_byte
 MAGIC = b"OSD1"
 HEADER = struct.Struct("<4sB3xIQ")
 AUTH, PUSH, PULL, PUSH_PULL = 1, 2, 3, 4
-KINDS = {AUTH: "Auth", PUSH: "Push", PULL: "Pull", PUSH_PULL: "PushPull"}
+# Between the replicas of one shard index (server/replication.py; docs/ARCHITECTURE.md "Replication"):
+# the primary's FORWARD of an applied operation and its idle HEARTBEAT; a joining replica's JOIN (the
+# reply carries the state transfer) and JOINED (it restored the state: the primary takes it as backup).
+FORWARD, HEARTBEAT, JOIN, JOINED = 5, 6, 7, 8
+REPLICATION_KINDS = (FORWARD, HEARTBEAT, JOIN, JOINED)
+KINDS = {AUTH: "Auth", PUSH: "Push", PULL: "Pull", PUSH_PULL: "PushPull", FORWARD: "Forward",
+         HEARTBEAT: "Heartbeat", JOIN: "Join", JOINED: "Joined"}
 MAX_AUTH_BYTES = 4096  # the AUTH frame's token; a longer one closes the connection unread
 MAX_REPLY_META_BYTES = 1 << 30  # a client's sanity bound on a shard's reply head
 LOOPBACK_BUFFER_BYTES = 256 << 10  # see tune()

@@ -22,9 +22,9 @@ import struct
 import threading
 import time
 
-from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PUSH_PULL, ProtocolError,
-                             Receiver, error_meta, read_header, read_meta, send_frame, send_header, tune,
-                             whole_segments)
+from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PUSH_PULL, REPLICATION_KINDS,
+                             ProtocolError, Receiver, error_meta, read_header, read_meta, send_frame,
+                             send_header, tune, whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.errors import RequestError, StatusCode, invalid
 from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES
@@ -398,6 +398,18 @@ class DataServer:
                     send_header(conn, _OK, pushed.SerializeToString(), 0)
                     return
                 reply = self.core.push_pull(first, receive)
+            elif kind in REPLICATION_KINDS:  # from the shard's other replica (server/replication.py)
+                if self.core.replication is None:
+                    raise invalid("this shard is not replicated: it takes no replication frames")
+
+                def receive_with(segments):
+                    def receive(expected, dests):
+                        receiver.segments(expected, segments, payload.unread, dests)
+                        payload.unread = 0
+                    return receive
+
+                self.core.replication.serve(conn, kind, meta, receive_with, self.core.slots)
+                return
             elif kind == PULL:
                 if data_len:
                     raise invalid(f"a Pull carries no data; this one declares {data_len} bytes")

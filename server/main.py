@@ -76,6 +76,12 @@ class ServerConfig:
     metrics_port: int = -1  # Prometheus /metrics port; -1: off, 0: any free port
     data_port: int = 0  # data channel port (server/data.py); 0: any free one, -1: none (gRPC only)
     metrics_host: str = "127.0.0.1"
+    # replication (server/replication.py): every replica of this shard index's gRPC address, in order
+    # ("A,B"; empty: this shard is the only copy), this one's place in it, and the failure timeout
+    replicas: str = ""
+    replica_index: int = 0
+    replica_timeout: float = 5.0
+    replica_ca: str = ""  # PEM CA the peer replica's certificate is checked against (default: own cert)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -118,6 +124,24 @@ class ServerConfig:
             raise ValueError(f"data port must be in -1..65535, got {self.data_port}")
         resolve_device(self.device)
         self.make_policy()
+        if self.replicas:
+            if self.data_port < 0:
+                raise ValueError("replication forwards over the data channel: --replicas needs a data port "
+                                 "(not --data-port -1)")
+            self.replica_config()
+
+    def replica_config(self, token: str = ""):
+        """The replication settings (ValueError when they do not make a replica set)."""
+        from optserve.server.replication import ReplicaConfig
+
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return ReplicaConfig(tuple(a.strip() for a in self.replicas.split(",")), self.replica_index,
+                             self.replica_timeout, token=token, tls=bool(self.tls_cert),
+                             tls_ca=read(self.replica_ca or self.tls_cert) if self.tls_cert else None,
+                             tls_cert=read(self.tls_cert) if self.tls_client_ca else None,
+                             tls_key=read(self.tls_key) if self.tls_client_ca else None)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
@@ -309,6 +333,12 @@ class Shard:
             self.data = DataServer(self.core, cfg.host, cfg.data_port, token, ssl_context,
                                    max_meta_bytes=cfg.max_message_bytes)
         self.token = bool(token)
+        self.replication = None
+        if cfg.replicas:
+            from optserve.server.replication import Replicator
+            self.replication = Replicator(self.core, cfg.replica_config(token), cfg.shard_index,
+                                          cfg.num_shards)
+            self.core.replication = self.replication
         self.port = 0  # the gRPC port, once start() bound it
         self.metrics_port = None
 
@@ -359,6 +389,8 @@ class Shard:
             raise
         self.core.ready.set()
         self._set_health(True)
+        if self.replication is not None:
+            self.replication.start()  # joins its peer, or begins as primary (server/replication.py)
         cfg = self.cfg
         log.info("shard %d/%d serving on %s%s (policy %s, device %s, %s, %s%s)",
                  cfg.shard_index, cfg.num_shards, self.address,
@@ -374,6 +406,8 @@ class Shard:
         New calls are refused with UNAVAILABLE from here on (clients retry them against the restarted
         shard) rather than being cancelled by grpc's shutdown."""
         self.core.stop_serving("the shard is shutting down")
+        if self.replication is not None:
+            self.replication.stop()
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace)
         if self.data is not None:
@@ -502,6 +536,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="port of the data channel, which carries Push/Pull/PushPull as raw frames over TCP "
                         "(TLS and token as for gRPC); announced in Hello (default 0: any free port; "
                         "-1: none, tensors travel over gRPC)")
+    p.add_argument("--replicas", default="",
+                   help="replicate this shard index: the gRPC addresses of its 2 replicas, in order "
+                        "(A,B), the same on both; the primary forwards every change to the backup before "
+                        "it acknowledges (README: Replicated shards)")
+    p.add_argument("--replica-index", type=int, default=0,
+                   help="this replica's place in --replicas (0-based)")
+    p.add_argument("--replica-timeout", type=float, default=5.0,
+                   help="seconds of silence after which a backup takes over from its primary, and after "
+                        "which a primary that cannot reach its backup stops acknowledging (default 5)")
+    p.add_argument("--replica-ca", help="PEM CA to check the other replica's certificate with (default: "
+                                        "this shard's own --tls-cert)")
     p.add_argument("--max-keys", type=int, default=StoreLimits.max_keys,
                    help="keys per shard (default 65536, up to 6 KiB each before tensors; RESOURCE_EXHAUSTED "
                         "beyond)")

@@ -25,6 +25,7 @@ import torch
 
 from optserve import __version__
 from optserve.errors import TIMEOUT, RequestError, StatusCode, invalid
+from optserve.frames import whole_segments
 from optserve.hyper import MAX_STEP
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, STATE_PARTS, Expected, Outgoing,
@@ -174,10 +175,31 @@ class RequestCore:
         self._waits = 0
         self._waits_by: dict[str, int] = {}
         self._waits_lock = threading.Lock()
+        # server/replication.py's Replicator when this shard is one of replicas (None: the only copy):
+        # it gates the workers' requests (only the primary takes them) and orders and forwards every
+        # state change (`_replicated`); on the backup, forwarded changes come in through `push`,
+        # `register` and `set_state` with forwarded=True.
+        self.replication = None
 
     def check_ready(self) -> None:
         if not self.ready.is_set():
             raise RequestError(StatusCode.UNAVAILABLE, self.not_ready)
+
+    def _gate(self, forwarded: bool = False, read: bool = False) -> None:
+        """A worker's request on a replica that is not the serving primary (a read: on one that is
+        neither primary nor backup, whose state is not the shard's): UNAVAILABLE, not_primary."""
+        if self.replication is not None and not forwarded:
+            self.replication.check_serving(read)
+
+    def _replicated(self, op: str, request: Callable[[], tuple], local: Callable, forwarded: bool):
+        """`local()` (a state change), in the replicas' order and forwarded to the backup before it
+        returns: (its result, None), or (its result, the error to answer instead: the backup was not
+        reached, this replica is deposed). `request()` gives what is forwarded: (message, tensors)."""
+        if self.replication is None or forwarded:
+            return local(), None
+        message, items = request()
+        message.segments.extend(whole_segments(items))
+        return self.replication.apply(op, message.SerializeToString(), items, local)
 
     def stop_serving(self, why: str) -> None:
         """Refuse new calls with UNAVAILABLE, and end the waits of calls in flight the same way."""
@@ -237,11 +259,14 @@ class RequestCore:
             num_keys=len(self.store), data_port=self.data_port,
             limits=pb.Limits(max_message_bytes=i.max_message_bytes, chunk_bytes=i.chunk_bytes,
                              max_keys=self.store.limits.max_keys,
-                             max_tensor_elements=self.store.limits.max_tensor_elements))
+                             max_tensor_elements=self.store.limits.max_tensor_elements),
+            replication=self.replication.describe() if self.replication is not None else None)
 
     @_device_memory
-    def register(self, first: pb.RegisterRequest, receive: Receive) -> pb.RegisterReply:
+    def register(self, first: pb.RegisterRequest, receive: Receive,
+                 forwarded: bool = False) -> pb.RegisterReply:
         """Create keys (all or none) with the values sent, or, without values, say which exist."""
+        self._gate(forwarded)
         head = first.head
         if (head.shard_index, head.num_shards) != (self.info.shard_index, self.info.num_shards):
             raise RequestError(StatusCode.FAILED_PRECONDITION,
@@ -289,8 +314,13 @@ class RequestCore:
             value = dests[(i, pb.PARAM)]
             check_finite(name, "initial value", value)
             values.append((name, shape, self._on_device(value), infos[i]))
-        result = self.store.create(values)
+        result, failed = self._replicated(
+            "register", lambda: (pb.RegisterRequest(head=head),
+                                 [Outgoing(i, pb.PARAM, v) for i, (_, _, v, _) in enumerate(values)]),
+            lambda: self.store.create(values), forwarded)
         self._unstage(dests)
+        if failed is not None:
+            raise failed
         created = [n for (key, c), (n, _, _) in zip(result, specs) if c]
         if created:
             log.info("registered %d keys (%s%s)", len(created), ", ".join(created[:3]),
@@ -298,8 +328,8 @@ class RequestCore:
         return pb.RegisterReply(keys=[pb.KeyStatus(name=key.name, exists=True, created=c, version=key.version)
                                       for key, c in result])
 
-    def _decode_push(self, first: pb.PushRequest, receive: Receive,
-                     staging: list[torch.Tensor]) -> tuple[pb.PushHead, list[GradEntry]]:
+    def _decode_push(self, first: pb.PushRequest, receive: Receive, staging: list[torch.Tensor],
+                     forwarded: bool = False) -> tuple[pb.PushHead, list[GradEntry]]:
         """Validate a push and receive its gradients into pool buffers appended to `staging`."""
         head = first.head
         if len(head.client_id) > MAX_CLIENT_ID_LENGTH:
@@ -321,26 +351,43 @@ class RequestCore:
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
             grad = dests[(i, pb.GRAD)]
+            # Forwarded pushes are checked again on the backup: the check gives the overflow guard
+            # the gradient's bound (server/store.py), which it would otherwise compute from its squares.
             bound = check_finite(key.name, "gradient", grad, squares=True)
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
                                      pieces=[(0, self._on_device(grad))], grad_bound=bound))
         return head, entries
 
-    def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry]) -> pb.PushReply:
+    def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry],
+                forwarded: bool = False) -> pb.PushReply:
         """Hand a push to the policy once per (client_id, seq); a retry gets the original's result."""
         # What makes a retry the same push: its keys, the versions they were read at, the options.
         fingerprint = zlib.crc32(pb.PushHead(entries=head.entries, hyper=head.hyper).SerializeToString())
+        failed: list[RequestError] = []
 
         def apply(origin: Origin) -> PushResult:
             start = time.perf_counter()
             # The store (or the sync policy) records the result under the lock that applies it.
-            result = self.policy.submit(self.store, entries, origin)
+            def forward() -> tuple[pb.PushRequest, list[Outgoing]]:  # float32, from the staging buffers
+                return (pb.PushRequest(head=pb.PushHead(client_id=head.client_id, seq=head.seq,
+                                                        wire_dtype=pb.FLOAT32, entries=head.entries,
+                                                        hyper=head.hyper)),
+                        [Outgoing(i, pb.GRAD, e.pieces[0][1]) for i, e in enumerate(entries)])
+
+            result, error = self._replicated(
+                "push", forward, lambda: self.policy.submit(self.store, entries, origin), forwarded)
+            if error is not None:  # applied and recorded here, but not on the backup: not acknowledged
+                failed.append(error)
             if self.metrics is not None:
                 self.metrics.update_seconds.observe(time.perf_counter() - start)
             return result
 
         result, duplicate = self.store.dedupe.run_once(head.client_id, head.seq, fingerprint, apply,
                                                        self.slots.lent, keys=len(entries))
+        if failed:
+            raise failed[0]
+        # A duplicate's original may have failed to reach the backup: then this replica is deposed.
+        self._gate(forwarded)
         if duplicate:
             self.counters.add(duplicates=1)
             return pb.PushReply(versions=result.versions, staleness=result.staleness,
@@ -395,14 +442,15 @@ class RequestCore:
                                reason=TIMEOUT)
 
     @_device_memory
-    def push(self, first: pb.PushRequest, receive: Receive) -> pb.PushReply:
-        """A push: validate, receive, apply once."""
+    def push(self, first: pb.PushRequest, receive: Receive, forwarded: bool = False) -> pb.PushReply:
+        """A push: validate, receive, apply once (`forwarded`: the primary's, on its backup)."""
+        self._gate(forwarded)
         staging: list[torch.Tensor] = []
         try:
-            head, entries = self._decode_push(first, receive, staging)
+            head, entries = self._decode_push(first, receive, staging, forwarded)
             if not entries:
                 raise invalid("a Push must carry at least one key")
-            return self._submit(head, entries)
+            return self._submit(head, entries, forwarded)
         finally:
             self.store.buffers.give(staging)
 
@@ -411,6 +459,7 @@ class RequestCore:
                   alive: Callable[[], bool] = lambda: True, caller: str = "") -> PullReply:
         """A push (possibly of no keys), then the pull of its keys and `pull_keys`, after the policy's
         wait (sync: until the step the push joined has been taken)."""
+        self._gate()
         staging: list[torch.Tensor] = []
         try:
             head, entries = self._decode_push(first, receive, staging)
@@ -431,6 +480,7 @@ class RequestCore:
     def pull(self, request: pb.PullRequest, alive: Callable[[], bool] = lambda: True,
              caller: str = "") -> PullReply:
         """Validate a pull, wait for its min_versions, and snapshot what it asks for."""
+        self._gate(read=True)
         keys = self._keys(list(request.keys))
         parts = _state_parts(request.parts) or [pb.PARAM]
         dtype = dtype_from_proto(request.dtype, default=torch.float32)
@@ -450,8 +500,10 @@ class RequestCore:
         return self.snapshot(keys, parts, dtype)
 
     @_device_memory
-    def set_state(self, first: pb.SetStateRequest, receive: Receive) -> pb.SetStateReply:
+    def set_state(self, first: pb.SetStateRequest, receive: Receive,
+                  forwarded: bool = False) -> pb.SetStateReply:
         """Overwrite keys' step, options and parts (load_state_dict), conditionally on max_version."""
+        self._gate(forwarded)
         head = first.head
         keys = self._keys([e.key for e in head.entries])
         for e in head.entries:
@@ -475,8 +527,13 @@ class RequestCore:
                 values[p] = self._on_device(dests[(i, p)])
             updates.append((key, e.step, configs[i], values))
         bounds = [e.max_version if e.HasField("max_version") else None for e in head.entries]
-        versions = self.policy.set_state(self.store, updates, bounds)
+        versions, failed = self._replicated(
+            "set_state", lambda: (pb.SetStateRequest(head=head), [
+                Outgoing(i, p, values[p]) for i, (_, _, _, values) in enumerate(updates) for p in parts]),
+            lambda: self.policy.set_state(self.store, updates, bounds), forwarded)
         self._unstage(dests)
+        if failed is not None:
+            raise failed
         return pb.SetStateReply(versions=versions)
 
     @_device_memory

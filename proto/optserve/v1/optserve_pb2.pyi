@@ -100,7 +100,7 @@ class HelloRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("server_version", "protocol", "shard_index", "num_shards", "policy", "device", "limits", "num_keys", "data_port")
+    __slots__ = ("server_version", "protocol", "shard_index", "num_shards", "policy", "device", "limits", "num_keys", "data_port", "replication")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class HelloReply(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     protocol: str
     shard_index: int
@@ -119,7 +120,40 @@ class HelloReply(_message.Message):
     limits: Limits
     num_keys: int
     data_port: int
-    def __init__(self, server_version: _Optional[str] = ..., protocol: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_keys: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
+    replication: Replication
+    def __init__(self, server_version: _Optional[str] = ..., protocol: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., policy: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_keys: _Optional[int] = ..., data_port: _Optional[int] = ..., replication: _Optional[_Union[Replication, _Mapping]] = ...) -> None: ...
+
+class Replication(_message.Message):
+    __slots__ = ("role", "epoch", "index", "replicas", "replica_index", "primary", "solo", "peers")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    SOLO_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    epoch: int
+    index: int
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    replica_index: int
+    primary: str
+    solo: bool
+    peers: _containers.RepeatedCompositeFieldContainer[ReplicaPeer]
+    def __init__(self, role: _Optional[str] = ..., epoch: _Optional[int] = ..., index: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., replica_index: _Optional[int] = ..., primary: _Optional[str] = ..., solo: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[ReplicaPeer, _Mapping]]] = ...) -> None: ...
+
+class ReplicaPeer(_message.Message):
+    __slots__ = ("address", "in_sync", "lag", "error")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    in_sync: bool
+    lag: int
+    error: str
+    def __init__(self, address: _Optional[str] = ..., in_sync: _Optional[bool] = ..., lag: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RegisterHead(_message.Message):
     __slots__ = ("keys", "with_values", "shard_index", "num_shards")

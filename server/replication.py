@@ -1,0 +1,685 @@
+"""Replicated shards: primary-backup per shard index, with an epoch (docs/ARCHITECTURE.md "Replication").
+
+Two replicas of one shard index run with the same `--replicas A,B` (their gRPC addresses, in order)
+and each its own `--replica-index`. At any time at most one of them is *primary*: it orders every
+state change (push, Register, SetState) under one lock (`Replicator._seq`), applies it through the
+ordinary path (RequestCore -> Dedupe -> Policy -> Store), then FORWARDs it (the request's head and its
+float32 tensors, read from the buffers it was applied from) to the *backup* over the backup's data
+channel, and acknowledges the worker only once the backup has applied it through the same path. Adam
+is deterministic given the order, so both replicas hold the same bits. The rules:
+
+- The primary never acknowledges alone, except *solo* after a takeover (below). When a forward (or
+  an idle heartbeat) cannot reach the backup for `timeout` seconds, the primary is *deposed*: it
+  answers nothing more (reason `not_primary`) and keeps its state only to hand it on.
+- A backup that heard nothing from its primary for `timeout` seconds asks it (Hello); when it cannot
+  be reached, or says it is no longer primary, the backup takes over: epoch + 1, solo. Every
+  operation the old primary ever acknowledged had been applied here first, so nothing acknowledged
+  is lost; forwards of the old epoch are refused (`stale_epoch`), so the old primary, if alive, can
+  acknowledge nothing more either. With two replicas a partition cannot be told from a crash: this is
+  why the side that keeps the primary's role (without a backup) stops, and only the side that takes
+  over goes on alone.
+- A replica without a role (*joining*: started, or its state refused; *deposed*) asks its peer: a
+  primary is joined (state transfer: a checkpoint of server/checkpoint.py's format, copied at one
+  point of the primary's order, sent over the data channel and verified while pushes go on; then
+  JOINED, the pushes applied meanwhile are forwarded, and it is the backup: a solo primary
+  acknowledges with it again). A deposed replica whose peer is joining (an empty
+  replica, so no newer state exists anywhere) becomes primary at epoch + 1 with its state; two
+  joining replicas (a cold start) make the first in `--replicas` primary.
+
+The forward is the only copy of an acknowledged update's effect besides the primary's own: R = 2
+survives one failure at a time (`optserve status` shows when the backup is in sync again), not two.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from optserve.errors import NOT_PRIMARY, STALE_EPOCH, RequestError, StatusCode, invalid
+from optserve.frames import (AUTH, FORWARD, HEARTBEAT, JOIN, JOINED, ProtocolError, parse_error,
+                             read_header, read_meta, recv_exact, send_frame, send_header, tune)
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.serde import Outgoing
+from optserve.server.checkpoint import CheckpointData, load_checkpoint, write_checkpoint
+
+log = logging.getLogger("optserve.server")
+
+PRIMARY, BACKUP, JOINING, DEPOSED = "primary", "backup", "joining", "deposed"
+_LEN = struct.Struct("<I")
+MAX_STATE_FILE_BYTES = 1 << 40  # a joining replica's bound on one file of a state transfer
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    replicas: tuple[str, ...]  # gRPC addresses of the shard index's replicas, in order
+    index: int  # this replica's place in `replicas`
+    timeout: float = 5.0  # silence after which a backup takes over, and a forward gives up
+    token: str = ""
+    # TLS towards the peer (its data channel and gRPC): the CA its certificate is checked against, and
+    # this shard's own certificate and key, shown when the peer asks for one (mutual TLS)
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    tls: bool = False
+
+    def __post_init__(self):
+        if len(self.replicas) != 2:
+            raise ValueError(f"--replicas names {len(self.replicas)} addresses; replication runs with "
+                             f"exactly 2 replicas per shard index (more are not built)")
+        if len(set(self.replicas)) != len(self.replicas):
+            raise ValueError(f"--replicas names an address twice: {list(self.replicas)}")
+        if not 0 <= self.index < len(self.replicas):
+            raise ValueError(f"--replica-index must be in 0..{len(self.replicas) - 1}, got {self.index}")
+        if not self.timeout > 0:
+            raise ValueError(f"--replica-timeout must be > 0 seconds, got {self.timeout}")
+
+    @property
+    def me(self) -> str:
+        return self.replicas[self.index]
+
+    @property
+    def peer(self) -> str:
+        return self.replicas[1 - self.index]
+
+
+def pack_meta(header: dict, message: bytes = b"") -> bytes:
+    """A replication frame's meta: a JSON header (length-prefixed), then a serialized request."""
+    raw = json.dumps(header).encode()
+    return _LEN.pack(len(raw)) + raw + message
+
+
+def unpack_meta(meta: bytes) -> tuple[dict, bytes]:
+    if len(meta) < _LEN.size:
+        raise invalid("a replication frame without its header")
+    (n,) = _LEN.unpack_from(meta)
+    try:
+        header = json.loads(meta[_LEN.size:_LEN.size + n].decode())
+    except ValueError:
+        raise invalid("a replication frame with a malformed header") from None
+    if not isinstance(header, dict):
+        raise invalid("a replication frame's header is not an object")
+    return header, meta[_LEN.size + n:]
+
+
+class _Link:
+    """The primary's connection to its backup's data channel (one call at a time, under `_seq`)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def call(self, kind: int, meta: bytes, items: Sequence[Outgoing] = ()) -> bytes:
+        send_frame(self.sock, kind, meta, items, torch.float32)
+        status, meta_len, data_len = read_header(self.sock)
+        reply = read_meta(self.sock, meta_len)
+        if data_len:
+            raise ProtocolError(f"a replication reply with {data_len} bytes of data")
+        if status != StatusCode.OK:
+            message, reason = parse_error(reply)
+            raise RequestError(StatusCode(status) if status in StatusCode._value2member_map_
+                               else StatusCode.UNKNOWN, message, reason)
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Replicator:
+    """One replica's side of replication; RequestCore calls `check_serving` and `apply`, the data
+    channel hands it the replication frames (`serve`), a thread (`_watch`) heartbeats, takes over,
+    joins or re-promotes."""
+
+    def __init__(self, core, cfg: ReplicaConfig, shard_index: int, num_shards: int,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.core = core
+        self.cfg = cfg
+        self.shard_index = shard_index
+        self.num_shards = num_shards
+        self._sleep = sleep
+        self._seq = threading.RLock()  # the order of state changes: held from apply to the backup's ack
+        self._lock = threading.Lock()  # the fields below (a leaf)
+        self.role = JOINING
+        self.epoch = 0
+        self.index = 0  # operations applied, in order (the primary's count; a backup's position)
+        self.solo = False
+        self.primary = ""
+        self._backup_in_sync = False
+        self._backup_index = 0
+        self._backup_error = "not joined yet"
+        self._link: _Link | None = None
+        self._backup_data: tuple[str, int] | None = None
+        # while a replica joins: (index, op, message, items) of each change applied after its state
+        self._catch_up: list | None = None
+        self._heard = time.monotonic()  # backup: the primary's last forward or heartbeat
+        self._sent = time.monotonic()  # primary: the last forward or heartbeat the backup answered
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="replication", daemon=True)
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="replication-send")
+        self._peer_client = None
+        # a test's partition: while set, this replica reaches its peer's data channel no more and
+        # refuses the peer's replication frames (tests/system/test_replication.py)
+        self.partitioned = threading.Event()
+        self._ssl: ssl.SSLContext | None = None
+        if cfg.tls:
+            from optserve.client.data import client_ssl_context
+            self._ssl = client_ssl_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        with self._seq:
+            self._drop_link()
+        self._sender.shutdown(wait=False)
+        if self._peer_client is not None:
+            self._peer_client.close()
+
+    # -- what RequestCore asks -------------------------------------------------------------------
+
+    def check_serving(self, read: bool = False) -> None:
+        """Refuse (UNAVAILABLE, reason not_primary: the client tries the next replica) unless this
+        replica is the primary and may acknowledge: with its backup in sync, or solo. A `read` (Pull)
+        is served by a backup too: it holds every acknowledged change (and perhaps one in flight)."""
+        with self._lock:
+            if self.role == PRIMARY and (self.solo or self._backup_in_sync):
+                return
+            if read and self.role in (PRIMARY, BACKUP):
+                return
+            role, primary = self.role, self.primary
+        if role == PRIMARY:
+            why = "the primary waits for its backup to join"
+        elif role == BACKUP:
+            why = f"this replica is a backup; the primary is {primary}"
+        else:
+            why = f"this replica is {role}; it takes no requests until it has a role"
+        raise RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index}: {why}", reason=NOT_PRIMARY)
+
+    def apply(self, op: str, message: bytes, items: Sequence[Outgoing],
+              local: Callable[[], object]) -> tuple[object, RequestError | None]:
+        """Run `local()` (the state change) in the replicas' order and forward it to the backup:
+        (its result, None), or (its result, the error to answer instead of an acknowledgement) when the
+        backup could not be reached within the timeout (this replica is deposed then).
+
+        The forward is sent while `local()` runs (its bytes are the request's, which `local()` only
+        reads), so the backup receives and applies while the primary applies. Both run the same checks
+        on the same state: a refusal of `local()` (nothing changed) is the backup's refusal too, and is
+        raised. Should they ever differ (the backup applied what `local()` refused: a device out of
+        memory here), this replica is deposed and answers UNAVAILABLE, and the retry of the same
+        (client_id, seq) gets the backup's result."""
+        with self._seq:
+            self.check_serving()
+            with self._lock:
+                index, epoch, forward = self.index + 1, self.epoch, self._backup_in_sync
+            if not forward:
+                result = local()
+                with self._lock:
+                    self.index = index
+                if self._catch_up is not None:  # a replica is joining: it gets this after the state
+                    self._catch_up.append((index, op, message,
+                                           [Outgoing(it.entry, it.part, it.tensor.clone()) for it in items]))
+                return result, None
+            meta = pack_meta({"op": op, "epoch": epoch, "index": index}, message)
+            sent = self._sender.submit(self._send_once, FORWARD, meta, items)
+            try:
+                result = local()
+            except BaseException as exc:
+                outcome = sent.result()
+                if isinstance(outcome, RequestError) and outcome.reason != STALE_EPOCH:
+                    raise  # refused on both replicas: nothing changed anywhere
+                # applied on the backup only, or not known (the link broke): never acknowledged
+                raise self._depose(f"operation {index} was refused here ({type(exc).__name__}: {exc}) "
+                                   f"but the backup's outcome is {outcome or 'applied'}") from None
+            with self._lock:
+                self.index = index
+            outcome = sent.result()
+            if outcome is None:
+                self._acked(index)
+                return result, None
+            if isinstance(outcome, RequestError) and outcome.reason != STALE_EPOCH and \
+                    outcome.code != StatusCode.UNAVAILABLE:
+                return result, self._depose(f"the backup refused operation {index}, which this replica "
+                                            f"applied: {outcome.message}")
+            return result, self._forward(FORWARD, meta, items, index)  # resend (a duplicate is answered OK)
+
+    def _send_once(self, kind: int, meta: bytes, items: Sequence[Outgoing]) -> BaseException | None:
+        """(The sender thread, while `_seq` is held for it.) One attempt: None when the backup applied
+        it, else the refusal or the connection's failure (dropped)."""
+        try:
+            self._connect().call(kind, meta, items)
+            return None
+        except RequestError as exc:
+            return exc
+        except (OSError, ProtocolError) as exc:
+            self._drop_link()
+            return exc
+
+    def _acked(self, index: int) -> None:
+        with self._lock:
+            self._backup_index = max(self._backup_index, index)
+        self._sent = time.monotonic()
+
+    def _forward(self, kind: int, meta: bytes, items: Sequence[Outgoing], index: int,
+                 depose: bool = True) -> RequestError | None:
+        """(Under _seq.) Send one frame to the backup until it answers, for at most the timeout; then
+        (or when it refuses) depose this primary, or with depose=False (a joiner that is not in sync
+        yet: the primary goes on as it was) only say why."""
+        give_up = None
+        while True:
+            try:
+                self._connect().call(kind, meta, items)
+                self._acked(index)
+                return None
+            except RequestError as exc:
+                if exc.code != StatusCode.UNAVAILABLE or exc.reason == STALE_EPOCH:
+                    return self._give_up(f"the backup refused a forward: {exc.message}", depose)
+                problem = exc.message
+            except (OSError, ProtocolError) as exc:
+                self._drop_link()
+                problem = str(exc) or type(exc).__name__
+            now = time.monotonic()
+            give_up = give_up or now + self.cfg.timeout
+            if now >= give_up:
+                return self._give_up(f"the backup {self.cfg.peer} did not answer for "
+                                     f"{self.cfg.timeout:g} s: {problem}", depose)
+            self._sleep(min(0.1, self.cfg.timeout / 20))
+
+    def _give_up(self, why: str, depose: bool) -> RequestError:
+        if depose:
+            return self._depose(why)
+        self._drop_link()
+        return RequestError(StatusCode.UNAVAILABLE, why, reason=NOT_PRIMARY)
+
+    def _depose(self, why: str) -> RequestError:
+        with self._lock:
+            self.role = DEPOSED
+            self._backup_in_sync = False
+            self._backup_error = why
+            self.solo = False
+            self.primary = ""
+        self._drop_link()
+        log.warning("replica %s: deposed at epoch %d: %s; it acknowledges nothing more and hands its "
+                    "state on", self.cfg.me, self.epoch, why)
+        self.core.store.wake()
+        return RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index}: this primary lost its "
+                            f"backup ({why}); retry on the next replica", reason=NOT_PRIMARY)
+
+    def _connect(self) -> _Link:
+        if self.partitioned.is_set():
+            raise ConnectionRefusedError("partitioned (test)")
+        if self._link is not None:
+            return self._link
+        if self._backup_data is None:
+            raise ConnectionError("the backup's data channel is not known")
+        host, port = self._backup_data
+        sock = socket.create_connection((host, port), timeout=self.cfg.timeout)
+        try:
+            tune(sock)
+            sock.settimeout(max(self.cfg.timeout, 30.0))  # a large forward takes its time to send
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=host)
+            send_header(sock, AUTH, self.cfg.token.encode(), 0)
+            status, meta_len, _ = read_header(sock)
+            reply = read_meta(sock, meta_len)
+            if status != StatusCode.OK:
+                raise ConnectionError(f"the backup refused this shard's token: {parse_error(reply)[0]}")
+        except BaseException:
+            sock.close()
+            raise
+        self._link = _Link(sock)
+        return self._link
+
+    def _drop_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+    # -- frames from the peer (server/data.py) ---------------------------------------------------
+
+    def serve(self, conn, kind: int, meta: bytes, receive_with: Callable, slots) -> None:
+        """A replication frame on this shard's data channel; the reply is sent here (RequestError:
+        the data channel refuses it)."""
+        if self.partitioned.is_set():
+            raise ConnectionResetError("partitioned (test)")
+        header, message = unpack_meta(meta)
+        if kind == JOIN:
+            self._serve_join(conn, header, slots)
+            return
+        epoch = int(header.get("epoch", -1))
+        if kind not in (HEARTBEAT, FORWARD):
+            raise invalid(f"unexpected replication frame kind {kind}")
+        with self._seq:  # the role is checked in the order a takeover (also under _seq) changes it
+            with self._lock:
+                mine, role = self.epoch, self.role
+                if role != BACKUP or epoch != mine:
+                    raise RequestError(StatusCode.FAILED_PRECONDITION,
+                                       f"replica {self.cfg.me} is {role} at epoch {mine}; a forward of "
+                                       f"epoch {epoch} is refused", reason=STALE_EPOCH)
+                self._heard = time.monotonic()
+            if kind == HEARTBEAT:
+                send_header(conn, StatusCode.OK, b"", 0)
+                return
+            index = int(header["index"])
+            if index <= self.index:  # a resend of an operation applied already
+                send_header(conn, StatusCode.OK, b"", 0)
+                return
+            if index != self.index + 1:
+                raise RequestError(StatusCode.FAILED_PRECONDITION,
+                                   f"forward {index} after {self.index}: operations are missing here",
+                                   reason=STALE_EPOCH)
+            self._apply_forward(str(header.get("op")), message, receive_with)
+            with self._lock:
+                self.index = index
+                self._heard = time.monotonic()
+        send_header(conn, StatusCode.OK, b"", 0)
+
+    def _apply_forward(self, op: str, message: bytes, receive_with: Callable) -> None:
+        from optserve.server.requests import parse
+        core = self.core
+        if op == "push":
+            first = parse(message, pb.PushRequest)
+            core.push(first, receive_with(first.segments), forwarded=True)
+        elif op == "register":
+            first = parse(message, pb.RegisterRequest)
+            core.register(first, receive_with(first.segments), forwarded=True)
+        elif op == "set_state":
+            first = parse(message, pb.SetStateRequest)
+            core.set_state(first, receive_with(first.segments), forwarded=True)
+        else:
+            raise invalid(f"unknown forwarded operation {op!r}")
+
+    def _serve_join(self, conn, header: dict, slots) -> None:
+        """(Primary.) Send the state as a checkpoint, taken at one point of the replicas' order; the
+        changes applied after that point (a solo primary goes on acknowledging) are kept and forwarded,
+        in order, once the joiner has installed the state; then it is the backup."""
+        with self._seq:
+            with self._lock:
+                if self.role != PRIMARY:
+                    raise RequestError(StatusCode.UNAVAILABLE, f"replica {self.cfg.me} is {self.role}",
+                                       reason=NOT_PRIMARY)
+                epoch, index = self.epoch, self.index
+                self._backup_in_sync = False
+                self._backup_error = "joining"
+            self._drop_link()
+            data = self._snapshot()  # copies, under the policy's and the store's locks
+            self._catch_up = []  # apply() keeps what it applies from here on
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix="optserve-join-"))
+            try:
+                path = write_checkpoint(tmp, data, keep=1)
+                files = [(f.name, f.read_bytes()) for f in sorted(path.iterdir())]
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            del data
+            reply = json.dumps({"epoch": epoch, "index": index,
+                                "files": [[name, len(b)] for name, b in files]}).encode()
+            send_header(conn, StatusCode.OK, reply, sum(len(b) for _, b in files))
+            for _, b in files:
+                conn.sendall(b)
+            del files
+            with slots.lent():
+                kind, meta_len, data_len = read_header(conn)
+                joined = json.loads(read_meta(conn, meta_len).decode() or "{}")
+            if kind != JOINED or data_len:
+                raise ProtocolError(f"expected JOINED after a state transfer, got kind {kind}")
+            with self._seq:
+                with self._lock:
+                    if self.role != PRIMARY or self.epoch != epoch:
+                        raise RequestError(StatusCode.UNAVAILABLE, f"replica {self.cfg.me} is no longer "
+                                           f"primary at epoch {epoch}", reason=NOT_PRIMARY)
+                    self._backup_data = (str(joined["host"]), int(joined["data_port"]))
+                    self._backup_index = index
+                caught_up = len(self._catch_up)
+                for op_index, op, message, items in self._catch_up:  # in order, before anything new
+                    meta = pack_meta({"op": op, "epoch": epoch, "index": op_index}, message)
+                    failed = self._forward(FORWARD, meta, items, op_index, depose=False)
+                    if failed is not None:
+                        raise failed
+                self._catch_up = None
+                with self._lock:
+                    self._backup_in_sync = True
+                    self._backup_error = ""
+                    self.solo = False
+                self._sent = time.monotonic()
+                send_header(conn, StatusCode.OK, b"", 0)
+        finally:
+            with self._seq:
+                self._catch_up = None
+                if not self._backup_in_sync:
+                    self._drop_link()
+        log.info("replica %s: %s joined as backup at epoch %d, operation %d (%d more forwarded after the "
+                 "state)", self.cfg.me, self.cfg.peer, epoch, index, caught_up)
+
+    def _snapshot(self) -> CheckpointData:
+        """(Under _seq.) The state as a checkpoint: keys, the exactly-once table, open sync rounds."""
+        store, policy = self.core.store, self.core.policy
+        with policy.checkpoint_lock():
+            records, dedupe = store.checkpoint_records()
+            rounds, round_tensors = policy.checkpoint_state()
+        return CheckpointData(self.shard_index, self.num_shards, policy.name, records,
+                              extra={"dedupe": dedupe, "sync_rounds": rounds}, extra_tensors=round_tensors)
+
+    # -- the watcher: heartbeats, takeover, joining ----------------------------------------------
+
+    def _watch(self) -> None:
+        period = min(0.2, self.cfg.timeout / 10)
+        while not self._stop.wait(period):
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - keep watching; the next tick tries again
+                log.exception("replica %s: replication watcher", self.cfg.me)
+
+    def _tick(self) -> None:
+        with self._lock:
+            role, in_sync = self.role, self._backup_in_sync
+        now = time.monotonic()
+        if role == PRIMARY:
+            if in_sync and now - self._sent > self.cfg.timeout / 5:
+                if self._seq.acquire(timeout=self.cfg.timeout / 5):
+                    try:
+                        if self.role == PRIMARY and self._backup_in_sync:
+                            self._forward(HEARTBEAT, pack_meta({"epoch": self.epoch}), (), 0)
+                    finally:
+                        self._seq.release()
+            elif not in_sync:
+                peer = self._ask_peer()
+                if peer is not None and peer.role == PRIMARY and peer.epoch > self.epoch:
+                    self._depose(f"{self.cfg.peer} is primary at epoch {peer.epoch}")
+            return
+        if role == BACKUP:
+            if now - self._heard <= self.cfg.timeout:
+                return
+            peer = self._ask_peer()
+            if peer is None or peer.role != PRIMARY or peer.epoch < self.epoch:
+                self._take_over("its primary " + (f"is {peer.role} at epoch {peer.epoch}" if peer
+                                                  else "cannot be reached") +
+                                f" and was silent for {now - self._heard:.1f} s")
+            elif peer.epoch > self.epoch:
+                self._become(JOINING, f"{self.cfg.peer} is primary at epoch {peer.epoch}")
+            return
+        peer = self._ask_peer()  # joining or deposed
+        if peer is None:
+            return
+        if peer.role == PRIMARY:
+            self._join()
+        elif peer.role == JOINING and (role == DEPOSED or self.cfg.index == 0):
+            # Deposed: the only other replica has no state, so none newer exists. Both joining: a
+            # cold start; the first replica in --replicas begins.
+            self._promote(peer.epoch, f"{self.cfg.peer} is joining")
+        elif peer.role == DEPOSED and role == DEPOSED and \
+                (self.epoch, self.index, -self.cfg.index) > (peer.epoch, peer.index, -(1 - self.cfg.index)):
+            self._promote(peer.epoch, f"{self.cfg.peer} is deposed with older state")
+
+    def _ask_peer(self) -> pb.Replication | None:
+        """The peer's replication state (Hello), or None when it cannot be reached."""
+        if self.partitioned.is_set():
+            return None
+        try:
+            reply = self._peer().hello()
+        except Exception:  # noqa: BLE001 - unreachable, refused: the same to the rules
+            return None
+        return reply.replication if reply.HasField("replication") else None
+
+    def _peer(self):
+        if self._peer_client is None:
+            from optserve.client.security import Security
+            from optserve.client.transport import RetryPolicy, ShardClient
+            security = Security(tls=self.cfg.tls, root_certificates=self.cfg.tls_ca,
+                                certificate_chain=self.cfg.tls_cert, private_key=self.cfg.tls_key,
+                                token=self.cfg.token or None)
+            self._peer_client = ShardClient(self.cfg.peer, timeout=self.cfg.timeout,
+                                            retry=RetryPolicy(budget=0), security=security,
+                                            data_channel=False)
+        return self._peer_client
+
+    def _become(self, role: str, why: str) -> None:
+        with self._lock:
+            self.role = role
+            self.solo = False
+            self._backup_in_sync = False
+            self.primary = ""
+        log.warning("replica %s: %s (%s)", self.cfg.me, role, why)
+
+    def _take_over(self, why: str) -> None:
+        with self._seq:
+            with self._lock:
+                if self.role != BACKUP:
+                    return
+                self.role, self.epoch, self.solo, self.primary = PRIMARY, self.epoch + 1, True, self.cfg.me
+                self._backup_in_sync = False
+                self._backup_error = "the old primary has not rejoined"
+        log.warning("replica %s: took over as primary at epoch %d, alone until %s rejoins: %s",
+                    self.cfg.me, self.epoch, self.cfg.peer, why)
+
+    def _promote(self, peer_epoch: int, why: str) -> None:
+        with self._seq:
+            with self._lock:
+                self.role, self.primary, self.solo = PRIMARY, self.cfg.me, False
+                self.epoch = max(self.epoch, peer_epoch) + 1
+                self._backup_in_sync = False
+                self._backup_error = "not joined yet"
+        log.warning("replica %s: primary at epoch %d, waiting for %s to join: %s", self.cfg.me, self.epoch,
+                    self.cfg.peer, why)
+
+    def _join(self) -> None:
+        """Take the primary's state (a checkpoint over its data channel) and become its backup."""
+        from optserve.client.transport import ShardError
+        client = self._peer()
+        try:
+            hello = client.hello()
+        except ShardError:
+            return
+        host = client.address.rpartition(":")[0].strip("[]")
+        sock = socket.create_connection((host, hello.data_port), timeout=self.cfg.timeout)
+        installed = False
+        try:
+            tune(sock)
+            sock.settimeout(max(60.0, self.cfg.timeout))
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=host)
+            send_header(sock, AUTH, self.cfg.token.encode(), 0)
+            status, meta_len, _ = read_header(sock)
+            meta = read_meta(sock, meta_len)
+            if status != StatusCode.OK:
+                raise ConnectionError(f"the primary refused this shard's token: {parse_error(meta)[0]}")
+            send_header(sock, JOIN, pack_meta({"replica": self.cfg.index}), 0)
+            status, meta_len, data_len = read_header(sock)
+            meta = read_meta(sock, meta_len)
+            if status != StatusCode.OK:
+                log.info("replica %s: join refused: %s", self.cfg.me, parse_error(meta)[0])
+                return
+            header = json.loads(meta.decode())
+            data = self._receive_state(sock, header["files"], data_len)
+            if (data.shard_index, data.num_shards) != (self.shard_index, self.num_shards):
+                raise ValueError(f"the primary {self.cfg.peer} is shard {data.shard_index} of "
+                                 f"{data.num_shards}; this replica is {self.shard_index} of "
+                                 f"{self.num_shards}")
+            # A backup from here: the primary's next forward may come as soon as it has read JOINED.
+            self._install(data, int(header["epoch"]), int(header["index"]))
+            installed = True
+            send_header(sock, JOINED, json.dumps({"host": self._my_host(),
+                                                  "data_port": self.core.data_port}).encode(), 0)
+            status, meta_len, _ = read_header(sock)
+            meta = read_meta(sock, meta_len)
+            if status != StatusCode.OK:
+                raise ConnectionError(f"the primary did not take this replica: {parse_error(meta)[0]}")
+        except BaseException:
+            if installed:
+                self._become(JOINING, "the join did not complete")
+            raise
+        finally:
+            sock.close()
+        log.info("replica %s: joined %s as backup at epoch %d, operation %d", self.cfg.me, self.cfg.peer,
+                 self.epoch, self.index)
+
+    @staticmethod
+    def _receive_state(sock, files, data_len: int) -> CheckpointData:
+        """A state transfer's files, into a temporary checkpoint directory, verified and loaded."""
+        tmp = Path(tempfile.mkdtemp(prefix="optserve-joined-"))
+        try:
+            path = tmp / "ckpt-00000001"
+            path.mkdir()
+            left = data_len
+            for name, size in files:
+                if "/" in name or name.startswith(".") or not 0 <= size <= min(left, MAX_STATE_FILE_BYTES):
+                    raise ProtocolError(f"a state transfer names file {name!r} of {size} bytes")
+                buf = bytearray(size)
+                recv_exact(sock, memoryview(buf))
+                (path / name).write_bytes(buf)
+                left -= size
+            if left:
+                raise ProtocolError(f"a state transfer with {left} bytes no file holds")
+            return load_checkpoint(path)  # sizes and digests verified
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _my_host(self) -> str:
+        return self.cfg.me.rpartition(":")[0].strip("[]")
+
+    def _install(self, data: CheckpointData, epoch: int, index: int) -> None:
+        """Replace this replica's state by the primary's (all or nothing per Store.restore)."""
+        store, policy = self.core.store, self.core.policy
+        # (no worker request reaches a replica without a role; restore_state takes the policy lock itself)
+        with self._seq:
+            store.clear()
+            try:
+                store.restore(data.keys, data.extra.get("dedupe", {}))
+                policy.restore_state(data.extra.get("sync_rounds", []), data.extra_tensors, store)
+            except BaseException:
+                store.clear()
+                raise
+            with self._lock:
+                self.role, self.epoch, self.index, self.primary = BACKUP, epoch, index, self.cfg.peer
+                self.solo = False
+                self._heard = time.monotonic()
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def describe(self) -> pb.Replication:
+        with self._lock:
+            peers = []
+            if self.role == PRIMARY:
+                lag = self.index - self._backup_index if self._backup_in_sync else 0
+                peers.append(pb.ReplicaPeer(address=self.cfg.peer, in_sync=self._backup_in_sync, lag=lag,
+                                            error=self._backup_error))
+            return pb.Replication(role=self.role, epoch=self.epoch, index=self.index,
+                                  replicas=list(self.cfg.replicas), replica_index=self.cfg.index,
+                                  primary=self.primary, solo=self.solo, peers=peers)

@@ -1,0 +1,422 @@
+"""Replicated shards (issue 15): a SIGKILL loses no acknowledged update, failover keeps exactly-once,
+a killed backup rejoins bitwise equal, a partition leaves at most one replica acknowledging per
+epoch, and replication works with TLS, the token and the sync policy with backup workers.
+
+Replicas run as `optserve serve` processes (tests/system/test_durability.py's launcher and state
+readers) except in the partition test, which cuts the link between two in-process replicas with
+`Replicator.partitioned` (the test's hook: forwards and heartbeats fail, the peer's frames are
+refused, Hello to the peer fails). Waits are on Hello's replication state or on the workers, with
+test_durability's hang guard only; --replica-timeout is 2 s so that failovers are quick.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from optserve import RemoteAdam
+from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
+from optserve.proto.optserve.v1 import optserve_pb2 as pb
+from optserve.server import replication
+from optserve.server.main import ServerConfig, Shard
+from test_durability import (ENV, HANG_GUARD, OPTSERVE, ShardProcess, Shards, kill, replay, shard_state,
+                             synthetic_step, tiny_model, wait_for)
+
+pytestmark = pytest.mark.system
+TIMEOUT = "2.0"  # --replica-timeout: quick failovers, yet no failover of its own on a loaded machine
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class ReplicaSet:
+    """Replica processes of `num_shards` shard indices x 2, each with its own apply log."""
+
+    def __init__(self, shards: Shards, tmp_path: Path, num_shards: int, extra=(), security=None,
+                 die_after: dict[tuple[int, int], int] | None = None):
+        """die_after[(s, r)] = K: that replica runs replica_killer.py and dies in its K-th forward."""
+        self.shards, self.security = shards, security
+        self.die_after = die_after or {}
+        ports = free_ports(2 * num_shards)
+        self.addresses = [[f"127.0.0.1:{ports[2 * s + r]}" for r in range(2)] for s in range(num_shards)]
+        self.logs = [[tmp_path / f"apply{s}-{r}.jsonl" for r in range(2)] for s in range(num_shards)]
+        self.procs: list[list[ShardProcess]] = [[None, None] for _ in range(num_shards)]
+        for s in range(num_shards):
+            for r in range(2):
+                args = ("--shard-index", str(s), "--num-shards", str(num_shards),
+                        "--replicas", ",".join(self.addresses[s]), "--replica-index", str(r),
+                        "--replica-timeout", TIMEOUT, "--apply-log", str(self.logs[s][r]), *extra)
+                log = tmp_path / f"shard{s}-{r}.log"
+                self.procs[s][r] = ShardProcess(self._launch(s, r, log, args, self.die_after.get((s, r))),
+                                                self.addresses[s][r], log, args)
+        for s in range(num_shards):
+            for r in range(2):
+                assert shards._listening(self.procs[s][r].proc, self.procs[s][r].log) == self.addresses[s][r]
+
+    @property
+    def servers(self) -> list[str]:
+        return ["|".join(a) for a in self.addresses]
+
+    def hello(self, address: str) -> pb.Replication | None:
+        client = ShardClient(address, timeout=10.0, retry=RetryPolicy(budget=0), security=self.security,
+                             data_channel=False)
+        try:
+            return client.hello().replication
+        except ShardError:
+            return None
+        finally:
+            client.close()
+
+    def primary(self, s: int) -> int:
+        """The replica (0 or 1) of shard index s that is primary with its backup in sync."""
+        for r in range(2):
+            rep = self.hello(self.addresses[s][r])
+            if rep is not None and rep.role == "primary" and rep.peers and rep.peers[0].in_sync:
+                return r
+        return -1
+
+    def wait_in_sync(self, s: int) -> int:
+        wait_for(lambda: self.primary(s) >= 0, f"shard {s}'s replicas in sync")
+        return self.primary(s)
+
+    def _launch(self, s: int, r: int, log: Path, args, die_after: int | None) -> subprocess.Popen:
+        command, env = OPTSERVE, ENV
+        if die_after is not None:
+            command = [sys.executable, str(Path(__file__).with_name("replica_killer.py"))]
+            env = {**ENV, "OPTSERVE_TEST_DIE_AFTER_FORWARDS": str(die_after)}
+        port = self.addresses[s][r].rsplit(":", 1)[1]
+        with open(log, "ab") as err:
+            proc = subprocess.Popen([*command, "serve", "--port", port, *args], stdout=subprocess.PIPE,
+                                    stderr=err, text=True, env=env)
+        self.shards.procs.append(proc)  # killed at teardown
+        return proc
+
+    def restart(self, s: int, r: int) -> None:
+        """The replica again (plain `optserve serve`), after its process ended; a marker line in its
+        apply log separates its lives."""
+        old = self.procs[s][r]
+        assert old.proc.wait(HANG_GUARD) is not None
+        with open(self.logs[s][r], "a") as f:
+            f.write(json.dumps({"restart": True}) + "\n")
+        proc = self._launch(s, r, old.log, old.args, None)
+        assert self.shards._listening(proc, old.log) == old.address
+        self.procs[s][r] = ShardProcess(proc, old.address, old.log, old.args)
+
+    def state(self, s: int, r: int) -> dict:
+        return shard_state(self.addresses[s][r])
+
+
+def log_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def lives(path: Path) -> list[list[dict]]:
+    """A replica's apply log, cut at its restarts."""
+    out = [[]]
+    for line in log_lines(path):
+        if line.get("restart"):
+            out.append([])
+        else:
+            out[-1].append(line)
+    return out
+
+
+def stitch(before: list[dict], after: list[dict]) -> list[dict]:
+    """A shard index's history across a failover: `before`, the old primary's pushes from the start
+    (it was in sync from the first push), then `after`, the pushes of the replica that joined it
+    (the joined state is the old primary's up to where `after` begins: its first push, when the old
+    primary forwarded or had applied it, or else the old primary's end)."""
+    ids = [(x["client_id"], x["seq"]) for x in before]
+    first = next((ids.index((x["client_id"], x["seq"])) for x in after if (x["client_id"], x["seq"]) in ids),
+                 len(before))
+    return before[:first] + after
+
+
+@pytest.fixture
+def shards(tmp_path):
+    s = Shards(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def run_workers(n: int, steps: int, servers: list[str], on_step=None, until_version: int = 0,
+                **options) -> list[int]:
+    """n worker threads, each `steps` synthetic steps through RemoteAdam (test_durability's gradients;
+    with `until_version`, until its keys reach that version instead: sync with backup workers, where a
+    worker left alone at the end would wait for a round no one completes); returns each worker's
+    acknowledged steps. `on_step(total)` runs after every acknowledged step."""
+    done, errors, lock = [0] * n, [], threading.Lock()
+
+    def work(w: int) -> None:
+        try:
+            model = tiny_model()
+            with RemoteAdam(model.named_parameters(), servers, lr=0.01, client_id=f"worker-{w}",
+                            retry_budget=HANG_GUARD, timeout=60.0, **options) as opt:
+                step = 0
+                while (min(opt.versions.values()) < until_version) if until_version else step < steps:
+                    synthetic_step(model, opt, w, step)
+                    step += 1
+                    with lock:
+                        done[w] += 1
+                        total = sum(done)
+                    if on_step is not None:
+                        on_step(total)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG_GUARD)
+    assert not errors, errors
+    return done
+
+
+WORKERS, STEPS = 4, 200
+
+
+def test_sigkills_of_primaries_mid_forward_and_mid_push_lose_no_acknowledged_push(shards, tmp_path):
+    """4 workers x 200 steps on 2 shard indices x 2 replicas. Shard 0's first primary kills itself in
+    the middle of a forward (replica_killer.py: the frame sent, the answer not read) and is restarted;
+    once it has rejoined, the new primary is SIGKILLed at a random step (mid-push, most likely) and
+    restarted; shard 1's primary is SIGKILLed once at a random step. Afterwards: every key's step is
+    the number of acknowledged pushes, each index's history (apply logs, stitched across the
+    failovers) has every (client, seq) once and replays bitwise to the final state, and both replicas
+    of each index are bitwise equal."""
+    rng = random.Random()
+    total = WORKERS * STEPS
+    rs = ReplicaSet(shards, tmp_path, 2, die_after={(0, 0): rng.randrange(total // 8, total // 4)})
+    assert [rs.wait_in_sync(s) for s in range(2)] == [0, 0]  # a cold start: the first replica begins
+    second_kill, shard1_kill = rng.randrange(total // 2, 3 * total // 4), rng.randrange(total // 8, total // 2)
+    events: list[str] = []
+    stop = threading.Event()
+    progress = [0]
+
+    def on_step(done: int) -> None:
+        progress[0] = done
+
+    def chaos() -> None:  # restarts the self-killed replica; kills at the chosen steps; restarts those
+        while not stop.is_set():
+            if "0/0 died" not in events and rs.procs[0][0].proc.poll() is not None:
+                events.append("0/0 died")
+                events.append(f"0/0 exit {rs.procs[0][0].proc.returncode}")  # its own SIGKILL: -9
+                rs.restart(0, 0)
+            if "1/0 killed" not in events and progress[0] >= shard1_kill:
+                kill(rs.procs[1][0])
+                events.append("1/0 killed")
+                rs.restart(1, 0)
+            if "0/1 killed" not in events and "0/0 died" in events and progress[0] >= second_kill \
+                    and rs.primary(0) == 1:  # only once the first victim is back in sync
+                kill(rs.procs[0][1])
+                events.append("0/1 killed")
+                rs.restart(0, 1)
+            stop.wait(0.02)
+
+    thread = threading.Thread(target=chaos)
+    thread.start()
+    try:
+        done = run_workers(WORKERS, STEPS, rs.servers, on_step=on_step)
+    finally:
+        stop.set()
+        thread.join()
+    assert done == [STEPS] * WORKERS
+    assert set(events) == {"0/0 died", f"0/0 exit {-signal.SIGKILL}", "1/0 killed", "0/1 killed"}, events
+
+    names = [n for n, _ in tiny_model().named_parameters()]
+    histories = {0: stitch(lives(rs.logs[0][1])[0], lives(rs.logs[0][0])[-1]),
+                 1: log_lines(rs.logs[1][1])}
+    final = {}
+    for s in range(2):
+        assert rs.wait_in_sync(s) == (0 if s == 0 else 1)
+        states = [rs.state(s, r) for r in range(2)]
+        assert states[0] == states[1]  # bitwise, after the rejoins
+        history = histories[s]
+        pushes = Counter((line["client_id"], line["seq"]) for line in history)
+        assert max(pushes.values()) == 1  # no push applied twice
+        assert Counter(c.split("/")[0] for c, _ in pushes) == {f"worker-{w}": STEPS for w in range(WORKERS)}
+        path = tmp_path / f"history{s}.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in history))
+        assert replay(path, sorted(states[0])) == states[0]
+        final.update(states[0])
+        assert rs.hello(rs.addresses[s][0]).epoch == (3 if s == 0 else 2)
+    assert {k: v["step"] for k, v in final.items()} == {n: WORKERS * STEPS for n in names}
+
+
+def test_a_killed_backup_stops_the_primary_until_it_rejoins_then_both_are_bitwise_equal(shards, tmp_path):
+    """The documented rule: a primary that cannot reach its backup for the timeout stops acknowledging
+    (it cannot tell a crash from a partition, in which the backup takes over). The backup restarted,
+    the primary takes it back (at a new epoch) after a state transfer, and training goes on."""
+    rs = ReplicaSet(shards, tmp_path, 1)
+    primary = rs.wait_in_sync(0)
+    backup = 1 - primary
+    killed = threading.Event()
+    deposed = threading.Event()
+
+    def on_step(done: int) -> None:
+        if done == 60 and not killed.is_set():
+            killed.set()
+            kill(rs.procs[0][backup])
+            wait_for(lambda: (rs.hello(rs.addresses[0][primary]) or pb.Replication()).role == "deposed",
+                     "the primary to stop acknowledging")
+            deposed.set()
+            rs.restart(0, backup)
+
+    done = run_workers(2, 80, rs.servers, on_step=on_step)
+    assert done == [80, 80] and deposed.is_set()
+    assert rs.wait_in_sync(0) == primary  # re-promoted with its state; the empty backup joined it
+    rep = rs.hello(rs.addresses[0][primary])
+    assert rep.epoch == 2 and rep.peers[0].lag == 0
+    states = [rs.state(0, r) for r in range(2)]
+    assert states[0] == states[1]
+    assert {k: v["step"] for k, v in states[0].items()} == {n: 160 for n, _ in tiny_model().named_parameters()}
+    lines = log_lines(rs.logs[0][primary])
+    assert max(Counter((x["client_id"], x["seq"]) for x in lines).values()) == 1
+    assert replay(rs.logs[0][primary], sorted(states[0])) == states[0]
+
+
+def _security_module():
+    path = Path(__file__).resolve().parent.parent / "service" / "test_security.py"
+    spec = importlib.util.spec_from_file_location("optserve_test_security", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_replication_with_tls_token_and_sync_with_a_backup_worker_survives_a_primary_sigkill(
+        shards, tmp_path, monkeypatch):
+    """TLS on both doors and between the replicas, a token, sync with 3 workers and 1 backup worker:
+    the primary is SIGKILLed mid-run; the workers finish, and both replicas end bitwise equal."""
+    ca = _security_module().CA("optserve replication CA")
+    cert, key = ca.issue("shard", server=True)
+    for name, data in {"ca.pem": ca.pem, "shard.pem": cert, "shard.key": key, "token": b"s3cret-token"}.items():
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.setenv("OPTSERVE_TLS_CA", str(tmp_path / "ca.pem"))  # this process's clients (from_env)
+    monkeypatch.setenv("OPTSERVE_TOKEN", "s3cret-token")
+    rs = ReplicaSet(shards, tmp_path, 1, security=Security.from_env(),
+                    extra=("--policy", "sync", "--workers", "3", "--backup-workers", "1",
+                           "--tls-cert", str(tmp_path / "shard.pem"), "--tls-key", str(tmp_path / "shard.key"),
+                           "--replica-ca", str(tmp_path / "ca.pem"), "--token-file", str(tmp_path / "token")))
+    primary = rs.wait_in_sync(0)
+    killer = threading.Thread(target=lambda: (kill(rs.procs[0][primary]), rs.restart(0, primary)))
+
+    def on_step(done: int) -> None:  # no worker waits for the kill: a round needs 2 of them
+        if done == 30:
+            killer.start()
+
+    target = 30
+    done = run_workers(3, 0, rs.servers, on_step=on_step, until_version=target)
+    killer.join(HANG_GUARD)
+    assert sum(done) >= 2 * target
+    assert rs.wait_in_sync(0) == 1 - primary
+    states = [rs.state(0, r) for r in range(2)]
+    assert states[0] == states[1]
+    assert {k: v["step"] for k, v in states[0].items()} == {n: target for n, _ in tiny_model().named_parameters()}
+
+
+def test_a_partition_leaves_at_most_one_replica_acknowledging_per_epoch(tmp_path, monkeypatch, caplog):
+    """The link between primary and backup is cut while a worker pushes: the primary stops
+    acknowledging (deposed) once its forwards fail for the timeout, the backup takes over at a new
+    epoch; every acknowledged push came from one replica per epoch. After the partition heals the old
+    primary rejoins while the worker goes on pushing (the state transfer is held until 5 more steps
+    were acknowledged; they reach the joiner after the state), and both end bitwise equal with every
+    acknowledged push applied once."""
+    progress = [0]
+    hold, joining = threading.Event(), threading.Event()
+    real_write = replication.write_checkpoint
+
+    def slow_write(*args, **kwargs):  # the rejoin's state transfer: held while pushes go on
+        if not hold.is_set():  # the first join, at the start
+            return real_write(*args, **kwargs)
+        joining.set()
+        start = progress[0]
+        wait_for(lambda: progress[0] >= start + 5, "pushes during the state transfer")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(replication, "write_checkpoint", slow_write)
+    caplog.set_level(logging.INFO, logger="optserve.server")
+    ports = free_ports(2)
+    replicas = ",".join(f"127.0.0.1:{p}" for p in ports)
+    cfgs = [ServerConfig(port=p, replicas=replicas, replica_index=i, replica_timeout=float(TIMEOUT),
+                         apply_log=str(tmp_path / f"apply{i}.jsonl")) for i, p in enumerate(ports)]
+    shards_ = [Shard(c) for c in cfgs]
+    acks: list[tuple[int, int]] = []  # (replica, epoch) of each push a replica acknowledged
+    lock = threading.Lock()
+    for i, shard in enumerate(shards_):
+        rep = shard.replication
+        original = rep.apply
+
+        def apply(op, message, items, local, rep=rep, original=original, i=i):
+            with rep._seq:  # reentrant: the epoch read is the one the push was ordered under
+                result, error = original(op, message, items, local)
+                if error is None and op == "push":
+                    with lock:
+                        acks.append((i, rep.epoch))
+            return result, error
+
+        rep.apply = apply
+    for shard in shards_:
+        shard.start()
+    try:
+        wait_for(lambda: any(s.replication.describe().role == "primary" and s.replication.describe().peers
+                             and s.replication.describe().peers[0].in_sync for s in shards_), "in sync")
+        primary = next(i for i, s in enumerate(shards_) if s.replication.role == "primary")
+        cut, healed = threading.Event(), threading.Event()
+
+        def on_step(done: int) -> None:  # the worker goes on pushing across the cut
+            progress[0] = done
+            if done == 20:
+                for s in shards_:
+                    s.replication.partitioned.set()
+                cut.set()
+            if done == 40:
+                hold.set()
+                for s in shards_:
+                    s.replication.partitioned.clear()
+                healed.set()
+                wait_for(joining.is_set, "the old primary to begin its rejoin")
+
+        servers = ["|".join(f"127.0.0.1:{p}" for p in ports)]
+        done = run_workers(1, 60, servers, on_step=on_step)
+        assert done == [60] and cut.is_set() and healed.is_set()
+        wait_for(lambda: shards_[1 - primary].replication.describe().peers[0].in_sync, "the rejoin")
+        epochs: dict[int, set[int]] = {}
+        for replica, epoch in acks:
+            epochs.setdefault(epoch, set()).add(replica)
+        assert all(len(r) == 1 for r in epochs.values()), epochs
+        assert epochs[1] == {primary} and epochs[2] == {1 - primary}
+        assert len(acks) == 60  # one per acknowledged step (a retry answered as a duplicate is not applied)
+        stores = [s.core.store for s in shards_]
+        for name in stores[0].names():
+            a, b = stores[0].get(name), stores[1].get(name)
+            assert a.step == b.step == 60
+            assert all(torch.equal(a.part(p), b.part(p)) for p in (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ))
+        lines = log_lines(tmp_path / f"apply{1 - primary}.jsonl")
+        assert max(Counter((x["client_id"], x["seq"]) for x in lines).values()) == 1
+        caught_up = [int(m.group(1)) for r in caplog.records
+                     if (m := re.search(r"\((\d+) more forwarded after the state\)", r.getMessage()))]
+        assert caught_up and caught_up[-1] >= 5  # the pushes acknowledged during the transfer
+    finally:
+        for shard in shards_:
+            shard.stop()

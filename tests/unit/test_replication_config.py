@@ -1,0 +1,76 @@
+"""Replication's small pieces (server/replication.py, client/transport.py): the replica set's
+configuration, the replication frame's meta, a worker's replica list, and a backup's refusals."""
+from __future__ import annotations
+
+import pytest
+
+from optserve.client.transport import ShardClient
+from optserve.errors import NOT_PRIMARY, STALE_EPOCH, RequestError, StatusCode
+from optserve.frames import FORWARD, HEARTBEAT
+from optserve.server.main import ServerConfig
+from optserve.server.replication import BACKUP, ReplicaConfig, Replicator, pack_meta, unpack_meta
+
+
+def test_a_replica_set_is_two_distinct_addresses_and_an_index_among_them():
+    assert ReplicaConfig(("a:1", "b:2"), 1).peer == "a:1"
+    with pytest.raises(ValueError, match="exactly 2 replicas"):
+        ReplicaConfig(("a:1", "b:2", "c:3"), 0)
+    with pytest.raises(ValueError, match="twice"):
+        ReplicaConfig(("a:1", "a:1"), 0)
+    with pytest.raises(ValueError, match="replica-index"):
+        ReplicaConfig(("a:1", "b:2"), 2)
+    with pytest.raises(ValueError, match="data port"):
+        ServerConfig(replicas="a:1,b:2", data_port=-1)
+
+
+def test_replication_meta_round_trips_and_refuses_garbage():
+    header, message = unpack_meta(pack_meta({"op": "push", "epoch": 3, "index": 9}, b"\x01\x02"))
+    assert header == {"op": "push", "epoch": 3, "index": 9} and message == b"\x01\x02"
+    for bad in (b"", b"\x05\x00\x00\x00{no", b"\x02\x00\x00\x00[]"):
+        with pytest.raises(RequestError) as info:
+            unpack_meta(bad)
+        assert info.value.code == StatusCode.INVALID_ARGUMENT
+
+
+def test_a_worker_names_a_replicated_shard_by_its_replicas_joined_with_a_bar():
+    client = ShardClient("127.0.0.1:1|127.0.0.1:2", data_channel=False)
+    try:
+        assert client.replicas == ["127.0.0.1:1", "127.0.0.1:2"] and client.address == "127.0.0.1:1"
+        client._next_replica(client._current)
+        assert client.address == "127.0.0.1:2"
+        client._next_replica(client._endpoints[0])  # a stale failure (another call moved on): stays
+        assert client.address == "127.0.0.1:2"
+    finally:
+        client.close()
+    with pytest.raises(ValueError, match="distinct"):
+        ShardClient("127.0.0.1:1|127.0.0.1:1")
+
+
+class _Core:
+    class store:  # noqa: N801 - a stand-in for the store the replicator wakes
+        @staticmethod
+        def wake():
+            pass
+
+
+def test_a_backup_refuses_workers_and_forwards_of_another_epoch_without_changing_anything():
+    rep = Replicator(_Core(), ReplicaConfig(("127.0.0.1:1", "127.0.0.1:2"), 1), 0, 1)
+    rep.role, rep.epoch, rep.index, rep.primary = BACKUP, 4, 10, "127.0.0.1:1"
+    with pytest.raises(RequestError) as info:
+        rep.check_serving()
+    assert (info.value.code, info.value.reason) == (StatusCode.UNAVAILABLE, NOT_PRIMARY)
+    assert "127.0.0.1:1" in info.value.message
+    rep.check_serving(read=True)  # a backup answers pulls
+    for kind, header in ((FORWARD, {"op": "push", "epoch": 3, "index": 11}), (HEARTBEAT, {"epoch": 5})):
+        with pytest.raises(RequestError) as info:
+            rep.serve(None, kind, pack_meta(header), None, None)
+        assert info.value.reason == STALE_EPOCH
+    with pytest.raises(RequestError) as info:  # a gap: operations missing here
+        rep.serve(None, FORWARD, pack_meta({"op": "push", "epoch": 4, "index": 12}), None, None)
+    assert info.value.reason == STALE_EPOCH
+    assert (rep.role, rep.epoch, rep.index) == (BACKUP, 4, 10)
+
+
+def test_the_environment_names_replicated_shards_with_bars():
+    from optserve.client.discovery import servers_from_env
+    assert servers_from_env({"OPTSERVE_SERVERS": "a:1|b:2,c:3|d:4"}) == ["a:1|b:2", "c:3|d:4"]
