@@ -380,19 +380,25 @@ def shard_sets(*sizes: int, timeout: float = 90.0, module: str = "optserve.cli")
             k += n
         yield out
     finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p, log in procs:
-            try:
-                p.wait(8)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(3)
-            if p.stdout:
-                p.stdout.close()
-            log.close()
+        stop_shards(procs)
+
+
+def stop_shards(procs: list[tuple[subprocess.Popen, Any]]) -> None:
+    """Stop shard processes started with a log file each: SIGTERM to all, then SIGKILL what is left
+    after 8 s; closes their pipes and logs."""
+    for p, _ in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p, log in procs:
+        try:
+            p.wait(8)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(3)
+        if p.stdout:
+            p.stdout.close()
+        log.close()
 
 
 # ------------------------------------------------------------------------------------------------

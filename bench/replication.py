@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import tempfile
 import time
 from typing import Iterator
 
 from bench.common import (CpuLoad, Settings, _read_listening, _shard_env, children, fmt, free_port, interleave,
-                          shard_command, shard_sets, summary, table)
+                          shard_command, shard_sets, stop_shards, summary, table)
 from bench.workers import RUN_LIMIT_S, PushWorker
 
 STEP_ELEMENTS = 16 << 20  # 64 MiB of float32
@@ -60,18 +59,7 @@ def replica_pair(timeout: float = 90.0) -> Iterator[str]:
             client.close()
         yield replicas.replace(",", "|")
     finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p, log in procs:
-            try:
-                p.wait(8)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(3)
-            if p.stdout:
-                p.stdout.close()
-            log.close()
+        stop_shards(procs)
 
 
 class BigStep:
