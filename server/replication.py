@@ -211,13 +211,16 @@ class Replicator:
                  saved.get("role"), path)
         return epoch
 
-    def _save_epoch(self) -> None:
-        """Write the current epoch and role to the state file (atomically), with --checkpoint-dir."""
+    def _save_epoch(self, epoch: int | None = None, role: str | None = None) -> None:
+        """Write the epoch and role (default: the current ones) to the state file (atomically), with
+        --checkpoint-dir. A takeover writes the ones it is about to take, before it takes them: a file
+        that cannot be written leaves the replica as it was (the watcher logs it and tries again)."""
         if self._state_path is None:
             return
         with self._state_lock:
             with self._lock:
-                state = {"epoch": self.epoch, "role": self.role}
+                state = {"epoch": self.epoch if epoch is None else epoch,
+                         "role": self.role if role is None else role}
             self._state_path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self._state_path, state)
 
@@ -639,23 +642,26 @@ class Replicator:
             with self._lock:
                 if self.role != BACKUP:
                     return
-                self.role, self.epoch, self.solo, self.primary = PRIMARY, self.epoch + 1, True, self.cfg.me
+                epoch = self.epoch + 1
+            self._save_epoch(epoch, PRIMARY)  # before the first solo acknowledgement
+            with self._lock:
+                self.role, self.epoch, self.solo, self.primary = PRIMARY, epoch, True, self.cfg.me
                 self._backup_in_sync = False
                 self._backup_error = "the old primary has not rejoined"
                 self._blocked = ""
-            self._save_epoch()  # before the first solo acknowledgement
         log.warning("replica %s: took over as primary at epoch %d, alone until %s rejoins: %s",
                     self.cfg.me, self.epoch, self.cfg.peer, why)
 
     def _promote(self, peer_epoch: int, why: str) -> None:
         with self._seq:
             with self._lock:
-                self.role, self.primary, self.solo = PRIMARY, self.cfg.me, False
-                self.epoch = max(self.epoch, peer_epoch) + 1
+                epoch = max(self.epoch, peer_epoch) + 1
+            self._save_epoch(epoch, PRIMARY)
+            with self._lock:
+                self.role, self.primary, self.solo, self.epoch = PRIMARY, self.cfg.me, False, epoch
                 self._backup_in_sync = False
                 self._backup_error = "not joined yet"
                 self._blocked = ""
-            self._save_epoch()
         log.warning("replica %s: primary at epoch %d, waiting for %s to join: %s", self.cfg.me, self.epoch,
                     self.cfg.peer, why)
 

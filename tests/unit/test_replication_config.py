@@ -104,3 +104,17 @@ def test_a_replica_keeps_its_epoch_in_its_checkpoint_dir_and_never_goes_on_from_
     (tmp_path / "r1" / STATE_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not a replica state file"):
         replica(1)
+
+
+def test_a_takeover_whose_state_file_cannot_be_written_does_not_happen(tmp_path, monkeypatch):
+    from optserve.server import replication
+
+    def refuse(path, obj):
+        raise OSError("disk full (test)")
+
+    rep = Replicator(_Core(), ReplicaConfig(("127.0.0.1:1", "127.0.0.1:2"), 1, state_dir=str(tmp_path)), 0, 1)
+    rep.role, rep.epoch, rep.primary = BACKUP, 1, "127.0.0.1:1"
+    monkeypatch.setattr(replication, "write_json_atomic", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        rep._take_over("test")
+    assert (rep.role, rep.epoch, rep.solo) == (BACKUP, 1, False)  # it acknowledges nothing alone
