@@ -41,6 +41,7 @@ ROLLBACK = "rollback"  # a conditional SetState would undo applied steps
 TIMEOUT = "timeout"  # a wait for versions (a sync step, min_versions) ran out
 NOT_PRIMARY = "not_primary"  # a replica that does not take pushes now: try the shard's next replica
 STALE_EPOCH = "stale_epoch"  # a forward from a primary whose epoch is over (server/replication.py)
+LOST_EPOCH = "lost_epoch"  # a replica set whose later epoch's state was lost: an operator decides
 DROP_GRADIENT = (STALE, AHEAD)  # reasons after which a client drops the gradient and re-pulls
 
 

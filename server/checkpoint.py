@@ -417,3 +417,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Replace the small JSON file `path` atomically (a temporary file, fsynced, renamed; then the
+    directory fsynced): a crash leaves the old contents or the new, never a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)

@@ -139,6 +139,7 @@ class ServerConfig:
 
         return ReplicaConfig(tuple(a.strip() for a in self.replicas.split(",")), self.replica_index,
                              self.replica_timeout, token=token, tls=bool(self.tls_cert),
+                             state_dir=self.checkpoint_dir,
                              tls_ca=read(self.replica_ca or self.tls_cert) if self.tls_cert else None,
                              tls_cert=read(self.tls_cert) if self.tls_client_ca else None,
                              tls_key=read(self.tls_key) if self.tls_client_ca else None)

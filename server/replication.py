@@ -25,6 +25,12 @@ is deterministic given the order, so both replicas hold the same bits. The rules
   acknowledges with it again). A deposed replica whose peer is joining (an empty
   replica, so no newer state exists anywhere) becomes primary at epoch + 1 with its state; two
   joining replicas (a cold start) make the first in `--replicas` primary.
+- No replica goes on from older state. With `--checkpoint-dir`, each replica keeps its epoch and role
+  in `replica.json` there (written atomically at every change), and a restarted replica reports that
+  epoch while it joins. A deposed replica whose peer comes back joining with a higher epoch (it held
+  epoch N, acknowledged alone, and lost that state) is *blocked*, not promoted; so is the joiner. Both
+  refuse every request (FAILED_PRECONDITION, reason `lost_epoch`, saying what the operator can do)
+  until the operator decides which state goes on. Two joining replicas: the higher epoch begins.
 
 The forward is the only copy of an acknowledged update's effect besides the primary's own: R = 2
 survives one failure at a time (`optserve status` shows when the backup is in sync again), not two.
@@ -47,18 +53,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from optserve.errors import NOT_PRIMARY, STALE_EPOCH, RequestError, StatusCode, invalid
+from optserve.errors import LOST_EPOCH, NOT_PRIMARY, STALE_EPOCH, RequestError, StatusCode, invalid
 from optserve.frames import (AUTH, FORWARD, HEARTBEAT, JOIN, JOINED, ProtocolError, parse_error,
                              read_header, read_meta, recv_exact, send_frame, send_header, tune)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import Outgoing
-from optserve.server.checkpoint import CheckpointData, load_checkpoint, write_checkpoint
+from optserve.server.checkpoint import CheckpointData, load_checkpoint, write_checkpoint, write_json_atomic
 
 log = logging.getLogger("optserve.server")
 
 PRIMARY, BACKUP, JOINING, DEPOSED = "primary", "backup", "joining", "deposed"
 _LEN = struct.Struct("<I")
 MAX_STATE_FILE_BYTES = 1 << 40  # a joining replica's bound on one file of a state transfer
+STATE_FILE = "replica.json"  # in --checkpoint-dir: {"epoch": ..., "role": ...}, this replica's last
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class ReplicaConfig:
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     tls: bool = False
+    state_dir: str = ""  # --checkpoint-dir: where the epoch and role are kept across restarts
 
     def __post_init__(self):
         if len(self.replicas) != 2:
@@ -173,10 +181,48 @@ class Replicator:
         # a test's partition: while set, this replica reaches its peer's data channel no more and
         # refuses the peer's replication frames (tests/system/test_replication.py)
         self.partitioned = threading.Event()
+        self._blocked = ""  # why this replica refuses to go on (a lost epoch); "" when not blocked
+        self._state_path = Path(cfg.state_dir) / STATE_FILE if cfg.state_dir else None
+        self._state_lock = threading.Lock()  # one write of the state file at a time (a leaf)
+        self.epoch = self._load_epoch()
         self._ssl: ssl.SSLContext | None = None
         if cfg.tls:
             from optserve.client.data import client_ssl_context
             self._ssl = client_ssl_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+
+    # -- the epoch kept in --checkpoint-dir ------------------------------------------------------
+
+    def _load_epoch(self) -> int:
+        """The epoch this replica last held (its state file), 0 without one; a file that is not one
+        stops the start (ValueError), since going on without it could let older state win."""
+        path = self._state_path
+        if path is None or not path.exists():
+            return 0
+        try:
+            saved = json.loads(path.read_text())
+            epoch = int(saved["epoch"])
+            if epoch < 0:
+                raise ValueError(f"epoch {epoch}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a replica state file ({type(exc).__name__}: {exc}); it keeps "
+                             f"the epoch this replica held: restore it, or delete it if the replica's "
+                             f"state may be lost") from None
+        log.info("replica %s: held epoch %d as %s before this start (%s)", self.cfg.me, epoch,
+                 saved.get("role"), path)
+        return epoch
+
+    def _save_epoch(self, epoch: int | None = None, role: str | None = None) -> None:
+        """Write the epoch and role (default: the current ones) to the state file (atomically), with
+        --checkpoint-dir. A takeover writes the ones it is about to take, before it takes them: a file
+        that cannot be written leaves the replica as it was (the watcher logs it and tries again)."""
+        if self._state_path is None:
+            return
+        with self._state_lock:
+            with self._lock:
+                state = {"epoch": self.epoch if epoch is None else epoch,
+                         "role": self.role if role is None else role}
+            self._state_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self._state_path, state)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -204,7 +250,10 @@ class Replicator:
                 return
             if read and self.role in (PRIMARY, BACKUP):
                 return
-            role, primary = self.role, self.primary
+            role, primary, blocked = self.role, self.primary, self._blocked
+        if blocked:
+            raise RequestError(StatusCode.FAILED_PRECONDITION, f"shard {self.shard_index}: {blocked}",
+                               reason=LOST_EPOCH)
         if role == PRIMARY:
             why = "the primary waits for its backup to join"
         elif role == BACKUP:
@@ -316,6 +365,7 @@ class Replicator:
             self.solo = False
             self.primary = ""
         self._drop_link()
+        self._save_epoch()
         log.warning("replica %s: deposed at epoch %d: %s; it acknowledges nothing more and hands its "
                     "state on", self.cfg.me, self.epoch, why)
         self.core.store.wake()
@@ -518,15 +568,43 @@ class Replicator:
         peer = self._ask_peer()  # joining or deposed
         if peer is None:
             return
+        blocked = self._lost_epoch(role, peer)
+        with self._lock:
+            was, self._blocked = self._blocked, blocked
+        if blocked:
+            if blocked != was:
+                log.error("replica %s: %s", self.cfg.me, blocked)
+            return
         if peer.role == PRIMARY:
             self._join()
-        elif peer.role == JOINING and (role == DEPOSED or self.cfg.index == 0):
-            # Deposed: the only other replica has no state, so none newer exists. Both joining: a
-            # cold start; the first replica in --replicas begins.
+        elif peer.role == JOINING and (role == DEPOSED or peer.epoch < self.epoch or
+                                       (peer.epoch == self.epoch and self.cfg.index == 0)):
+            # Deposed: the only other replica has no state and held no later epoch (its state file),
+            # so none newer exists. Both joining (a cold start, or both restarted): the one that held
+            # the later epoch begins, the first replica in --replicas at a tie.
             self._promote(peer.epoch, f"{self.cfg.peer} is joining")
         elif peer.role == DEPOSED and role == DEPOSED and \
                 (self.epoch, self.index, -self.cfg.index) > (peer.epoch, peer.index, -(1 - self.cfg.index)):
             self._promote(peer.epoch, f"{self.cfg.peer} is deposed with older state")
+
+    def _lost_epoch(self, role: str, peer: pb.Replication) -> str:
+        """Why neither replica may go on (\"\" when one may): one of them held a later epoch (its
+        state file says so) and came back without that state, while the other has only older state."""
+        if role == DEPOSED and peer.role == JOINING and peer.epoch > self.epoch:
+            lost, holder, older = peer.epoch, self.cfg.peer, self.cfg.me
+        elif role == JOINING and peer.role in (DEPOSED, PRIMARY) and self.epoch > peer.epoch:
+            # (a primary of an older epoch is one that has not yet noticed it was replaced)
+            lost, holder, older = self.epoch, self.cfg.me, self.cfg.peer
+        else:
+            return ""
+        return (f"replica {holder} held epoch {lost} (it acknowledged updates alone) and restarted without "
+                f"that state; replica {older} holds only the older state of epoch "
+                f"{min(self.epoch, peer.epoch)}, "
+                f"so neither goes on: that would lose what epoch {lost} acknowledged. To keep epoch {lost}'s "
+                f"updates, restart both replicas, {holder} from its --checkpoint-dir (the later epoch "
+                f"begins; updates since its last checkpoint are lost); to go on from {older}'s older "
+                f"state instead (losing epoch {lost}'s updates), delete {STATE_FILE} in {holder}'s "
+                f"--checkpoint-dir and restart {holder}")
 
     def _ask_peer(self) -> pb.Replication | None:
         """The peer's replication state (Hello), or None when it cannot be reached."""
@@ -556,6 +634,7 @@ class Replicator:
             self.solo = False
             self._backup_in_sync = False
             self.primary = ""
+        self._save_epoch()
         log.warning("replica %s: %s (%s)", self.cfg.me, role, why)
 
     def _take_over(self, why: str) -> None:
@@ -563,19 +642,26 @@ class Replicator:
             with self._lock:
                 if self.role != BACKUP:
                     return
-                self.role, self.epoch, self.solo, self.primary = PRIMARY, self.epoch + 1, True, self.cfg.me
+                epoch = self.epoch + 1
+            self._save_epoch(epoch, PRIMARY)  # before the first solo acknowledgement
+            with self._lock:
+                self.role, self.epoch, self.solo, self.primary = PRIMARY, epoch, True, self.cfg.me
                 self._backup_in_sync = False
                 self._backup_error = "the old primary has not rejoined"
+                self._blocked = ""
         log.warning("replica %s: took over as primary at epoch %d, alone until %s rejoins: %s",
                     self.cfg.me, self.epoch, self.cfg.peer, why)
 
     def _promote(self, peer_epoch: int, why: str) -> None:
         with self._seq:
             with self._lock:
-                self.role, self.primary, self.solo = PRIMARY, self.cfg.me, False
-                self.epoch = max(self.epoch, peer_epoch) + 1
+                epoch = max(self.epoch, peer_epoch) + 1
+            self._save_epoch(epoch, PRIMARY)
+            with self._lock:
+                self.role, self.primary, self.solo, self.epoch = PRIMARY, self.cfg.me, False, epoch
                 self._backup_in_sync = False
                 self._backup_error = "not joined yet"
+                self._blocked = ""
         log.warning("replica %s: primary at epoch %d, waiting for %s to join: %s", self.cfg.me, self.epoch,
                     self.cfg.peer, why)
 
@@ -670,6 +756,8 @@ class Replicator:
                 self.role, self.epoch, self.index, self.primary = BACKUP, epoch, index, self.cfg.peer
                 self.solo = False
                 self._heard = time.monotonic()
+                self._blocked = ""
+            self._save_epoch()
 
     # -- status ----------------------------------------------------------------------------------
 

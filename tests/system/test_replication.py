@@ -420,3 +420,86 @@ def test_a_partition_leaves_at_most_one_replica_acknowledging_per_epoch(tmp_path
     finally:
         for shard in shards_:
             shard.stop()
+
+
+def test_a_double_failure_that_loses_a_later_epoch_stops_with_an_error_instead_of_losing_pushes(tmp_path):
+    """The old primary A is cut off (as if stopped) and deposed; B takes over at epoch 2 and
+    acknowledges pushes alone; then B crashes and restarts empty. A holds only epoch 1's state, so it
+    must not become primary again (that silently lost B's acknowledged pushes): B's state file in its
+    --checkpoint-dir says it held epoch 2, and both replicas refuse with FAILED_PRECONDITION
+    (reason lost_epoch) saying what to do, with A's state untouched. The operator's way on from A's
+    older state (B's state file deleted, B restarted) then works."""
+    ports = free_ports(2)
+    replicas = ",".join(f"127.0.0.1:{p}" for p in ports)
+    cfgs = [ServerConfig(port=p, replicas=replicas, replica_index=i, replica_timeout=float(TIMEOUT),
+                         checkpoint_dir=str(tmp_path / f"ckpt{i}")) for i, p in enumerate(ports)]
+    shards_ = [Shard(c) for c in cfgs]
+    for shard in shards_:
+        shard.start()
+    servers = ["|".join(f"127.0.0.1:{p}" for p in ports)]
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+
+    def role(i: int) -> pb.Replication:
+        return shards_[i].replication.describe()
+
+    def steps(i: int) -> set[int]:
+        return {shards_[i].core.store.get(n).step for n in names}
+
+    try:
+        wait_for(lambda: role(0).role == "primary" and role(0).peers and role(0).peers[0].in_sync, "in sync")
+        with RemoteAdam(model.named_parameters(), servers, lr=0.01, client_id="worker-0",
+                        retry_budget=HANG_GUARD, timeout=60.0) as opt:
+            acknowledged = 0
+            for _ in range(5):
+                synthetic_step(model, opt, 0, acknowledged)
+                acknowledged += 1
+            for shard in shards_:  # A (0) is cut off from B (1), as if stopped
+                shard.replication.partitioned.set()
+            wait_for(lambda: role(1).role == "primary" and role(1).epoch == 2 and role(0).role == "deposed",
+                     "B's takeover and A's deposition")
+            for _ in range(5):  # acknowledged by B alone
+                synthetic_step(model, opt, 0, acknowledged)
+                acknowledged += 1
+            assert steps(1) == {10} and steps(0) == {5}
+            assert json.loads((tmp_path / "ckpt1" / replication.STATE_FILE).read_text()) == \
+                {"epoch": 2, "role": "primary"}
+            shards_[1].stop()  # B crashes (no checkpoint written) and restarts empty
+            shards_[1] = Shard(cfgs[1])
+            shards_[1].start()
+            shards_[0].replication.partitioned.clear()  # A is back
+            error = None
+            try:
+                synthetic_step(model, opt, 0, acknowledged)
+                acknowledged += 1
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                error = exc
+            # Acknowledged pushes are never lost: either this push failed, or every one counts.
+            wait_for(lambda: role(0).role != "deposed" or all(s.replication._blocked for s in shards_),
+                     "the replicas' decision")
+            assert error is not None, (f"{acknowledged} pushes acknowledged, A went on as "
+                                       f"{role(0).role} at epoch {role(0).epoch} with steps {steps(0)}")
+            assert "epoch 2" in str(error) and "restart" in str(error), error
+            for i in range(2):
+                with pytest.raises(replication.RequestError) as refused:
+                    shards_[i].replication.check_serving()
+                assert refused.value.code == replication.StatusCode.FAILED_PRECONDITION
+                assert refused.value.reason == "lost_epoch" and "epoch 2" in refused.value.message
+            assert role(0).role == "deposed" and role(1).role == "joining" and steps(0) == {5}
+
+        # The operator accepts the loss: B's state file deleted, B restarted; A goes on from epoch 1,
+        # and so does a worker started again.
+        shards_[1].stop()
+        (tmp_path / "ckpt1" / replication.STATE_FILE).unlink()
+        shards_[1] = Shard(cfgs[1])
+        shards_[1].start()
+        wait_for(lambda: role(0).role == "primary" and role(0).peers and role(0).peers[0].in_sync,
+                 "A primary again, B its backup")
+        model = tiny_model()
+        with RemoteAdam(model.named_parameters(), servers, lr=0.01, client_id="worker-1",
+                        retry_budget=HANG_GUARD, timeout=60.0) as opt:
+            synthetic_step(model, opt, 1, 0)
+        assert steps(0) == steps(1) == {6}
+    finally:
+        for shard in shards_:
+            shard.stop()

@@ -74,3 +74,47 @@ def test_a_backup_refuses_workers_and_forwards_of_another_epoch_without_changing
 def test_the_environment_names_replicated_shards_with_bars():
     from optserve.client.discovery import servers_from_env
     assert servers_from_env({"OPTSERVE_SERVERS": "a:1|b:2,c:3|d:4"}) == ["a:1|b:2", "c:3|d:4"]
+
+
+def test_a_replica_keeps_its_epoch_in_its_checkpoint_dir_and_never_goes_on_from_older_state(tmp_path):
+    """The state file (atomic JSON) carries the epoch across a restart; a file that is not one stops
+    the start; a deposed replica whose restarted peer held a later epoch is blocked, not promoted."""
+    from optserve.proto.optserve.v1 import optserve_pb2 as pb
+    from optserve.server.replication import DEPOSED, JOINING, PRIMARY, STATE_FILE
+
+    def replica(index: int) -> Replicator:
+        return Replicator(_Core(), ReplicaConfig(("127.0.0.1:1", "127.0.0.1:2"), index,
+                                                 state_dir=str(tmp_path / f"r{index}")), 0, 1)
+
+    rep = replica(1)
+    assert rep.epoch == 0 and not (tmp_path / "r1" / STATE_FILE).exists()
+    rep.role, rep.epoch = PRIMARY, 2
+    rep._save_epoch()
+    assert [p.name for p in (tmp_path / "r1").iterdir()] == [STATE_FILE]  # no temporary file left
+    again = replica(1)
+    assert (again.role, again.epoch) == (JOINING, 2)
+    old = replica(0)
+    old.role, old.epoch = DEPOSED, 1
+    why = old._lost_epoch(DEPOSED, pb.Replication(role=JOINING, epoch=2))
+    assert "127.0.0.1:2 held epoch 2" in why and STATE_FILE in why
+    assert again._lost_epoch(JOINING, pb.Replication(role=DEPOSED, epoch=1))
+    assert again._lost_epoch(JOINING, pb.Replication(role=PRIMARY, epoch=1))  # a primary unaware it was replaced
+    assert not old._lost_epoch(DEPOSED, pb.Replication(role=JOINING, epoch=1))  # the backup came back
+    assert not again._lost_epoch(JOINING, pb.Replication(role=PRIMARY, epoch=3))
+    (tmp_path / "r1" / STATE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not a replica state file"):
+        replica(1)
+
+
+def test_a_takeover_whose_state_file_cannot_be_written_does_not_happen(tmp_path, monkeypatch):
+    from optserve.server import replication
+
+    def refuse(path, obj):
+        raise OSError("disk full (test)")
+
+    rep = Replicator(_Core(), ReplicaConfig(("127.0.0.1:1", "127.0.0.1:2"), 1, state_dir=str(tmp_path)), 0, 1)
+    rep.role, rep.epoch, rep.primary = BACKUP, 1, "127.0.0.1:1"
+    monkeypatch.setattr(replication, "write_json_atomic", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        rep._take_over("test")
+    assert (rep.role, rep.epoch, rep.solo) == (BACKUP, 1, False)  # it acknowledges nothing alone
