@@ -380,21 +380,8 @@ class Replicator:
         if self._backup_data is None:
             raise ConnectionError("the backup's data channel is not known")
         host, port = self._backup_data
-        sock = socket.create_connection((host, port), timeout=self.cfg.timeout)
-        try:
-            tune(sock)
-            sock.settimeout(max(self.cfg.timeout, 30.0))  # a large forward takes its time to send
-            if self._ssl is not None:
-                sock = self._ssl.wrap_socket(sock, server_hostname=host)
-            send_header(sock, AUTH, self.cfg.token.encode(), 0)
-            status, meta_len, _ = read_header(sock)
-            reply = read_meta(sock, meta_len)
-            if status != StatusCode.OK:
-                raise ConnectionError(f"the backup refused this shard's token: {parse_error(reply)[0]}")
-        except BaseException:
-            sock.close()
-            raise
-        self._link = _Link(sock)
+        # a large forward takes its time to send
+        self._link = _Link(self._dial(host, port, max(self.cfg.timeout, 30.0), "backup"))
         return self._link
 
     def _drop_link(self) -> None:
@@ -674,18 +661,9 @@ class Replicator:
         except ShardError:
             return
         host = client.address.rpartition(":")[0].strip("[]")
-        sock = socket.create_connection((host, hello.data_port), timeout=self.cfg.timeout)
+        sock = self._dial(host, hello.data_port, max(60.0, self.cfg.timeout), "primary")
         installed = False
         try:
-            tune(sock)
-            sock.settimeout(max(60.0, self.cfg.timeout))
-            if self._ssl is not None:
-                sock = self._ssl.wrap_socket(sock, server_hostname=host)
-            send_header(sock, AUTH, self.cfg.token.encode(), 0)
-            status, meta_len, _ = read_header(sock)
-            meta = read_meta(sock, meta_len)
-            if status != StatusCode.OK:
-                raise ConnectionError(f"the primary refused this shard's token: {parse_error(meta)[0]}")
             send_header(sock, JOIN, pack_meta({"replica": self.cfg.index}), 0)
             status, meta_len, data_len = read_header(sock)
             meta = read_meta(sock, meta_len)
@@ -715,6 +693,25 @@ class Replicator:
             sock.close()
         log.info("replica %s: joined %s as backup at epoch %d, operation %d", self.cfg.me, self.cfg.peer,
                  self.epoch, self.index)
+
+    def _dial(self, host: str, port: int, send_timeout: float, whom: str):
+        """A data-channel connection to the peer replica (TLS when this shard has it), past AUTH;
+        ConnectionError when the peer refuses this shard's token."""
+        sock = socket.create_connection((host, port), timeout=self.cfg.timeout)
+        try:
+            tune(sock)
+            sock.settimeout(send_timeout)
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=host)
+            send_header(sock, AUTH, self.cfg.token.encode(), 0)
+            status, meta_len, _ = read_header(sock)
+            reply = read_meta(sock, meta_len)
+            if status != StatusCode.OK:
+                raise ConnectionError(f"the {whom} refused this shard's token: {parse_error(reply)[0]}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     @staticmethod
     def _receive_state(sock, files, data_len: int) -> CheckpointData:
