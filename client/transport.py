@@ -84,7 +84,7 @@ class ShardClient:
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  retry: RetryPolicy = RetryPolicy(), security: Security | None = None,
-                 data_channel: bool = True):
+                 data_channel: bool = True, shm: bool = True):
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -115,7 +115,7 @@ class ShardClient:
         if data_channel:
             tls = client_ssl_context(security.root_certificates, security.certificate_chain,
                                      security.private_key) if security.tls else None
-            self.data = DataChannel(address, self._hello_once, timeout, security.token, tls)
+            self.data = DataChannel(address, self._hello_once, timeout, security.token, tls, shm)
 
     def close(self) -> None:
         if self.data is not None:
