@@ -71,7 +71,7 @@ class _Conn:
         self.sock = sock
         self.receiver = Receiver(sock)
         self.shm: Segment | None = None  # this connection's confirmed segment
-        self.shm_max = 0  # the largest segment the shard grants (its SHM_OPEN reply)
+        self.shm_max = 0  # the largest segment the shard would grant (its SHM_OPEN reply); -1: none
 
     def close(self) -> None:
         if self.shm is not None:
@@ -269,11 +269,18 @@ class DataChannel:
         if conn.shm is not None:
             conn.shm.close()
             conn.shm = None
+        if conn.shm_max < 0:
+            return None
         send_header(conn.sock, SHM_OPEN, json.dumps({"bytes": want}).encode(), 0)
         try:
             meta, _ = self._reply(conn)
-        except DataCallError as exc:  # shared memory off, or none left on the shard's host
-            return self._no_shm(f"the shard offers no segment ({exc.details()})")
+        except DataCallError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return self._no_shm(f"the shard offers no segment ({exc.details()})")
+            conn.shm_max = -1  # none free on the shard's host now: this connection keeps to the socket
+            log.info("data channel of %s: no shared memory for one connection: %s", self.address,
+                     exc.details())
+            return None
         offer = json.loads(meta.decode())
         conn.shm_max = int(offer["max_bytes"])
         try:

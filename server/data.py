@@ -30,7 +30,7 @@ from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.errors import RequestError, StatusCode, invalid
 from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES
 from optserve.server.requests import RequestCore, parse
-from optserve.server.shm import DEFAULT_MAX_BYTES, ShmLink
+from optserve.server.shm import DEFAULT_MAX_BYTES, ShmBudget, ShmLink
 from optserve.shm import SHM_DIR, SIZE, fill, nbytes_of, place
 
 log = logging.getLogger("optserve.server")
@@ -207,7 +207,7 @@ class DataServer:
                  max_meta_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm_max_bytes: int = DEFAULT_MAX_BYTES,
                  shm_dir: str = SHM_DIR):
         self.core = core
-        self._shm = (shm_dir, shm_max_bytes)  # each connection's ShmLink (server/shm.py)
+        self._shm = (shm_dir, ShmBudget(shm_max_bytes))  # each connection's ShmLink (server/shm.py)
         self._token = token.encode()
         self._ssl = ssl_context
         self._max_connections = max_connections

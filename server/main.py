@@ -71,7 +71,7 @@ class ServerConfig:
     token_file: str = ""  # bearer token (else OPTSERVE_TOKEN); never a command-line value
     metrics_port: int = -1  # Prometheus /metrics port; -1: off, 0: any free port
     data_port: int = 0  # data channel port (server/data.py); 0: any free one, -1: none (gRPC only)
-    shm_max_bytes: int = SHM_MAX_BYTES  # a data connection's shared-memory segment (server/shm.py); 0: off
+    shm_max_bytes: int = SHM_MAX_BYTES  # all shared-memory segments together (server/shm.py); 0: off
     shm_dir: str = SHM_DIR  # where segments are created (a tmpfs both sides see)
     metrics_host: str = "127.0.0.1"
 
@@ -485,8 +485,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(TLS and token as for gRPC); announced in Hello (default 0: any free port; "
                         "-1: none, tensors travel over gRPC)")
     p.add_argument("--shm-max-bytes", type=int, default=SHM_MAX_BYTES,
-                   help="largest shared-memory segment a worker on this host may map per data connection "
-                        "(default 1 GiB; 0: off): its tensor bytes then bypass the socket")
+                   help="bytes that the shared-memory segments of all data connections may hold together "
+                        "(default 2 GiB; 0: off): workers on this host move tensor bytes through them")
     p.add_argument("--shm-dir", default=SHM_DIR,
                    help=f"tmpfs where those segments are created (default {SHM_DIR}; workers must see it)")
     p.add_argument("--max-keys", type=int, default=StoreLimits.max_keys,

@@ -309,3 +309,32 @@ def test_a_connection_that_ends_drops_its_segment(tmp_path):
         client.close()
 
     assert len(named) == 1 and left == []
+
+
+def open_segment(sock, nbytes: int) -> tuple[grpc.StatusCode, dict]:
+    send_header(sock, SHM_OPEN, json.dumps({"bytes": nbytes}).encode(), 0)
+    status, meta_len, _ = read_header(sock)
+    meta = read_meta(sock, meta_len)
+    code = next(c for c in grpc.StatusCode if c.value[0] == status)
+    return code, json.loads(meta) if status == 0 else {}
+
+
+def test_all_segments_of_a_shard_together_stay_within_shm_max_bytes(tmp_path):
+    with running(tmp_path, shm_max_bytes=8192) as shard:
+        first, second = raw_connection(shard.data.port), raw_connection(shard.data.port)
+        code_a, offer_a = open_segment(first, 6144)
+        code_b, offer_b = open_segment(second, 6144)  # gets what is left
+        code_c, _ = open_segment(second, 4096)  # its own 2048 are given back first, then taken again
+        code_d, _ = open_segment(raw_connection(shard.data.port), 64)
+        client = ShardClient(shard.address)
+        register(client, numel=64)
+        pull_value(client, numel=64)
+        value, version = pull_value(client, numel=64)  # no segment free: over the socket
+        used = segments_used(client)
+        first.close()
+        client.close()
+
+    assert (code_a, offer_a["bytes"], offer_a["max_bytes"]) == (grpc.StatusCode.OK, 6144, 8192)
+    assert (code_b, offer_b["bytes"], offer_b["max_bytes"]) == (grpc.StatusCode.OK, 2048, 2048)
+    assert code_c == grpc.StatusCode.OK and code_d == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert used == [] and version == 0 and torch.equal(value, torch.arange(64, dtype=torch.float32))
