@@ -46,6 +46,7 @@ FALLBACK_SECONDS = 30.0
 FALLBACK_MAX_SECONDS = 600.0
 CONNECT_SECONDS = 3.0
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+_GOING_AWAY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 T = TypeVar("T")
 
 
@@ -225,7 +226,7 @@ class DataChannel:
         try:
             result = fn(conn)
         except DataCallError as exc:  # the shard refused the call: the connection is fine
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+            if exc.code() in _GOING_AWAY:
                 conn.close()  # the shard is going away (or failed): do not reuse
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     self._forget()  # it may come back on another port: ask Hello again
@@ -275,7 +276,9 @@ class DataChannel:
         try:
             meta, _ = self._reply(conn)
         except DataCallError as exc:
-            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if exc.code() in _GOING_AWAY:
+                raise  # the shard is stopping: DataChannel.call closes the connection, the call is retried
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # off, or a shard without SHM_* kinds
                 return self._no_shm(f"the shard offers no segment ({exc.details()})")
             conn.shm_max = -1  # none free on the shard's host now: this connection keeps to the socket
             log.info("data channel of %s: no shared memory for one connection: %s", self.address,

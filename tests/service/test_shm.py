@@ -24,7 +24,9 @@ from optserve.frames import (SHM_CONFIRM, SHM_OPEN, SHM_PULL, SHM_PUSH, SHM_PUSH
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import Outgoing
 from optserve.server.main import ServerConfig, Shard
+from optserve.errors import RequestError, StatusCode
 from optserve.server import data as server_data
+from optserve.server.shm import ShmLink
 from optserve.shm import SIZE, Segment, ShmUnavailable, fill
 from tests.service.test_data_channel import pull_value, push_head, raw_connection, register, reply
 
@@ -338,3 +340,36 @@ def test_all_segments_of_a_shard_together_stay_within_shm_max_bytes(tmp_path):
     assert (code_b, offer_b["bytes"], offer_b["max_bytes"]) == (grpc.StatusCode.OK, 2048, 2048)
     assert code_c == grpc.StatusCode.OK and code_d == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert used == [] and version == 0 and torch.equal(value, torch.arange(64, dtype=torch.float32))
+
+
+def test_a_shard_that_does_not_know_the_shared_memory_frames_is_used_over_the_socket(tmp_path, monkeypatch):
+    def older(self, meta):  # what a shard before the SHM_* kinds answers: an unknown kind
+        raise RequestError(StatusCode.INVALID_ARGUMENT, "unknown request kind 16")
+
+    monkeypatch.setattr(ShmLink, "open", older)
+    with running(tmp_path) as shard:
+        model, _ = trained(shard.address)
+        refused = shard.core.counters.rejected
+
+    reference = trained_over_grpc(tmp_path)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+    assert refused == 1  # asked once, then never again on this DataChannel
+
+
+def test_a_shard_going_away_during_the_handshake_does_not_turn_shared_memory_off(tmp_path, monkeypatch):
+    original, calls = ShmLink.open, []
+
+    def stopping_once(self, meta):
+        calls.append(meta)
+        if len(calls) == 1:
+            raise RequestError(StatusCode.UNAVAILABLE, "the shard is stopping")
+        return original(self, meta)
+
+    monkeypatch.setattr(ShmLink, "open", stopping_once)
+    filled = []
+    monkeypatch.setattr(server_data, "fill", lambda *a: filled.append(a) or fill(*a))
+    with running(tmp_path) as shard:
+        trained(shard.address)
+
+    assert len(calls) == 2 and len(filled) == 4  # retried, then every step through the segment
