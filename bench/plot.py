@@ -51,6 +51,8 @@ def _transport_color(name: str) -> str:
         return "tab:orange"
     if "Adam skipped" in name:
         return "tab:cyan"
+    if "shared memory" in name:
+        return "tab:green"
     return "tab:purple" if "gRPC only" in name else "tab:blue"
 
 
@@ -59,13 +61,15 @@ def _transport(ax, res: dict) -> None:
     names = list(rows)
     short = [n.replace("optserve ", "").replace(" (anchor)", "\n(anchor)").replace(", fused Adam", "")
              .replace(", gRPC only", "\n(gRPC only)").replace("raw TCP ping-pong", "raw TCP")
-             .replace(", Adam skipped (transfer only)", "\n(Adam skipped)") for n in names]
+             .replace(", Adam skipped (transfer only)", "\n(Adam skipped)")
+             .replace(", shared memory", "\n(shared memory)") for n in names]
     _bars(ax, short, [rows[n]["gb_s"] for n in names], colors=[_transport_color(n) for n in names])
     tcp = next((rows[n]["gb_s"]["median"] for n in names if "TCP" in n), None)
     rpc = next((rows[n]["gb_s"]["median"] for n in names if "rpc" in n), None)
     if tcp:
         ax.axhline(0.9 * tcp, ls="-.", color="tab:cyan", lw=1, label="target 0.9 x TCP (transfer only)")
         ax.axhline(0.6 * tcp, ls="--", color="tab:gray", lw=1, label="target 0.6 x TCP (step)")
+        ax.axhline(2.0 * tcp, ls="--", color="tab:green", lw=1, label="target 2 x TCP (step, shared memory)")
     if rpc:
         ax.axhline(1.7 * rpc, ls=":", color="tab:orange", lw=1, label="target 1.7 x torch rpc")
     ax.set_xticks(range(len(short)))

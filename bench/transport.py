@@ -7,11 +7,14 @@ anchors' standalone forms are (a TCP round trip timed just after the other varia
 1.3x slower than back to back in the same processes, in some runs and not others):
 - `optserve RemoteAdam.step`: RemoteAdam with one 16,777,216-element parameter (one key:
   slice_elements above its size) against a shard in its own process (`python -m bench.shard serve`,
-  which is `optserve serve` plus the hook of the next row); the time of opt.step(): push, Adam on
-  the shard, pull into the parameter in place;
+  which is `optserve serve` plus the hook of the next row), over the data channel's socket
+  (shm=False); the time of opt.step(): push, Adam on the shard, pull into the parameter in place;
 - `optserve RemoteAdam.step, Adam skipped`: the same on a key whose name bench/shard.py's hook makes
   the shard skip the Adam kernel for: everything else a step does (same bytes, same code), so it
   is the transfer alone; the full step minus it, round by round, is the Adam share;
+- `optserve RemoteAdam.step, shared memory` and `..., shared memory, Adam skipped`: the same two
+  rows with shm=True (the default): the worker is on the shard's host, so the bytes go through a
+  shared-memory segment (optserve/shm.py) and only the frames' heads through the socket;
 - `optserve ShardClient.push_pull`: the same round trip one layer down (no RemoteAdam bookkeeping),
   on a second key of the same shard;
 - `optserve RemoteAdam.step, gRPC only`: RemoteAdam with data_channel=False on a third key: the
@@ -42,11 +45,14 @@ NUMEL = NBYTES // 4
 TARGET_TRANSFER_VS_TCP = 0.9
 TARGET_VS_TCP = 0.6
 TARGET_VS_RPC = 1.7
+TARGET_SHM_VS_TCP = 2.0
 
 STEP = "optserve RemoteAdam.step"
 STEP_NO_ADAM = "optserve RemoteAdam.step, Adam skipped (transfer only)"
 PUSH_PULL = "optserve ShardClient.push_pull"
 STEP_GRPC = "optserve RemoteAdam.step, gRPC only"
+STEP_SHM = "optserve RemoteAdam.step, shared memory"
+STEP_SHM_NO_ADAM = "optserve RemoteAdam.step, shared memory, Adam skipped (transfer only)"
 TCP = "raw TCP ping-pong (anchor)"
 RPC = "torch.distributed.rpc PS, fused Adam (anchor)"
 
@@ -61,7 +67,7 @@ class _PushPull:
         from optserve.server.adam import AdamConfig
         from optserve.server.service import hyper_to_proto
         self.pb, self.Outgoing = pb, Outgoing
-        self.client = ShardClient(address, timeout=120)
+        self.client = ShardClient(address, timeout=120, shm=False)
         self.key = "bench.transport.push_pull"
         self.param = torch.randn(NUMEL) * 0.01
         self.grad = torch.randn(NUMEL) * 1e-3
@@ -115,13 +121,18 @@ def run(settings: Settings) -> dict:
         (addrs,) = stack.enter_context(shard_sets(1, module="bench.shard"))
         tcp = TcpPingPong(echo.call("port"), NBYTES)
         stack.callback(tcp.close)
-        opt, _ = _remote_adam("bench.transport.step", addrs)
+        opt, _ = _remote_adam("bench.transport.step", addrs, shm=False)
         stack.callback(opt.close)
-        opt_no_adam, no_adam_param = _remote_adam(NO_ADAM_PREFIX + "transport.step", addrs)
+        opt_no_adam, no_adam_param = _remote_adam(NO_ADAM_PREFIX + "transport.step", addrs, shm=False)
         no_adam_initial = no_adam_param.detach().clone()
         stack.callback(opt_no_adam.close)
         opt_grpc, _ = _remote_adam("bench.transport.step_grpc", addrs, data_channel=False)
         stack.callback(opt_grpc.close)
+        opt_shm, _ = _remote_adam("bench.transport.step_shm", addrs, shm=True)
+        stack.callback(opt_shm.close)
+        opt_shm_no_adam, shm_no_adam_param = _remote_adam(NO_ADAM_PREFIX + "transport.step_shm", addrs, shm=True)
+        shm_no_adam_initial = shm_no_adam_param.detach().clone()
+        stack.callback(opt_shm_no_adam.close)
         pp = _PushPull(addrs[0])
         stack.callback(pp.close)
         trainer.wait_ready()
@@ -134,11 +145,14 @@ def run(settings: Settings) -> dict:
                     STEP_NO_ADAM: lambda: {"s": timed(opt_no_adam.step)},
                     PUSH_PULL: lambda: {"s": pp.round_trip()},
                     STEP_GRPC: lambda: {"s": timed(opt_grpc.step)},
+                    STEP_SHM: lambda: {"s": timed(opt_shm.step)},
+                    STEP_SHM_NO_ADAM: lambda: {"s": timed(opt_shm_no_adam.step)},
                     TCP: lambda: {"s": tcp.round_trip()},
                     RPC: rpc_sample}
         with CpuLoad() as load:
             raw = interleave(variants, settings, label="transport", settle=1)
-        if not torch.equal(no_adam_param.detach(), no_adam_initial):  # each step pulled it back
+        if not (torch.equal(no_adam_param.detach(), no_adam_initial)  # each step pulled it back
+                and torch.equal(shm_no_adam_param.detach(), shm_no_adam_initial)):
             raise RuntimeError("the shard applied Adam to the 'Adam skipped' key: bench/shard.py's hook "
                                "no longer reaches the store's update; the transfer-only row would be wrong")
     after = _standalone(settings)
@@ -153,13 +167,16 @@ def run(settings: Settings) -> dict:
     rows[RPC]["ps_step_ms"] = summary(per_sample(rpc_step, lambda s: s * 1e3))
     # The Adam share, round by round: the full step minus the transfer-only step of the same round.
     adam_ms = summary([1e3 * (a["s"] - b["s"]) for a, b in zip(raw[STEP], raw[STEP_NO_ADAM])])
+    shm_adam_ms = summary([1e3 * (a["s"] - b["s"]) for a, b in zip(raw[STEP_SHM], raw[STEP_SHM_NO_ADAM])])
     med = {n: r["gb_s"]["median"] for n, r in rows.items()}
     checks = {name: standalone.compare(name, [s["s"] for s in raw[name]], before[name]["s"] + after[name]["s"])
               for name in (TCP, RPC)}
     checks[RPC]["standalone_ps_step_ms"] = summary(
         [1e3 * s for s in before[RPC]["ps_step_s"] + after[RPC]["ps_step_s"]])
-    return {"bytes_each_way": NBYTES, "rows": rows, "adam_share_ms": adam_ms,
+    return {"bytes_each_way": NBYTES, "rows": rows, "adam_share_ms": adam_ms, "shm_adam_share_ms": shm_adam_ms,
             "ratios": {"step_vs_tcp": med[STEP] / med[TCP], "transfer_vs_tcp": med[STEP_NO_ADAM] / med[TCP],
+                       "shm_step_vs_tcp": med[STEP_SHM] / med[TCP],
+                       "shm_transfer_vs_tcp": med[STEP_SHM_NO_ADAM] / med[TCP],
                        "step_vs_rpc": med[STEP] / med[RPC],
                        "push_pull_vs_tcp": med[PUSH_PULL] / med[TCP],
                        "grpc_step_vs_tcp": med[STEP_GRPC] / med[TCP]},
@@ -182,7 +199,9 @@ def report(res: dict) -> tuple[str, list[dict]]:
              f"transfer only (Adam skipped) / TCP = {ra['transfer_vs_tcp']:.2f}, "
              f"RemoteAdam.step / torch rpc = {ra['step_vs_rpc']:.2f}, "
              f"ShardClient.push_pull / TCP = {ra['push_pull_vs_tcp']:.2f}, "
-             f"RemoteAdam.step over gRPC only / TCP = {ra['grpc_step_vs_tcp']:.2f}"
+             f"RemoteAdam.step over gRPC only / TCP = {ra['grpc_step_vs_tcp']:.2f}, "
+             f"RemoteAdam.step through shared memory / TCP = {ra['shm_step_vs_tcp']:.2f} "
+             f"(Adam skipped: {ra['shm_transfer_vs_tcp']:.2f})"
              f"\n  step split: Adam on the shard = step - transfer only, per round: {fmt(adam, 1)} ms "
              f"({adam['median'] / step_ms:.0%} of the step's median)")
     checks = res["anchor_checks"]
@@ -198,5 +217,10 @@ def report(res: dict) -> tuple[str, list[dict]]:
         {"id": "b/rpc", "ok": ra["step_vs_rpc"] >= TARGET_VS_RPC, "valid": rpc_ok,
          "line": f"(b) RemoteAdam.step 64+64 MiB = {ra['step_vs_rpc']:.2f}x torch.distributed.rpc "
                  f"(target >= {TARGET_VS_RPC}x)"},
+        {"id": "b/shm", "ok": ra["shm_step_vs_tcp"] >= TARGET_SHM_VS_TCP, "valid": tcp_ok,
+         "line": f"(b) RemoteAdam.step through shared memory 64+64 MiB = {ra['shm_step_vs_tcp']:.2f}x raw TCP "
+                 f"(target >= {TARGET_SHM_VS_TCP}x; of its {res['rows'][STEP_SHM]['ms']['median']:.1f} ms, Adam "
+                 f"on the shard {res['shm_adam_share_ms']['median']:.1f} ms; transfer only "
+                 f"{ra['shm_transfer_vs_tcp']:.2f}x)"},
     ]
     return text, targets

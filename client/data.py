@@ -10,9 +10,16 @@ timeout DEADLINE_EXCEEDED, a refusal the shard's own code, message and reason.
 
 If the announced port cannot be reached (a firewall, a docker port not published), the client logs
 it once and uses gRPC for FALLBACK_SECONDS before it tries the data channel again.
+
+With `shm=True` (the default) a connection also asks the shard for a shared-memory segment
+(optserve/shm.py) the first time a call's bytes are known: a worker on the shard's host (or sharing
+its /dev/shm) then writes gradients into it and reads parameters out of it, and only the frames' heads
+cross the socket. A worker that cannot open the segment (another host, another user), or a shard
+that offers none, leaves this DataChannel on the socket path for good: nothing else changes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import ssl
@@ -26,11 +33,12 @@ import grpc
 import torch
 
 from optserve.errors import REASON_METADATA, StatusCode
-from optserve.frames import (AUTH, MAX_REPLY_META_BYTES, PULL, PUSH, PUSH_PULL, ProtocolError, Receiver,
-                             parse_error, read_header, read_meta, send_frame, send_header, tune,
-                             whole_segments)
+from optserve.frames import (AUTH, MAX_REPLY_META_BYTES, PULL, PUSH, PUSH_PULL, SHM_CONFIRM, SHM_OPEN,
+                             SHM_PULL, SHM_PUSH, SHM_PUSH_PULL, ProtocolError, Receiver, parse_error,
+                             read_header, read_meta, send_frame, send_header, tune, whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import Outgoing, pull_expected
+from optserve.shm import SIZE, Segment, ShmUnavailable, fill, nbytes_of, place
 
 log = logging.getLogger("optserve.client")
 
@@ -38,6 +46,7 @@ FALLBACK_SECONDS = 30.0
 FALLBACK_MAX_SECONDS = 600.0
 CONNECT_SECONDS = 3.0
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+_GOING_AWAY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 T = TypeVar("T")
 
 
@@ -62,8 +71,13 @@ class _Conn:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.receiver = Receiver(sock)
+        self.shm: Segment | None = None  # this connection's confirmed segment
+        self.shm_max = 0  # the largest segment the shard would grant (its SHM_OPEN reply); -1: none
 
     def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         try:
             self.sock.close()
         except OSError:
@@ -97,8 +111,10 @@ def split_address(address: str) -> tuple[str, int] | None:
 
 class DataChannel:
     def __init__(self, address: str, hello: Callable[[], pb.HelloReply], timeout: float,
-                 token: str | None, ssl_context: ssl.SSLContext | None):
+                 token: str | None, ssl_context: ssl.SSLContext | None, shm: bool = True):
         self.address = address
+        self._shm = shm  # False once this shard's segments proved unusable here
+        self._shm_want = 0  # bytes a segment should hold: the largest push or reply seen so far
         self._target = split_address(address)
         self._hello = hello  # one Hello attempt over gRPC (raises grpc.RpcError)
         self._timeout = timeout
@@ -210,7 +226,7 @@ class DataChannel:
         try:
             result = fn(conn)
         except DataCallError as exc:  # the shard refused the call: the connection is fine
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+            if exc.code() in _GOING_AWAY:
                 conn.close()  # the shard is going away (or failed): do not reuse
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     self._forget()  # it may come back on another port: ask Hello again
@@ -242,19 +258,92 @@ class DataChannel:
             raise DataCallError(code, message, reason)
         return meta, data_len
 
-    def _send(self, conn: _Conn, kind: int, message, items: Sequence[Outgoing],
-              wire_dtype: torch.dtype) -> None:
-        message.segments.extend(whole_segments(items))
-        send_frame(conn.sock, kind, message.SerializeToString(), items, wire_dtype)
+    def _segment(self, conn: _Conn, nbytes: int) -> Segment | None:
+        """The connection's segment when the call's `nbytes` (and the largest reply seen) fit in
+        it, asking the shard for one (or a larger one) first; None: this call uses the socket."""
+        with self._lock:
+            want = self._shm_want = max(self._shm_want, nbytes)
+            if not self._shm or not want:
+                return None
+        if conn.shm is not None and (want <= conn.shm.capacity or conn.shm.capacity >= conn.shm_max):
+            return conn.shm if nbytes <= conn.shm.capacity else None
+        if conn.shm is not None:
+            conn.shm.close()
+            conn.shm = None
+        if conn.shm_max < 0:
+            return None
+        send_header(conn.sock, SHM_OPEN, json.dumps({"bytes": want}).encode(), 0)
+        try:
+            meta, _ = self._reply(conn)
+        except DataCallError as exc:
+            if exc.code() in _GOING_AWAY:
+                raise  # the shard is stopping: DataChannel.call closes the connection, the call is retried
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # off, or a shard without SHM_* kinds
+                return self._no_shm(f"the shard offers no segment ({exc.details()})")
+            conn.shm_max = -1  # none free on the shard's host now: this connection keeps to the socket
+            log.info("data channel of %s: no shared memory for one connection: %s", self.address,
+                     exc.details())
+            return None
+        offer = json.loads(meta.decode())
+        conn.shm_max = int(offer["max_bytes"])
+        try:
+            segment = Segment.open(str(offer["path"]), int(offer["bytes"]))
+        except ShmUnavailable as exc:  # another host, another user: say so; the shard drops it
+            send_header(conn.sock, SHM_CONFIRM, b"", 0)
+            self._reply(conn)
+            return self._no_shm(f"its segment cannot be opened here ({exc.strerror})")
+        try:
+            segment.unlink()  # the shard unlinks it too: whichever is first, the name is gone
+            send_header(conn.sock, SHM_CONFIRM, segment.nonce, 0)
+            self._reply(conn)
+        except BaseException:
+            segment.close()
+            raise
+        conn.shm = segment
+        return segment if nbytes <= segment.capacity else None
 
-    def _receive_pull(self, conn: _Conn, sink) -> pb.PullHead:
+    def _no_shm(self, why: str) -> None:
+        with self._lock:
+            said, self._shm = self._shm, False
+        if said:
+            log.info("data channel of %s: shared memory not used: %s", self.address, why)
+        return None
+
+    def _send(self, conn: _Conn, kind: int, message, items: Sequence[Outgoing],
+              wire_dtype: torch.dtype) -> Segment | None:
+        """A PUSH or PUSH_PULL frame; its bytes in the connection's segment when they fit it (which
+        is returned; None: they went on the socket)."""
+        message.segments.extend(whole_segments(items))
+        segment = self._segment(conn, nbytes_of(items, wire_dtype))
+        if segment is None:
+            send_frame(conn.sock, kind, message.SerializeToString(), items, wire_dtype)
+            return None
+        nbytes = place(items, wire_dtype, segment)  # all of them before the frame says so
+        send_header(conn.sock, SHM_PUSH if kind == PUSH else SHM_PUSH_PULL,
+                    SIZE.pack(nbytes) + message.SerializeToString(), 0)
+        return segment
+
+    def _receive_pull(self, conn: _Conn, sink, segment: Segment | None) -> pb.PullHead:
         meta, data_len = self._reply(conn)
+        in_segment = 0
+        if segment is not None:  # a SHM_* request: the reply's meta starts with its bytes in the segment
+            if len(meta) < SIZE.size:
+                raise ProtocolError(f"a shared-memory reply of {len(meta)} meta bytes")
+            (in_segment,), meta = SIZE.unpack_from(meta), meta[SIZE.size:]
+            if in_segment and data_len or in_segment > segment.capacity:
+                raise ProtocolError(f"a reply of {in_segment} bytes in a segment of {segment.capacity} "
+                                    f"and {data_len} on the socket")
         reply = pb.PullReply.FromString(meta)
         if not reply.HasField("head"):
             raise ValueError(f"shard {self.address} sent a pull reply without a head")
         head = reply.head
         dests = sink(head)
-        conn.receiver.segments(pull_expected(head, dests), reply.segments, data_len, dests)
+        with self._lock:
+            self._shm_want = max(self._shm_want, in_segment or data_len)
+        if segment is not None and not data_len:
+            fill(pull_expected(head, dests), reply.segments, segment.data(in_segment), dests)
+        else:
+            conn.receiver.segments(pull_expected(head, dests), reply.segments, data_len, dests)
         return head
 
     def push(self, conn: _Conn, head: pb.PushHead, grads: Sequence[Outgoing],
@@ -265,9 +354,13 @@ class DataChannel:
 
     def push_pull(self, conn: _Conn, head: pb.PushHead, grads: Sequence[Outgoing], wire_dtype: torch.dtype,
                   sink) -> pb.PullHead:
-        self._send(conn, PUSH_PULL, pb.PushRequest(head=head), grads, wire_dtype)
-        return self._receive_pull(conn, sink)
+        segment = self._send(conn, PUSH_PULL, pb.PushRequest(head=head), grads, wire_dtype)
+        return self._receive_pull(conn, sink, segment)
 
     def pull(self, conn: _Conn, request: pb.PullRequest, sink) -> pb.PullHead:
-        send_header(conn.sock, PULL, request.SerializeToString(), 0)
-        return self._receive_pull(conn, sink)
+        segment = self._segment(conn, 0)
+        if segment is None:
+            send_header(conn.sock, PULL, request.SerializeToString(), 0)
+        else:
+            send_header(conn.sock, SHM_PULL, SIZE.pack(0) + request.SerializeToString(), 0)
+        return self._receive_pull(conn, sink, segment)

@@ -274,7 +274,8 @@ class RemoteAdam(torch.optim.Optimizer):
     UNAVAILABLE and DEADLINE_EXCEEDED are retried with backoff: a restarting shard is waited for;
     pushes are retried safely, each applied once), data_channel (True: pushes and pulls use the
     shard's data channel when it announces one, raw frames over TCP, see docs/ARCHITECTURE.md; False:
-    everything over gRPC).
+    everything over gRPC), shm (True: on the shard's host, or sharing its /dev/shm, the data channel's
+    bytes go through a shared-memory segment instead of the socket; False: never).
     Security: tls=True (or root_certificates=PEM bytes, or OPTSERVE_TLS_CA=path) for TLS;
     certificate_chain and private_key (PEM; or OPTSERVE_TLS_CERT, OPTSERVE_TLS_KEY paths) for mutual
     TLS; token (or OPTSERVE_TOKEN, else the file OPTSERVE_TOKEN_FILE) is sent as `authorization: Bearer
@@ -303,7 +304,8 @@ class RemoteAdam(torch.optim.Optimizer):
                  overlap: bool = False, bucket_bytes: int = 25 * 1024 * 1024, retry_budget: float = 60.0,
                  tls: bool = False, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,
-                 token: str | None = None, client_id: str | None = None, data_channel: bool = True):
+                 token: str | None = None, client_id: str | None = None, data_channel: bool = True,
+                 shm: bool = True):
         # 1. check the options (torch's checks in torch's words, then RemoteAdam's own)
         _check_options(lr, betas, eps, weight_decay, foreach, fused)
         servers = _check_arguments(servers, init, capturable, differentiable, wire_dtype, pull_dtype,
@@ -336,7 +338,7 @@ class RemoteAdam(torch.optim.Optimizer):
         # 2. connect; 3. place the parameters on the shards and register them
         security = Security.from_env(tls, root_certificates, certificate_chain, private_key, token)
         self._connect(servers, security, timeout, chunk_bytes, max_message_bytes,
-                      RetryPolicy(budget=retry_budget), data_channel)
+                      RetryPolicy(budget=retry_budget), data_channel, shm)
         try:
             self._check_topology(connect_timeout)
             self._place(self.param_groups, names)
@@ -379,11 +381,11 @@ class RemoteAdam(torch.optim.Optimizer):
         self._staging: dict[torch.Tensor, torch.Tensor] = {}  # contiguous stand-ins of strided params
 
     def _connect(self, servers: Sequence[str], security: Security, timeout: float, chunk_bytes: int,
-                 max_message_bytes: int, retry: RetryPolicy, data_channel: bool) -> None:
+                 max_message_bytes: int, retry: RetryPolicy, data_channel: bool, shm: bool = True) -> None:
         """A client per shard (channels open lazily) and a thread per shard for the fan-out."""
         self._shards = [ShardClient(a, timeout=timeout, chunk_bytes=chunk_bytes,
                                     max_message_bytes=max_message_bytes, retry=retry, security=security,
-                                    data_channel=data_channel) for a in servers]
+                                    data_channel=data_channel, shm=shm) for a in servers]
         self._pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="remote-adam")
 
     def _check_topology(self, connect_timeout: float) -> None:

@@ -95,7 +95,7 @@ class _Endpoint:
     """One replica's channel, stubs and data channel."""
 
     def __init__(self, address: str, security: Security, timeout: float, max_message_bytes: int,
-                 data_channel: bool, md):
+                 data_channel: bool, md, shm: bool = True):
         self.address = address
         self._security = security
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
@@ -109,7 +109,8 @@ class _Endpoint:
             tls = client_ssl_context(security.root_certificates, security.certificate_chain,
                                      security.private_key) if security.tls else None
             self.data = DataChannel(address, lambda: self.hello(pb.HelloRequest(), timeout=timeout,
-                                                                metadata=md), timeout, security.token, tls)
+                                                                metadata=md), timeout, security.token, tls,
+                                    shm)
 
     def _open(self, channel: grpc.Channel) -> None:
         """Use this channel for every gRPC call to this replica from now on."""
@@ -154,7 +155,7 @@ class ShardClient:
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  retry: RetryPolicy = RetryPolicy(), security: Security | None = None,
-                 data_channel: bool = True):
+                 data_channel: bool = True, shm: bool = True):
         self.replicas = [a.strip() for a in address.split(REPLICA_SEPARATOR)]
         if not all(self.replicas) or len(set(self.replicas)) != len(self.replicas):
             raise ValueError(f"shard address {address!r}: replicas are distinct addresses joined by "
@@ -164,8 +165,8 @@ class ShardClient:
         self.retry = retry
         security = security or Security.from_env()
         self._md = security.metadata()
-        self._endpoints = [_Endpoint(a, security, timeout, max_message_bytes, data_channel, self._md)
-                           for a in self.replicas]
+        self._endpoints = [_Endpoint(a, security, timeout, max_message_bytes, data_channel, self._md,
+                                     shm) for a in self.replicas]
         self._switch = threading.Lock()
         self._use(self._endpoints[0])
 

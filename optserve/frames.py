@@ -17,6 +17,8 @@ A frame is a 20-byte header, `meta` and `data`:
   meta and the segments' bytes as data, in segment order; PULL carries a PullRequest and no data.
 - Replies carry a gRPC status code in place of the kind. OK: PushReply (PUSH) or PullReply (head and
   segments) and its bytes. Not OK: meta is JSON {"message": ..., "reason": ...}, no data.
+- Same host: SHM_* kinds negotiate a shared-memory segment and carry requests whose bytes are in it
+  (optserve/shm.py; docs/ARCHITECTURE.md, "Same-host shared memory").
 - The shard always reads a whole request before it answers (on an error it discards the rest), so
   a connection stays usable after a refused call; one call at a time per connection.
 
@@ -46,8 +48,17 @@ AUTH, PUSH, PULL, PUSH_PULL = 1, 2, 3, 4
 # reply carries the state transfer) and JOINED (it restored the state: the primary takes it as backup).
 FORWARD, HEARTBEAT, JOIN, JOINED = 5, 6, 7, 8
 REPLICATION_KINDS = (FORWARD, HEARTBEAT, JOIN, JOINED)
+# Same-host shared memory (optserve/shm.py), from 16 up (5-8 are replication's):
+# SHM_OPEN (meta JSON {"bytes": n}) asks for a segment, the reply's meta JSON names it; SHM_CONFIRM
+# echoes its nonce (empty: this side cannot open it); SHM_PUSH, SHM_PULL, SHM_PUSH_PULL are PUSH,
+# PULL, PUSH_PULL with their bytes in the segment: meta is shm.SIZE (the bytes in the segment) then
+# the message, and the frame's own data length is 0 (a reply's bytes may come on the socket instead
+# when they do not fit: then its SIZE is 0 and its data length says how many follow).
+SHM_OPEN, SHM_CONFIRM, SHM_PUSH, SHM_PULL, SHM_PUSH_PULL = 16, 17, 18, 19, 20
+SHM_OF = {SHM_PUSH: PUSH, SHM_PULL: PULL, SHM_PUSH_PULL: PUSH_PULL}  # the request each one carries
 KINDS = {AUTH: "Auth", PUSH: "Push", PULL: "Pull", PUSH_PULL: "PushPull", FORWARD: "Forward",
-         HEARTBEAT: "Heartbeat", JOIN: "Join", JOINED: "Joined"}
+         HEARTBEAT: "Heartbeat", JOIN: "Join", JOINED: "Joined", SHM_OPEN: "ShmOpen",
+         SHM_CONFIRM: "ShmConfirm", SHM_PUSH: "Push", SHM_PULL: "Pull", SHM_PUSH_PULL: "PushPull"}
 MAX_AUTH_BYTES = 4096  # the AUTH frame's token; a longer one closes the connection unread
 MAX_REPLY_META_BYTES = 1 << 30  # a client's sanity bound on a shard's reply head
 LOOPBACK_BUFFER_BYTES = 256 << 10  # see tune()

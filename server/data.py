@@ -13,6 +13,7 @@ closes every connection.
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import select
@@ -23,12 +24,14 @@ import threading
 import time
 
 from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PUSH_PULL, REPLICATION_KINDS,
-                             ProtocolError, Receiver, error_meta, read_header, read_meta, send_frame,
-                             send_header, tune, whole_segments)
+                             SHM_CONFIRM, SHM_OF, SHM_OPEN, ProtocolError, Receiver, error_meta, read_header,
+                             read_meta, send_frame, send_header, tune, whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.errors import RequestError, StatusCode, invalid
 from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES
 from optserve.server.requests import RequestCore, parse
+from optserve.server.shm import DEFAULT_MAX_BYTES, ShmBudget, ShmLink
+from optserve.shm import SHM_DIR, SIZE, fill, nbytes_of, place
 
 log = logging.getLogger("optserve.server")
 
@@ -201,8 +204,10 @@ class DataServer:
 
     def __init__(self, core: RequestCore, host: str, port: int, token: str = "",
                  ssl_context: ssl.SSLContext | None = None, max_connections: int = 256,
-                 max_meta_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_meta_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm_max_bytes: int = DEFAULT_MAX_BYTES,
+                 shm_dir: str = SHM_DIR):
         self.core = core
+        self._shm = (shm_dir, ShmBudget(shm_max_bytes))  # each connection's ShmLink (server/shm.py)
         self._token = token.encode()
         self._ssl = ssl_context
         self._max_connections = max_connections
@@ -322,11 +327,14 @@ class DataServer:
 
     def _serve(self, accepted: _Accepted, peer) -> None:
         raw = accepted.sock
+        stack = contextlib.ExitStack()
         try:
             if not self._open(accepted):
                 return
             conn = _Peer(accepted.sock, self.core.slots)
             receiver = Receiver(conn)
+            shm = ShmLink(*self._shm)
+            stack.callback(shm.drop)  # the connection's segment goes with it
             while True:
                 conn.next_request()
                 header = read_header(conn, eof_ok=True)
@@ -336,7 +344,7 @@ class DataServer:
                     self._in_flight += 1
                 try:
                     with self.core.slots.held():
-                        self._handle(conn, receiver, *header)
+                        self._handle(conn, receiver, shm, *header)
                 finally:
                     self.core.counters.add(bytes_in=conn.take_received())
                     with self._lock:
@@ -349,6 +357,7 @@ class DataServer:
         except Exception:  # noqa: BLE001 - a bug must not kill the shard; it is logged whole
             log.exception("data channel: connection from %s failed", peer)
         finally:
+            stack.close()
             with self._lock:
                 self._conns.discard(raw)
                 self._conns.discard(accepted.sock)
@@ -372,8 +381,10 @@ class DataServer:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _handle(self, conn, receiver: Receiver, kind: int, meta_len: int, data_len: int) -> None:
-        self.core.counters.add(data_calls=1)  # bytes_in: as received (_serve), not as declared
+    def _handle(self, conn, receiver: Receiver, shm: ShmLink, kind: int, meta_len: int,
+                data_len: int) -> None:
+        if kind not in (SHM_OPEN, SHM_CONFIRM):  # Push, Pull, PushPull (and strays), not the handshake
+            self.core.counters.add(data_calls=1)  # bytes_in: as received (_serve), not as declared
         payload = _Payload(data_len)
         method = KINDS.get(kind, f"kind {kind}")
         if meta_len > self._max_meta:  # as grpc refuses a message over max_message_bytes
@@ -384,14 +395,35 @@ class DataServer:
             self._refuse(conn, receiver, payload, exc.code, exc.message)
             return
         meta = read_meta(conn, meta_len)
+        segment = None  # a SHM_* request: its bytes are in the connection's segment, its reply's too
         try:
+            if kind in (SHM_OPEN, SHM_CONFIRM):
+                if data_len:
+                    raise invalid(f"a {method} frame carries no data; this one declares {data_len} bytes")
+                out = shm.open(meta) if kind == SHM_OPEN else shm.confirm(meta) or b""
+                send_header(conn, _OK, out, 0)
+                return
             self.core.check_ready()
+            if kind in SHM_OF:
+                if data_len:
+                    raise invalid(f"a shared-memory {method} carries its bytes in the segment; this one "
+                                  f"declares {data_len} on the socket")
+                if len(meta) < SIZE.size:
+                    raise invalid(f"a shared-memory {method} of {len(meta)} meta bytes has no size")
+                segment = shm.usable()
+                (in_segment,), meta, kind = SIZE.unpack_from(meta), meta[SIZE.size:], SHM_OF[kind]
+                if kind == PULL and in_segment:
+                    raise invalid(f"a Pull carries no data; this one declares {in_segment} bytes")
             if kind in (PUSH, PUSH_PULL):
                 first = parse(meta, pb.PushRequest)
 
                 def receive(expected, dests):
-                    receiver.segments(expected, first.segments, payload.unread, dests)
-                    payload.unread = 0
+                    if segment is None:
+                        receiver.segments(expected, first.segments, payload.unread, dests)
+                        payload.unread = 0
+                        return
+                    fill(expected, first.segments, shm.data(in_segment), dests)
+                    self.core.counters.add(bytes_in=in_segment)
 
                 if kind == PUSH:
                     pushed = self.core.push(first, receive)
@@ -427,8 +459,19 @@ class DataServer:
             self._refuse(conn, receiver, payload, StatusCode.UNKNOWN,
                          f"Exception calling application: {type(exc).__name__}: {exc}")
             return
+        out = pb.PullReply(head=reply.head, segments=whole_segments(reply.items)).SerializeToString()
+        if segment is not None and nbytes_of(reply.items, reply.dtype) <= segment.capacity:
+            # Into the segment (the lease ends as soon as it is copied), then the head on the socket.
+            try:
+                in_segment = place(reply.items, reply.dtype, segment)
+            finally:
+                reply.release()
+            send_header(conn, _OK, SIZE.pack(in_segment) + out, 0)
+            self.core.counters.add(bytes_out=HEADER.size + SIZE.size + len(out) + in_segment)
+            return
+        if segment is not None:  # too large for the segment: on the socket, 0 bytes in the segment
+            out = SIZE.pack(0) + out
         try:
-            out = pb.PullReply(head=reply.head, segments=whole_segments(reply.items)).SerializeToString()
             nbytes = send_frame(conn, _OK, out, reply.items, reply.dtype)
             self.core.counters.add(bytes_out=HEADER.size + len(out) + nbytes)
         finally:

@@ -36,6 +36,8 @@ from optserve.server.policy import Policy, parse_policy
 from optserve.server.requests import RequestCore, ShardInfo, checkpoint_failed
 from optserve.server.service import DEFAULT_IDLE_TIMEOUT, SERVICE_NAME, Servicer, generic_handler
 from optserve.server.store import Store, StoreLimits
+from optserve.server.shm import DEFAULT_MAX_BYTES as SHM_MAX_BYTES
+from optserve.shm import SHM_DIR
 
 log = logging.getLogger("optserve.server")
 
@@ -75,6 +77,8 @@ class ServerConfig:
     token_file: str = ""  # bearer token (else OPTSERVE_TOKEN); never a command-line value
     metrics_port: int = -1  # Prometheus /metrics port; -1: off, 0: any free port
     data_port: int = 0  # data channel port (server/data.py); 0: any free one, -1: none (gRPC only)
+    shm_max_bytes: int = SHM_MAX_BYTES  # all shared-memory segments together (server/shm.py); 0: off
+    shm_dir: str = SHM_DIR  # where segments are created (a tmpfs both sides see)
     metrics_host: str = "127.0.0.1"
     # replication (server/replication.py): every replica of this shard index's gRPC address, in order
     # ("A,B"; empty: this shard is the only copy), this one's place in it, and the failure timeout
@@ -122,6 +126,8 @@ class ServerConfig:
             raise ValueError(f"metrics port must be in -1..65535, got {self.metrics_port}")
         if not -1 <= self.data_port <= 65535:
             raise ValueError(f"data port must be in -1..65535, got {self.data_port}")
+        if self.shm_max_bytes < 0:
+            raise ValueError(f"shm max bytes must be >= 0 (0: no shared memory), got {self.shm_max_bytes}")
         resolve_device(self.device)
         self.make_policy()
         if self.replicas:
@@ -332,7 +338,8 @@ class Shard:
             ssl_context = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca or None) \
                 if cfg.tls_cert else None
             self.data = DataServer(self.core, cfg.host, cfg.data_port, token, ssl_context,
-                                   max_meta_bytes=cfg.max_message_bytes)
+                                   max_meta_bytes=cfg.max_message_bytes, shm_max_bytes=cfg.shm_max_bytes,
+                                   shm_dir=cfg.shm_dir)
         self.token = bool(token)
         self.replication = None
         if cfg.replicas:
@@ -548,6 +555,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "which a primary that cannot reach its backup stops acknowledging (default 5)")
     p.add_argument("--replica-ca", help="PEM CA to check the other replica's certificate with (default: "
                                         "this shard's own --tls-cert)")
+    p.add_argument("--shm-max-bytes", type=int, default=SHM_MAX_BYTES,
+                   help="bytes that the shared-memory segments of all data connections may hold together "
+                        "(default 2 GiB; 0: off): workers on this host move tensor bytes through them")
+    p.add_argument("--shm-dir", default=SHM_DIR,
+                   help=f"tmpfs where those segments are created (default {SHM_DIR}; workers must see it)")
     p.add_argument("--max-keys", type=int, default=StoreLimits.max_keys,
                    help="keys per shard (default 65536, up to 6 KiB each before tensors; RESOURCE_EXHAUSTED "
                         "beyond)")

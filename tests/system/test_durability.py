@@ -483,19 +483,19 @@ class FailEveryNthDataReply:
         self._lock = threading.Lock()
 
     def install(self, data_server) -> None:
-        from optserve.frames import PUSH, PUSH_PULL
+        from optserve.frames import PUSH, PUSH_PULL, SHM_PUSH, SHM_PUSH_PULL
         handle = data_server._handle
 
-        def faulty(conn, receiver, kind, meta_len, data_len):
-            if kind not in (PUSH, PUSH_PULL):
-                return handle(conn, receiver, kind, meta_len, data_len)
+        def faulty(conn, receiver, shm, kind, meta_len, data_len):
+            if kind not in (PUSH, PUSH_PULL, SHM_PUSH, SHM_PUSH_PULL):  # bytes on the socket or in shared memory
+                return handle(conn, receiver, shm, kind, meta_len, data_len)
             with self._lock:
                 self._handled += 1
                 fail = self._handled % self.every == 0
             if not fail:
-                return handle(conn, receiver, kind, meta_len, data_len)
+                return handle(conn, receiver, shm, kind, meta_len, data_len)
             before = data_server.core.counters.rejected
-            handle(_DropReplies(conn), receiver, kind, meta_len, data_len)
+            handle(_DropReplies(conn), receiver, shm, kind, meta_len, data_len)
             with self._lock:
                 self.injected += data_server.core.counters.rejected == before
             raise _ReplyLost("injected: the reply was lost")  # the shard closes the connection

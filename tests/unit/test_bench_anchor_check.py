@@ -43,24 +43,27 @@ def _stat(ms: float) -> dict:
 
 def _transport_result(tcp_anchor_ms: float, rpc_anchor_ms: float) -> dict:
     ms = {transport.STEP: 55.0, transport.STEP_NO_ADAM: 40.0, transport.PUSH_PULL: 41.0,
-          transport.STEP_GRPC: 125.0, transport.TCP: tcp_anchor_ms, transport.RPC: rpc_anchor_ms}
+          transport.STEP_GRPC: 125.0, transport.STEP_SHM: 35.0, transport.STEP_SHM_NO_ADAM: 20.0,
+          transport.TCP: tcp_anchor_ms, transport.RPC: rpc_anchor_ms}
     rows = {name: {"ms": _stat(v), "gb_s": _stat(2 * transport.NBYTES / v / 1e6)} for name, v in ms.items()}
     rows[transport.RPC]["ps_step_ms"] = _stat(8.0)
     gb = {name: r["gb_s"]["median"] for name, r in rows.items()}
     checks = {transport.TCP: standalone.compare(transport.TCP, [tcp_anchor_ms / 1e3], [0.037]),
               transport.RPC: standalone.compare(transport.RPC, [rpc_anchor_ms / 1e3], [0.078])}
-    return {"rows": rows, "adam_share_ms": _stat(15.0), "anchor_checks": checks,
+    return {"rows": rows, "adam_share_ms": _stat(15.0), "shm_adam_share_ms": _stat(15.0), "anchor_checks": checks,
             "ratios": {"step_vs_tcp": gb[transport.STEP] / gb[transport.TCP],
                        "transfer_vs_tcp": gb[transport.STEP_NO_ADAM] / gb[transport.TCP],
                        "step_vs_rpc": gb[transport.STEP] / gb[transport.RPC],
                        "push_pull_vs_tcp": gb[transport.PUSH_PULL] / gb[transport.TCP],
-                       "grpc_step_vs_tcp": gb[transport.STEP_GRPC] / gb[transport.TCP]}}
+                       "grpc_step_vs_tcp": gb[transport.STEP_GRPC] / gb[transport.TCP],
+                       "shm_step_vs_tcp": gb[transport.STEP_SHM] / gb[transport.TCP],
+                       "shm_transfer_vs_tcp": gb[transport.STEP_SHM_NO_ADAM] / gb[transport.TCP]}}
 
 
 def test_slow_tcp_anchor_makes_the_tcp_targets_invalid_and_leaves_the_rpc_target():
     text, targets = transport.report(_transport_result(tcp_anchor_ms=53.0, rpc_anchor_ms=79.0))
     valid = {t["id"]: t["valid"] for t in targets}
-    assert valid == {"b/transfer": False, "b/tcp": False, "b/rpc": True}
+    assert valid == {"b/transfer": False, "b/tcp": False, "b/rpc": True, "b/shm": False}
     assert "WARNING: anchor check failed: raw TCP" in text
 
 
