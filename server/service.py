@@ -52,6 +52,8 @@ class IdleWatch:
         self._lock = threading.Lock()
         self._since: dict[int, tuple[float, object]] = {}  # id(context) -> (waiting since, context)
         self._deadlines: dict[int, tuple[float, object]] = {}  # id(context) -> (time.monotonic(), context)
+        self._streams: set[int] = set()  # id(context) of the calls reading their request stream (messages)
+        self._ended: dict[int, object] = {}  # id(context) -> context: request streams ended for idleness
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -85,15 +87,32 @@ class IdleWatch:
             self._thread.start()
 
     def messages(self, iterator: Iterable, context) -> Iterator:
-        """`iterator`'s items, each read under the watch."""
+        """`iterator`'s items, each read under the watch. A stream this watch (or anyone) ended is
+        refused (CANCELLED), not taken as complete: grpc turns a cancelled call's pending receive
+        into the end of the stream before it marks the call inactive, so a request whose bytes had
+        all come would otherwise be applied by a call the client saw cancelled."""
         iterator = iter(iterator)
-        while True:
-            with self.on_peer(context):
-                try:
-                    item = next(iterator)
-                except StopIteration:
-                    return
-            yield item
+        key = id(context)
+        with self._lock:
+            self._streams.add(key)
+        try:
+            while True:
+                with self.on_peer(context):
+                    try:
+                        item = next(iterator)
+                    except StopIteration:
+                        with self._lock:
+                            ended = self._ended.get(key) is context
+                        if ended or not context.is_active():
+                            raise RequestError(StatusCode.CANCELLED, "the call was ended before its request "
+                                               f"stream was (idle for more than {self.timeout:g} s, or "
+                                               "cancelled)") from None
+                        return
+                yield item
+        finally:
+            with self._lock:
+                self._streams.discard(key)
+                self._ended.pop(key, None)
 
     def _run(self) -> None:
         period = min(1.0, self.timeout / 4)
@@ -101,8 +120,10 @@ class IdleWatch:
             now = time.monotonic()
             with self._lock:
                 idle = [(key, c) for key, (since, c) in self._since.items() if now - since > self.timeout]
-                for key, _ in idle:
+                for key, c in idle:
                     del self._since[key]
+                    if key in self._streams:  # before the cancel: its stream's end is read after it
+                        self._ended[key] = c
                 late = [(key, c) for key, (deadline, c) in self._deadlines.items() if now > deadline]
                 for key, _ in late:
                     del self._deadlines[key]
