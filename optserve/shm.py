@@ -22,6 +22,7 @@ import os
 import secrets
 import stat
 import struct
+import threading
 from typing import Sequence
 
 import torch
@@ -37,6 +38,7 @@ VERSION = 1
 NONCE_BYTES = 32
 LAYOUT = struct.Struct("<4sIQ32s")  # magic, version, data capacity in bytes, nonce
 SIZE = struct.Struct("<Q")  # the byte count a SHM_* frame's meta starts with (see frames.py)
+SPLIT_BYTES = 4 << 20  # a call's copies are shared among threads in parts of at least this (_Moves)
 
 
 class ShmUnavailable(OSError):
@@ -134,7 +136,7 @@ def place(items: Sequence[Outgoing], wire_dtype: torch.dtype, segment: Segment) 
     """Copy the items' elements as `wire_dtype`, back to back in item order (what
     `frames.whole_segments(items)` describes), into the segment's data region; returns the byte count.
     One copy per byte (converting on the way when the dtype differs; from a GPU, through the host)."""
-    region, pos = segment.region, 0
+    region, pos, moves = segment.region, 0, _Moves()
     for item in items:
         flat = item.tensor.reshape(-1)
         n = flat.numel() * wire_dtype.itemsize
@@ -144,12 +146,13 @@ def place(items: Sequence[Outgoing], wire_dtype: torch.dtype, segment: Segment) 
             raise ValueError(f"{pos + n} bytes do not fit a segment of {region.numel()}")
         dest = region[pos:pos + n]
         if _same_bytes(dest, flat, wire_dtype):
-            _memmove(dest, flat, n)
+            moves.add(dest, flat, n)
         elif pos % wire_dtype.itemsize == 0:
             dest.view(wire_dtype).copy_(flat)
         else:  # after an odd count of 2-byte elements: through a temporary, as bytes
             dest.copy_(host_copy(flat, wire_dtype).contiguous().view(torch.uint8))
         pos += n
+    moves.run()
     return pos
 
 
@@ -161,16 +164,17 @@ def fill(expected: dict[tuple[int, int], Expected], segments: Sequence[pb.Segmen
     assembler = Assembler(expected)
     spans = assembler.plan(segments, len(data))
     assembler.finish()
-    start = 0
+    start, moves = 0, _Moves()
     for seg, want in spans:
         n = seg.count * want.dtype.itemsize
         dest = dests[(seg.entry, seg.part)][seg.offset:seg.offset + seg.count]
         source = view_tensor(data[start:start + n], want.dtype)
         if _same_bytes(dest, source, want.dtype):
-            _memmove(dest, source, n)
+            moves.add(dest, source, n)
         else:
             dest.copy_(source)
         start += n
+    moves.run()
 
 
 def _same_bytes(dest: torch.Tensor, source: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -179,8 +183,55 @@ def _same_bytes(dest: torch.Tensor, source: torch.Tensor, dtype: torch.dtype) ->
             and dest.dtype in (dtype, torch.uint8) and dest.is_contiguous() and source.is_contiguous())
 
 
-def _memmove(dest: torch.Tensor, source: torch.Tensor, n: int) -> None:
-    """`n` bytes, on this thread, without the GIL (ctypes releases it). torch's copy_ hands a copy
-    of more than 32 K elements to its intra-op threads, whose wake-ups cost a small step more than
-    the copy itself on a busy 2-core machine (docs/MEASUREMENTS.md)."""
-    ctypes.memmove(dest.data_ptr(), source.data_ptr(), n)
+class _Moves:
+    """A call's same-dtype copies between host buffers, run together by `run()` as `memmove`s,
+    without the GIL (ctypes releases it). A call of k x SPLIT_BYTES or more (k >= 2) is cut into k
+    parts of equal size, at most torch's intra-op thread count, all but one copied on threads started
+    for the call: one thread's memmove of 64 MiB reaches about half of what two reach here
+    (docs/MEASUREMENTS.md). Smaller calls copy on this thread: torch's copy_ would hand anything over
+    32 K elements to its intra-op threads, whose wake-ups cost a small step more than the copy."""
+
+    def __init__(self):
+        self._moves: list[tuple[int, int, int]] = []
+        self._keep: list[torch.Tensor] = []  # the tensors the addresses point into, alive until run()
+        self.nbytes = 0
+
+    def add(self, dest: torch.Tensor, source: torch.Tensor, n: int) -> None:
+        self._moves.append((dest.data_ptr(), source.data_ptr(), n))
+        self._keep += (dest, source)
+        self.nbytes += n
+
+    def run(self) -> None:
+        parts = min(torch.get_num_threads(), self.nbytes // SPLIT_BYTES)
+        if parts < 2:
+            _memmove_all(self._moves)
+        else:
+            cuts = _cut(self._moves, parts)
+            helpers = [threading.Thread(target=_memmove_all, args=(part,), name="shm-copy", daemon=True)
+                       for part in cuts[1:]]
+            for t in helpers:
+                t.start()
+            _memmove_all(cuts[0])
+            for t in helpers:
+                t.join()
+        self._moves, self._keep, self.nbytes = [], [], 0
+
+
+def _cut(moves: Sequence[tuple[int, int, int]], parts: int) -> list[list[tuple[int, int, int]]]:
+    """`moves` as `parts` lists of about the same byte count (a move may be split between two)."""
+    total = sum(n for _, _, n in moves)
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
+    share, k, room = -(-total // parts), 0, -(-total // parts)
+    for dest, source, n in moves:
+        while n:
+            take = min(n, room)
+            out[k].append((dest, source, take))
+            dest, source, n, room = dest + take, source + take, n - take, room - take
+            if not room and k < parts - 1:
+                k, room = k + 1, share
+    return out
+
+
+def _memmove_all(moves: Sequence[tuple[int, int, int]]) -> None:
+    for dest, source, n in moves:
+        ctypes.memmove(dest, source, n)
