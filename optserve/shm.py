@@ -206,14 +206,19 @@ class _Moves:
         if parts < 2:
             _memmove_all(self._moves)
         else:
-            cuts = _cut(self._moves, parts)
-            helpers = [threading.Thread(target=_memmove_all, args=(part,), name="shm-copy", daemon=True)
-                       for part in cuts[1:]]
-            for t in helpers:
-                t.start()
-            _memmove_all(cuts[0])
-            for t in helpers:
-                t.join()
+            cuts, helpers = _cut(self._moves, parts), []
+            try:
+                for part in cuts[1:]:
+                    helper = threading.Thread(target=_memmove_all, args=(part,), name="shm-copy", daemon=True)
+                    try:
+                        helper.start()
+                    except RuntimeError:  # no thread to be had (the process is at its limit): copied here
+                        _memmove_all(part)
+                        continue
+                    helpers.append(helper)
+                _memmove_all(cuts[0])
+            finally:
+                _join_all(helpers)  # the buffers stay referenced until no helper writes into them
         self._moves, self._keep, self.nbytes = [], [], 0
 
 
@@ -230,6 +235,19 @@ def _cut(moves: Sequence[tuple[int, int, int]], parts: int) -> list[list[tuple[i
             if not room and k < parts - 1:
                 k, room = k + 1, share
     return out
+
+
+def _join_all(threads: Sequence[threading.Thread]) -> None:
+    """Join every thread, even through a KeyboardInterrupt (raised once all have ended)."""
+    interrupted = None
+    for t in threads:
+        while t.is_alive():
+            try:
+                t.join()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the copies end
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _memmove_all(moves: Sequence[tuple[int, int, int]]) -> None:

@@ -79,3 +79,18 @@ def test_a_call_under_twice_split_bytes_stays_on_the_calling_thread(tmp_path, mo
     _, dests = _round_trip(tmp_path, items, torch.float32)
     assert torch.equal(dests[(0, pb.GRAD)], items[0].tensor)
     assert names == {threading.current_thread().name}
+
+
+def test_a_process_out_of_threads_copies_every_part_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr(shm, "SPLIT_BYTES", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    names = _threads_used(monkeypatch)
+    items = [Outgoing(0, pb.GRAD, torch.randn(5000)), Outgoing(1, pb.GRAD, torch.randn(123))]
+    _, dests = _round_trip(tmp_path, items, torch.float32)
+    for item in items:
+        assert torch.equal(dests[(item.entry, item.part)], item.tensor)
+    assert names == {threading.current_thread().name}
