@@ -202,7 +202,9 @@ class _Moves:
         self.nbytes += n
 
     def run(self) -> None:
-        parts = min(torch.get_num_threads(), self.nbytes // SPLIT_BYTES)
+        parts = self.nbytes // SPLIT_BYTES
+        if parts >= 2:
+            parts = min(parts, torch.get_num_threads())
         if parts < 2:
             _memmove_all(self._moves)
         else:
