@@ -384,7 +384,8 @@ class DataServer:
 
     def _handle(self, conn, receiver: Receiver, shm: ShmLink, kind: int, meta_len: int,
                 data_len: int) -> None:
-        if kind not in (SHM_OPEN, SHM_CONFIRM):  # Push, Pull, PushPull (and strays), not the handshake
+        if kind not in (SHM_OPEN, SHM_CONFIRM) and kind not in REPLICATION_KINDS:
+            # Push, Pull, PushPull (and strays), not the handshake, nor the other replica's frames
             self.core.counters.add(data_calls=1)  # bytes_in: as received (_serve), not as declared
         payload = _Payload(data_len)
         method = KINDS.get(kind, f"kind {kind}")

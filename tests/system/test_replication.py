@@ -668,3 +668,25 @@ def test_a_sigkill_between_the_parameters_and_the_commit_loses_nothing_and_appli
         assert states[0][name]["step"] == steps
         assert states[0][name]["param"] == _digest(p.detach())
 
+
+
+def test_forwards_and_heartbeats_are_not_counted_as_data_calls(tmp_path):
+    """Stats' data_calls counts the workers' Push, Pull and PushPull over the data channel; the
+    replication frames between the replicas are none of those."""
+    shards_ = _in_process_pair(tmp_path)
+    try:
+        primary = _in_sync(shards_)
+        backup = shards_[1 - primary]
+        model = tiny_model()
+        with RemoteAdam(model.named_parameters(), _servers(shards_), lr=0.01, client_id="worker-0",
+                        retry_budget=HANG_GUARD, timeout=60.0) as opt:
+            for step in range(5):
+                synthetic_step(model, opt, 0, step)
+        heard = backup.replication._heard
+        wait_for(lambda: backup.replication._heard > heard, "a heartbeat")  # the primary is idle now
+        assert backup.core.store.get("0.weight").step == 5  # the forwards came
+        assert backup.core.counters.data_calls == 0
+        assert shards_[primary].core.counters.data_calls >= 5
+    finally:
+        for shard in shards_:
+            shard.stop()
