@@ -704,11 +704,19 @@ class Replicator:
 
     def _watch(self) -> None:
         period = min(0.2, self.cfg.timeout / 10)
+        failing = ""  # the failure the last tick ended with, said once (a peer may stay away long)
         while not self._stop.wait(period):
             try:
                 self._tick()
-            except Exception:  # noqa: BLE001 - keep watching; the next tick tries again
-                log.exception("replica %s: replication watcher", self.cfg.me)
+                failing = ""
+            except Exception as exc:  # noqa: BLE001 - keep watching; the next tick tries again
+                now = f"{type(exc).__name__}: {exc}"
+                if now != failing:
+                    log.exception("replica %s: replication watcher (said again only when it changes)",
+                                  self.cfg.me)
+                else:
+                    log.debug("replica %s: replication watcher: %s", self.cfg.me, now)
+                failing = now
 
     def _tick(self) -> None:
         with self._lock:
