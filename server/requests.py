@@ -337,8 +337,8 @@ class RequestCore:
         return pb.RegisterReply(keys=[pb.KeyStatus(name=key.name, exists=True, created=c, version=key.version)
                                       for key, c in result])
 
-    def _decode_push(self, first: pb.PushRequest, receive: Receive, staging: list[torch.Tensor],
-                     forwarded: bool = False) -> tuple[pb.PushHead, list[GradEntry]]:
+    def _decode_push(self, first: pb.PushRequest, receive: Receive,
+                     staging: list[torch.Tensor]) -> tuple[pb.PushHead, list[GradEntry]]:
         """Validate a push and receive its gradients into pool buffers appended to `staging`."""
         head = first.head
         if len(head.client_id) > MAX_CLIENT_ID_LENGTH:
@@ -469,7 +469,7 @@ class RequestCore:
         self._gate(forwarded)
         staging: list[torch.Tensor] = []
         try:
-            head, entries = self._decode_push(first, receive, staging, forwarded)
+            head, entries = self._decode_push(first, receive, staging)
             if not entries:
                 raise invalid("a Push must carry at least one key")
             reply, commit = self._submit(head, entries, forwarded)
