@@ -956,7 +956,8 @@ class Replicator:
         with self._lock:
             peers = []
             if self.role == PRIMARY:
-                lag = self.index - self._backup_index if self._backup_in_sync else 0
+                # (the backup may answer an operation before this replica finished applying it)
+                lag = max(0, self.index - self._backup_index) if self._backup_in_sync else 0
                 peers.append(pb.ReplicaPeer(address=self.cfg.peer, in_sync=self._backup_in_sync, lag=lag,
                                             error=self._backup_error))
             return pb.Replication(role=self.role, epoch=self.epoch, index=self.index,

@@ -151,3 +151,15 @@ def test_the_watcher_logs_a_failure_once_until_it_changes_or_passes(caplog):
         thread.join()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) == 3, errors  # refused, reset, refused again after a tick that passed
+
+
+def test_a_backup_ahead_of_its_primary_shows_no_lag():
+    """With forwards pipelined the backup may answer an operation before the primary has finished
+    applying it (the primary's count is one behind for a moment): Hello must not fail then."""
+    from optserve.server.replication import PRIMARY
+
+    rep = Replicator(_Core(), ReplicaConfig(("127.0.0.1:1", "127.0.0.1:2"), 0), 0, 1)
+    rep.role, rep.epoch, rep.index, rep._backup_in_sync, rep._backup_index = PRIMARY, 1, 4, True, 5
+    assert rep.describe().peers[0].lag == 0
+    rep._backup_index = 2
+    assert rep.describe().peers[0].lag == 2
