@@ -305,11 +305,12 @@ class Replicator:
             why = f"this replica is {role}; it takes no requests until it has a role"
         raise RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index}: {why}", reason=NOT_PRIMARY)
 
-    def apply(self, op: str, message: bytes, items: Sequence[Outgoing],
-              local: Callable[[], object]) -> tuple[object, _Forward | None]:
+    def apply(self, op: str, message: bytes, items: Sequence[Outgoing], local: Callable[[], object],
+              header: dict | None = None) -> tuple[object, _Forward | None]:
         """Run `local()` (the state change) in the replicas' order and queue its forward to the
         backup: (its result, the forward to `commit` before acknowledging; None when there is no
-        backup to wait for). The order lock is held only to take the index, queue the forward and
+        backup to wait for); `header` goes into the forward's header (the gradients' bounds). The order
+        lock is held only to take the index, queue the forward and
         apply here, so the forwards of several requests are in flight at once, answered in order.
 
         The forward is sent while `local()` runs (its bytes are the request's, which `local()` only
@@ -331,8 +332,8 @@ class Replicator:
                     self._catch_up.append((index, op, message,
                                            [Outgoing(it.entry, it.part, it.tensor.clone()) for it in items]))
                 return result, None
-            sent = self._enqueue(_Forward(FORWARD, pack_meta({"op": op, "epoch": epoch, "index": index},
-                                                             message), items, index))
+            meta = pack_meta({**(header or {}), "op": op, "epoch": epoch, "index": index}, message)
+            sent = self._enqueue(_Forward(FORWARD, meta, items, index))
             try:
                 result = local()
             except BaseException as exc:
@@ -607,18 +608,18 @@ class Replicator:
                 raise RequestError(StatusCode.FAILED_PRECONDITION,
                                    f"forward {index} after {self.index}: operations are missing here",
                                    reason=STALE_EPOCH)
-            self._apply_forward(str(header.get("op")), message, receive_with)
+            self._apply_forward(header, message, receive_with)
             with self._lock:
                 self.index = index
                 self._heard = time.monotonic()
         send_header(conn, StatusCode.OK, b"", 0)
 
-    def _apply_forward(self, op: str, message: bytes, receive_with: Callable) -> None:
+    def _apply_forward(self, header: dict, message: bytes, receive_with: Callable) -> None:
         from optserve.server.requests import parse
-        core = self.core
+        core, op = self.core, str(header.get("op"))
         if op == "push":
             first = parse(message, pb.PushRequest)
-            core.push(first, receive_with(first.segments), forwarded=True)
+            core.push(first, receive_with(first.segments), forwarded=True, bounds=header.get("bounds"))
         elif op == "register":
             first = parse(message, pb.RegisterRequest)
             core.register(first, receive_with(first.segments), forwarded=True)

@@ -200,14 +200,14 @@ class RequestCore:
                     commit: bool = True):
         """`local()` (a state change), in the replicas' order and forwarded to the backup: (its result,
         None), or (its result, the error to answer instead: the backup was not reached, this replica
-        is deposed). `request()` gives what is forwarded: (message, tensors), which the caller keeps
-        until the backup answered. With commit=False it does not wait for that: (its result, what to
-        pass to `replication.commit` before acknowledging)."""
+        is deposed). `request()` gives what is forwarded: (message, tensors[, what the forward's header
+        adds]), the tensors kept by the caller until the backup answered. With commit=False it does not
+        wait for that: (its result, what to pass to `replication.commit` before acknowledging)."""
         if self.replication is None or forwarded:
             return local(), None
-        message, items = request()
+        message, items, *header = request()
         message.segments.extend(whole_segments(items))
-        result, sent = self.replication.apply(op, message.SerializeToString(), items, local)
+        result, sent = self.replication.apply(op, message.SerializeToString(), items, local, *header)
         return result, (self.replication.commit(sent) if commit else sent)
 
     def stop_serving(self, why: str) -> None:
@@ -337,10 +337,15 @@ class RequestCore:
         return pb.RegisterReply(keys=[pb.KeyStatus(name=key.name, exists=True, created=c, version=key.version)
                                       for key, c in result])
 
-    def _decode_push(self, first: pb.PushRequest, receive: Receive,
-                     staging: list[torch.Tensor]) -> tuple[pb.PushHead, list[GradEntry]]:
-        """Validate a push and receive its gradients into pool buffers appended to `staging`."""
+    def _decode_push(self, first: pb.PushRequest, receive: Receive, staging: list[torch.Tensor],
+                     bounds: Sequence[float] | None = None) -> tuple[pb.PushHead, list[GradEntry]]:
+        """Validate a push and receive its gradients into pool buffers appended to `staging`. With
+        `bounds` (a forwarded push: the primary checked its gradients) the NaN/Inf check is not run
+        again; the bounds it found go to the overflow guard as they are, so both replicas decide alike."""
         head = first.head
+        if bounds is not None and (len(bounds) != len(head.entries) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0 for b in bounds)):
+            raise invalid(f"a forwarded push's gradient bounds must be {len(head.entries)} numbers >= 0")
         if len(head.client_id) > MAX_CLIENT_ID_LENGTH:
             raise invalid(f"client_id has {len(head.client_id)} characters; at most {MAX_CLIENT_ID_LENGTH}")
         _check_names(head.pull_keys)
@@ -360,9 +365,10 @@ class RequestCore:
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
             grad = dests[(i, pb.GRAD)]
-            # Forwarded pushes are checked again on the backup: the check gives the overflow guard
-            # the gradient's bound (server/store.py), which it would otherwise compute from its squares.
-            bound = check_finite(key.name, "gradient", grad, squares=True)
+            # The check gives the overflow guard the gradient's bound (server/store.py), which it would
+            # otherwise compute from its squares.
+            bound = float(bounds[i]) if bounds is not None else \
+                check_finite(key.name, "gradient", grad, squares=True)
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
                                      pieces=[(0, self._on_device(grad))], grad_bound=bound))
         return head, entries
@@ -380,11 +386,12 @@ class RequestCore:
         def apply(origin: Origin) -> PushResult:
             start = time.perf_counter()
             # The store (or the sync policy) records the result under the lock that applies it.
-            def forward() -> tuple[pb.PushRequest, list[Outgoing]]:  # float32, from the staging buffers
+            def forward() -> tuple[pb.PushRequest, list[Outgoing], dict]:  # float32, from the staging buffers
                 return (pb.PushRequest(head=pb.PushHead(client_id=head.client_id, seq=head.seq,
                                                         wire_dtype=pb.FLOAT32, entries=head.entries,
                                                         hyper=head.hyper)),
-                        [Outgoing(i, pb.GRAD, e.pieces[0][1]) for i, e in enumerate(entries)])
+                        [Outgoing(i, pb.GRAD, e.pieces[0][1]) for i, e in enumerate(entries)],
+                        {"bounds": [e.grad_bound for e in entries]})
 
             result, pending = self._replicated(
                 "push", forward, lambda: self.policy.submit(self.store, entries, origin), forwarded,
@@ -464,12 +471,14 @@ class RequestCore:
                                reason=TIMEOUT)
 
     @_device_memory
-    def push(self, first: pb.PushRequest, receive: Receive, forwarded: bool = False) -> pb.PushReply:
-        """A push: validate, receive, apply once (`forwarded`: the primary's, on its backup)."""
+    def push(self, first: pb.PushRequest, receive: Receive, forwarded: bool = False,
+             bounds: Sequence[float] | None = None) -> pb.PushReply:
+        """A push: validate, receive, apply once (`forwarded`: the primary's, on its backup, with the
+        `bounds` on its gradients the primary's check found)."""
         self._gate(forwarded)
         staging: list[torch.Tensor] = []
         try:
-            head, entries = self._decode_push(first, receive, staging)
+            head, entries = self._decode_push(first, receive, staging, bounds)
             if not entries:
                 raise invalid("a Push must carry at least one key")
             reply, commit = self._submit(head, entries, forwarded)

@@ -372,9 +372,9 @@ def test_a_partition_leaves_at_most_one_replica_acknowledging_per_epoch(tmp_path
         rep = shard.replication
         original, original_commit = rep.apply, rep.commit
 
-        def apply(op, message, items, local, rep=rep, original=original):
+        def apply(op, message, items, local, header=None, rep=rep, original=original):
             with rep._seq:  # reentrant: the epoch read is the one the push was ordered under
-                result, sent = original(op, message, items, local)
+                result, sent = original(op, message, items, local, header)
                 ordered.epoch = rep.epoch if op == "push" else None
             return result, sent
 
@@ -690,3 +690,41 @@ def test_forwards_and_heartbeats_are_not_counted_as_data_calls(tmp_path):
     finally:
         for shard in shards_:
             shard.stop()
+
+
+def test_a_forwarded_push_takes_the_primarys_gradient_bounds_and_refuses_malformed_ones(monkeypatch):
+    """A backup does not scan a forwarded push's gradients again: the forward's header carries the
+    bounds the primary's NaN/Inf check found (the overflow guard's input, so both replicas decide
+    alike). Bounds that do not fit the push are refused before anything changes."""
+    from optserve.server import requests
+    from optserve.serde import hyper_to_proto
+    from optserve.hyper import AdamConfig
+
+    shard = Shard(ServerConfig())
+    core = shard.core
+    core.store.create([("w", (4,), torch.zeros(4), {"param": "w", "param_shape": [4], "offset": 0})])
+    grad = torch.tensor([1.0, -2.0, 0.5, 0.0])
+
+    def request(seq: int) -> pb.PushRequest:
+        head = pb.PushHead(client_id="c", seq=seq, entries=[pb.PushEntry(key="w", version_read=0)],
+                           hyper=[hyper_to_proto(AdamConfig())])
+        return pb.PushRequest(head=head, segments=[pb.Segment(entry=0, part=pb.GRAD, offset=0, count=4)])
+
+    def receive(expected, dests):
+        dests[(0, pb.GRAD)].copy_(grad)
+
+    try:
+        for bad in ([], [1.0, 2.0], [-1.0], ["2"], [True]):
+            with pytest.raises(replication.RequestError) as refused:
+                core.push(request(1), receive, forwarded=True, bounds=bad)
+            assert refused.value.code == replication.StatusCode.INVALID_ARGUMENT
+        assert core.store.get("w").step == 0
+
+        def no_scan(*args, **kwargs):
+            raise AssertionError("a forwarded push with bounds was scanned again")
+
+        monkeypatch.setattr(requests, "check_finite", no_scan)
+        core.push(request(1), receive, forwarded=True, bounds=[2.0])
+        assert core.store.get("w").step == 1
+    finally:
+        shard.stop()
