@@ -337,8 +337,9 @@ class Replicator:
             try:
                 result = local()
             except BaseException as exc:
-                with self.core.slots.lent():
-                    outcome = self._wait(sent)
+                # (its slot kept: lent, it would be taken back while holding _seq, which the
+                # requests holding the slots may be waiting for)
+                outcome = self._wait(sent)
                 if isinstance(outcome, RequestError) and outcome.reason != STALE_EPOCH and \
                         outcome.code != StatusCode.UNAVAILABLE:
                     raise  # refused on both replicas: nothing changed anywhere
@@ -368,22 +369,26 @@ class Replicator:
         """Wait until the backup has answered every operation applied here so far (a retry answered
         from the exactly-once table: its original may still be in flight), or this replica stopped
         forwarding (its caller checks the role then: `check_serving`)."""
-        with self._lock:
+        give_up = time.monotonic() + 2 * self.cfg.timeout  # the forwarding deposes within one
+        with self.core.slots.lent(), self._lock:  # (the slot is taken back after _lock is released)
             index = self.index
-            give_up = time.monotonic() + 2 * self.cfg.timeout  # the forwarding deposes within one
-            with self.core.slots.lent():
-                while self._backup_index < index and self.role == PRIMARY and self._backup_in_sync:
-                    left = give_up - time.monotonic()
-                    if left <= 0:
-                        raise RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index}: the backup "
-                                           f"has not answered operation {index}; retry", reason=NOT_PRIMARY)
-                    self._answered.wait(min(left, 0.5))
+            while self._backup_index < index and self.role == PRIMARY and self._backup_in_sync:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index}: the backup "
+                                       f"has not answered operation {index}; retry", reason=NOT_PRIMARY)
+                self._answered.wait(min(left, 0.5))
 
     # -- the forwarding thread ----------------------------------------------------------------------
 
     def _enqueue(self, frame: _Forward) -> _Forward:
         with self._lock:
-            self._queue.append(frame)
+            stopped = self._stop.is_set()
+            if not stopped:
+                self._queue.append(frame)
+        if stopped:  # no thread will send it
+            frame.resolve(RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index} is stopping",
+                                       reason=NOT_PRIMARY))
         self._wake()
         return frame
 

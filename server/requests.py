@@ -492,8 +492,9 @@ class RequestCore:
                   caller: str = "", provisional: bool = False) -> PullReply:
         """A push (possibly of no keys), then the pull of its keys and `pull_keys`, after the policy's
         wait (sync: until the step the push joined has been taken). `provisional` (a door that can
-        send a reply before its acknowledgement: the data channel): on a replicated shard the reply is
-        made without waiting for the backup, and carries the wait (`PullReply.commit`)."""
+        send a reply before its acknowledgement: the data channel): on a replicated shard under a
+        policy that does not wait, the reply is made without waiting for the backup, and carries the
+        wait (`PullReply.commit`)."""
         self._gate()
         staging: list[torch.Tensor] = []
         commit = None  # (provisional) the backup's answer to wait for; the staging is kept till then
@@ -505,7 +506,9 @@ class RequestCore:
             reply = None
             if entries:
                 reply, pending = self._submit(head, entries)
-                if provisional and self.replication is not None:
+                # (under a policy that waits, the round takes longer than the backup: no reply to
+                # overlap, and the gradients are not kept through the wait)
+                if provisional and self.replication is not None and not self.policy.waits:
                     commit = pending
                 else:
                     pending()
