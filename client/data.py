@@ -33,9 +33,10 @@ import grpc
 import torch
 
 from optserve.errors import REASON_METADATA, StatusCode
-from optserve.frames import (AUTH, MAX_REPLY_META_BYTES, PULL, PUSH, PUSH_PULL, SHM_CONFIRM, SHM_OPEN,
-                             SHM_PULL, SHM_PUSH, SHM_PUSH_PULL, ProtocolError, Receiver, parse_error,
-                             read_header, read_meta, send_frame, send_header, tune, whole_segments)
+from optserve.frames import (AUTH, MAX_REPLY_META_BYTES, PROVISIONAL, PULL, PUSH, PUSH_PULL, SHM_CONFIRM,
+                             SHM_OPEN, SHM_PULL, SHM_PUSH, SHM_PUSH_PULL, ProtocolError, Receiver,
+                             parse_error, read_header, read_meta, send_frame, send_header, tune,
+                             whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.serde import Outgoing, pull_expected
 from optserve.shm import SIZE, Segment, ShmUnavailable, fill, nbytes_of, place
@@ -73,6 +74,7 @@ class _Conn:
         self.receiver = Receiver(sock)
         self.shm: Segment | None = None  # this connection's confirmed segment
         self.shm_max = 0  # the largest segment the shard would grant (its SHM_OPEN reply); -1: none
+        self.commit = False  # the last reply was PROVISIONAL: its commit frame follows
 
     def close(self) -> None:
         if self.shm is not None:
@@ -246,13 +248,16 @@ class DataChannel:
 
     # -- calls -----------------------------------------------------------------------------------
 
-    def _reply(self, conn: _Conn) -> tuple[bytes, int]:
+    def _reply(self, conn: _Conn, provisional: bool = False) -> tuple[bytes, int]:
+        """A reply's meta and data length; DataCallError when it is a refusal. With `provisional` (a
+        PUSHPULL), a PROVISIONAL reply is taken too: `conn.commit` says whether its commit follows."""
         deadline = conn.receiver.deadline
         status, meta_len, data_len = read_header(conn.sock, deadline=deadline)
         if meta_len > MAX_REPLY_META_BYTES:
             raise ProtocolError(f"a reply head of {meta_len} bytes")
         meta = read_meta(conn.sock, meta_len, deadline)
-        if status != StatusCode.OK:
+        conn.commit = provisional and status == PROVISIONAL
+        if status != StatusCode.OK and not conn.commit:
             message, reason = parse_error(meta)
             code = _CODES.get(status, grpc.StatusCode.UNKNOWN)
             raise DataCallError(code, message, reason)
@@ -324,7 +329,7 @@ class DataChannel:
         return segment
 
     def _receive_pull(self, conn: _Conn, sink, segment: Segment | None) -> pb.PullHead:
-        meta, data_len = self._reply(conn)
+        meta, data_len = self._reply(conn, provisional=True)
         in_segment = 0
         if segment is not None:  # a SHM_* request: the reply's meta starts with its bytes in the segment
             if len(meta) < SIZE.size:
@@ -344,6 +349,11 @@ class DataChannel:
             fill(pull_expected(head, dests), reply.segments, segment.data(in_segment), dests)
         else:
             conn.receiver.segments(pull_expected(head, dests), reply.segments, data_len, dests)
+        if conn.commit:
+            # A replicated shard's push is acknowledged only now (its backup applied it). A refusal
+            # or a broken connection here leaves this call failed, and the parameters it wrote are
+            # those of a push that was not acknowledged: the retry (same client_id, seq) overwrites them.
+            self._reply(conn)
         return head
 
     def push(self, conn: _Conn, head: pb.PushHead, grads: Sequence[Outgoing],

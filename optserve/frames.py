@@ -17,6 +17,11 @@ A frame is a 20-byte header, `meta` and `data`:
   meta and the segments' bytes as data, in segment order; PULL carries a PullRequest and no data.
 - Replies carry a gRPC status code in place of the kind. OK: PushReply (PUSH) or PullReply (head and
   segments) and its bytes. Not OK: meta is JSON {"message": ..., "reason": ...}, no data.
+- A replicated shard's primary answers PUSHPULL before its backup has applied the push: the reply
+  (PullReply and bytes) comes with status PROVISIONAL, then one more frame, the commit: OK (empty
+  meta, no data: the push is acknowledged) or an error (it is not; the client retries the same
+  (client_id, seq), whose reply replaces the parameters this one wrote). docs/ARCHITECTURE.md,
+  "Replication".
 - Same host: SHM_* kinds negotiate a shared-memory segment and carry requests whose bytes are in it
   (optserve/shm.py; docs/ARCHITECTURE.md, "Same-host shared memory").
 - The shard always reads a whole request before it answers (on an error it discards the rest), so
@@ -56,6 +61,7 @@ REPLICATION_KINDS = (FORWARD, HEARTBEAT, JOIN, JOINED)
 # when they do not fit: then its SIZE is 0 and its data length says how many follow).
 SHM_OPEN, SHM_CONFIRM, SHM_PUSH, SHM_PULL, SHM_PUSH_PULL = 16, 17, 18, 19, 20
 SHM_OF = {SHM_PUSH: PUSH, SHM_PULL: PULL, SHM_PUSH_PULL: PUSH_PULL}  # the request each one carries
+PROVISIONAL = 128  # a reply's status (no gRPC code): a PUSHPULL reply whose commit frame follows
 KINDS = {AUTH: "Auth", PUSH: "Push", PULL: "Pull", PUSH_PULL: "PushPull", FORWARD: "Forward",
          HEARTBEAT: "Heartbeat", JOIN: "Join", JOINED: "Joined", SHM_OPEN: "ShmOpen",
          SHM_CONFIRM: "ShmConfirm", SHM_PUSH: "Push", SHM_PULL: "Pull", SHM_PUSH_PULL: "PushPull"}

@@ -23,9 +23,10 @@ import struct
 import threading
 import time
 
-from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PULL, PUSH, PUSH_PULL, REPLICATION_KINDS,
-                             SHM_CONFIRM, SHM_OF, SHM_OPEN, ProtocolError, Receiver, error_meta, read_header,
-                             read_meta, send_frame, send_header, tune, whole_segments)
+from optserve.frames import (AUTH, HEADER, KINDS, MAX_AUTH_BYTES, PROVISIONAL, PULL, PUSH, PUSH_PULL,
+                             REPLICATION_KINDS, SHM_CONFIRM, SHM_OF, SHM_OPEN, ProtocolError, Receiver,
+                             error_meta, read_header, read_meta, send_frame, send_header, tune,
+                             whole_segments)
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.errors import RequestError, StatusCode, invalid
 from optserve.serde import DEFAULT_MAX_MESSAGE_BYTES
@@ -383,7 +384,8 @@ class DataServer:
 
     def _handle(self, conn, receiver: Receiver, shm: ShmLink, kind: int, meta_len: int,
                 data_len: int) -> None:
-        if kind not in (SHM_OPEN, SHM_CONFIRM):  # Push, Pull, PushPull (and strays), not the handshake
+        if kind not in (SHM_OPEN, SHM_CONFIRM) and kind not in REPLICATION_KINDS:
+            # Push, Pull, PushPull (and strays), not the handshake, nor the other replica's frames
             self.core.counters.add(data_calls=1)  # bytes_in: as received (_serve), not as declared
         payload = _Payload(data_len)
         method = KINDS.get(kind, f"kind {kind}")
@@ -429,7 +431,7 @@ class DataServer:
                     pushed = self.core.push(first, receive)
                     send_header(conn, _OK, pushed.SerializeToString(), 0)
                     return
-                reply = self.core.push_pull(first, receive)
+                reply = self.core.push_pull(first, receive, provisional=True)
             elif kind in REPLICATION_KINDS:  # from the shard's other replica (server/replication.py)
                 if self.core.replication is None:
                     raise invalid("this shard is not replicated: it takes no replication frames")
@@ -459,6 +461,27 @@ class DataServer:
             self._refuse(conn, receiver, payload, StatusCode.UNKNOWN,
                          f"Exception calling application: {type(exc).__name__}: {exc}")
             return
+        if reply.commit is None:
+            self._send_pull(conn, segment, reply, _OK)
+            return
+        # A replicated push: its parameters go out while the backup applies it, then the commit.
+        try:
+            self._send_pull(conn, segment, reply, PROVISIONAL)
+        except BaseException:
+            with contextlib.suppress(RequestError):
+                reply.commit()  # (the push's gradients are kept until the backup answered)
+            raise
+        try:
+            reply.commit()
+        except RequestError as exc:
+            self.core.refused(method, exc)
+            send_header(conn, exc.code, error_meta(exc.message, exc.reason), 0)
+            return
+        send_header(conn, _OK, b"", 0)
+
+    def _send_pull(self, conn, segment, reply, status: int) -> None:
+        """A PullReply and its bytes (in the connection's segment when it was a SHM_* request and
+        they fit), with `status`; the snapshot's lease ends once they are out."""
         out = pb.PullReply(head=reply.head, segments=whole_segments(reply.items)).SerializeToString()
         if segment is not None and nbytes_of(reply.items, reply.dtype) <= segment.capacity:
             # Into the segment (the lease ends as soon as it is copied), then the head on the socket.
@@ -466,13 +489,13 @@ class DataServer:
                 in_segment = place(reply.items, reply.dtype, segment)
             finally:
                 reply.release()
-            send_header(conn, _OK, SIZE.pack(in_segment) + out, 0)
+            send_header(conn, status, SIZE.pack(in_segment) + out, 0)
             self.core.counters.add(bytes_out=HEADER.size + SIZE.size + len(out) + in_segment)
             return
         if segment is not None:  # too large for the segment: on the socket, 0 bytes in the segment
             out = SIZE.pack(0) + out
         try:
-            nbytes = send_frame(conn, _OK, out, reply.items, reply.dtype)
+            nbytes = send_frame(conn, status, out, reply.items, reply.dtype)
             self.core.counters.add(bytes_out=HEADER.size + len(out) + nbytes)
         finally:
             reply.release()

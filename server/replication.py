@@ -42,11 +42,13 @@ import logging
 import shutil
 import socket
 import ssl
+import os
+import select
 import struct
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -122,13 +124,19 @@ def unpack_meta(meta: bytes) -> tuple[dict, bytes]:
 
 
 class _Link:
-    """The primary's connection to its backup's data channel (one call at a time, under `_seq`)."""
+    """The primary's connection to its backup's data channel. Frames go out in the replicas' order,
+    several may be in flight (the backup reads and answers them one by one, in order); only the
+    forwarding thread (`Replicator._pipe`) uses it."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
 
-    def call(self, kind: int, meta: bytes, items: Sequence[Outgoing] = ()) -> bytes:
+    def send(self, kind: int, meta: bytes, items: Sequence[Outgoing] = ()) -> None:
         send_frame(self.sock, kind, meta, items, torch.float32)
+
+    def answer(self) -> None:
+        """The backup's answer to the oldest frame in flight: None when it applied it, else the
+        refusal (RequestError)."""
         status, meta_len, data_len = read_header(self.sock)
         reply = read_meta(self.sock, meta_len)
         if data_len:
@@ -137,13 +145,38 @@ class _Link:
             message, reason = parse_error(reply)
             raise RequestError(StatusCode(status) if status in StatusCode._value2member_map_
                                else StatusCode.UNKNOWN, message, reason)
-        return reply
+
+    def readable(self, timeout: float, wake: int) -> bool:
+        """Whether an answer is waiting (TLS may hold one already read off the socket), waiting up
+        to `timeout` seconds or until `wake` (a pipe) is written to."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        ready, _, _ = select.select([self.sock, wake], [], [], timeout)
+        return self.sock in ready
 
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+class _Forward:
+    """One frame for the backup (a FORWARD, with its place `index` in the order; a HEARTBEAT), queued
+    in the replicas' order. `outcome` once `done`: None when the backup applied it (or answered the
+    heartbeat), else its refusal or the failure that made the primary give up (the error to answer)."""
+
+    __slots__ = ("kind", "meta", "items", "index", "depose", "done", "outcome")
+
+    def __init__(self, kind: int, meta: bytes, items: Sequence[Outgoing] = (), index: int = 0,
+                 depose: bool = True):
+        self.kind, self.meta, self.items, self.index, self.depose = kind, meta, items, index, depose
+        self.done = threading.Event()
+        self.outcome: BaseException | None = None
+
+    def resolve(self, outcome: BaseException | None) -> None:
+        self.outcome = outcome
+        self.done.set()
 
 
 class Replicator:
@@ -158,8 +191,10 @@ class Replicator:
         self.shard_index = shard_index
         self.num_shards = num_shards
         self._sleep = sleep
-        self._seq = threading.RLock()  # the order of state changes: held from apply to the backup's ack
+        # the order of state changes: held to take an index, queue the forward and apply it here
+        self._seq = threading.RLock()
         self._lock = threading.Lock()  # the fields below (a leaf)
+        self._answered = threading.Condition(self._lock)  # an answer came, or the role changed
         self.role = JOINING
         self.epoch = 0
         self.index = 0  # operations applied, in order (the primary's count; a backup's position)
@@ -168,7 +203,12 @@ class Replicator:
         self._backup_in_sync = False
         self._backup_index = 0
         self._backup_error = "not joined yet"
-        self._link: _Link | None = None
+        self._link: _Link | None = None  # the forwarding thread's (`_pipe`)
+        self._queue: deque[_Forward] = deque()  # frames for the backup not sent yet, in order
+        self._flight: deque[_Forward] = deque()  # sent, not answered yet, in order
+        self._wake_r, self._wake_w = os.pipe()  # wakes `_pipe` when a frame is queued
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._backup_data: tuple[str, int] | None = None
         # while a replica joins: (index, op, message, items) of each change applied after its state
         self._catch_up: list | None = None
@@ -176,7 +216,7 @@ class Replicator:
         self._sent = time.monotonic()  # primary: the last forward or heartbeat the backup answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="replication", daemon=True)
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix="replication-send")
+        self._sender = threading.Thread(target=self._pipe, name="replication-send", daemon=True)
         self._peer_client = None
         # a test's partition: while set, this replica reaches its peer's data channel no more and
         # refuses the peer's replication frames (tests/system/test_replication.py)
@@ -228,14 +268,17 @@ class Replicator:
 
     def start(self) -> None:
         self._thread.start()
+        self._sender.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        with self._seq:
-            self._drop_link()
-        self._sender.shutdown(wait=False)
+        self._wake()
+        for thread in (self._thread, self._sender):
+            if thread.is_alive():
+                thread.join(timeout=10)
+        self._fail_all(RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index} is stopping",
+                                    reason=NOT_PRIMARY))
+        self._drop_link()
         if self._peer_client is not None:
             self._peer_client.close()
 
@@ -262,18 +305,21 @@ class Replicator:
             why = f"this replica is {role}; it takes no requests until it has a role"
         raise RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index}: {why}", reason=NOT_PRIMARY)
 
-    def apply(self, op: str, message: bytes, items: Sequence[Outgoing],
-              local: Callable[[], object]) -> tuple[object, RequestError | None]:
-        """Run `local()` (the state change) in the replicas' order and forward it to the backup:
-        (its result, None), or (its result, the error to answer instead of an acknowledgement) when the
-        backup could not be reached within the timeout (this replica is deposed then).
+    def apply(self, op: str, message: bytes, items: Sequence[Outgoing], local: Callable[[], object],
+              header: dict | None = None) -> tuple[object, _Forward | None]:
+        """Run `local()` (the state change) in the replicas' order and queue its forward to the
+        backup: (its result, the forward to `commit` before acknowledging; None when there is no
+        backup to wait for); `header` goes into the forward's header (the gradients' bounds). The order
+        lock is held only to take the index, queue the forward and
+        apply here, so the forwards of several requests are in flight at once, answered in order.
 
         The forward is sent while `local()` runs (its bytes are the request's, which `local()` only
-        reads), so the backup receives and applies while the primary applies. Both run the same checks
-        on the same state: a refusal of `local()` (nothing changed) is the backup's refusal too, and is
-        raised. Should they ever differ (the backup applied what `local()` refused: a device out of
-        memory here), this replica is deposed and answers UNAVAILABLE, and the retry of the same
-        (client_id, seq) gets the backup's result."""
+        reads; the caller keeps them until `commit`), so the backup receives and applies while the
+        primary applies. Both run the same checks on the same state: a refusal of `local()` (nothing
+        changed) is the backup's refusal too, and is raised once the backup has answered (the next
+        operation takes the same index). Should they ever differ (the backup applied what `local()`
+        refused: a device out of memory here), this replica is deposed and answers UNAVAILABLE, and
+        the retry of the same (client_id, seq) gets the backup's result."""
         with self._seq:
             self.check_serving()
             with self._lock:
@@ -286,108 +332,253 @@ class Replicator:
                     self._catch_up.append((index, op, message,
                                            [Outgoing(it.entry, it.part, it.tensor.clone()) for it in items]))
                 return result, None
-            meta = pack_meta({"op": op, "epoch": epoch, "index": index}, message)
-            sent = self._sender.submit(self._send_once, FORWARD, meta, items)
+            meta = pack_meta({**(header or {}), "op": op, "epoch": epoch, "index": index}, message)
+            sent = self._enqueue(_Forward(FORWARD, meta, items, index))
             try:
                 result = local()
             except BaseException as exc:
-                outcome = sent.result()
-                if isinstance(outcome, RequestError) and outcome.reason != STALE_EPOCH:
+                # (its slot kept: lent, it would be taken back while holding _seq, which the
+                # requests holding the slots may be waiting for)
+                outcome = self._wait(sent)
+                if isinstance(outcome, RequestError) and outcome.reason != STALE_EPOCH and \
+                        outcome.code != StatusCode.UNAVAILABLE:
                     raise  # refused on both replicas: nothing changed anywhere
                 # applied on the backup only, or not known (the link broke): never acknowledged
                 raise self._depose(f"operation {index} was refused here ({type(exc).__name__}: {exc}) "
                                    f"but the backup's outcome is {outcome or 'applied'}") from None
             with self._lock:
                 self.index = index
-            outcome = sent.result()
-            if outcome is None:
-                self._acked(index)
-                return result, None
-            if isinstance(outcome, RequestError) and outcome.reason != STALE_EPOCH and \
-                    outcome.code != StatusCode.UNAVAILABLE:
-                return result, self._depose(f"the backup refused operation {index}, which this replica "
-                                            f"applied: {outcome.message}")
-            return result, self._forward(FORWARD, meta, items, index)  # resend (a duplicate is answered OK)
+            return result, sent
 
-    def _send_once(self, kind: int, meta: bytes, items: Sequence[Outgoing]) -> BaseException | None:
-        """(The sender thread, while `_seq` is held for it.) One attempt: None when the backup applied
-        it, else the refusal or the connection's failure (dropped)."""
-        try:
-            self._connect().call(kind, meta, items)
+    def commit(self, sent: _Forward | None) -> RequestError | None:
+        """Wait for the backup's answer to an operation `apply` forwarded (lending the request's
+        data-channel slot meanwhile): None when it applied it (the operation may be acknowledged),
+        else the error to answer instead (this replica is deposed then)."""
+        if sent is None:
             return None
-        except RequestError as exc:
-            return exc
-        except (OSError, ProtocolError) as exc:
-            self._drop_link()
-            return exc
+        with self.core.slots.lent():
+            outcome = self._wait(sent)
+        if outcome is None:
+            return None
+        if isinstance(outcome, RequestError) and outcome.reason == NOT_PRIMARY:
+            return outcome  # the forwarding gave up: deposed already
+        return self._depose(f"the backup refused operation {sent.index}, which this replica applied: "
+                            f"{getattr(outcome, 'message', outcome)}")
 
-    def _acked(self, index: int) -> None:
+    def settled(self) -> None:
+        """Wait until the backup has answered every operation applied here so far (a retry answered
+        from the exactly-once table: its original may still be in flight), or this replica stopped
+        forwarding (its caller checks the role then: `check_serving`)."""
+        give_up = time.monotonic() + 2 * self.cfg.timeout  # the forwarding deposes within one
+        with self.core.slots.lent(), self._lock:  # (the slot is taken back after _lock is released)
+            index = self.index
+            while self._backup_index < index and self.role == PRIMARY and self._backup_in_sync:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index}: the backup "
+                                       f"has not answered operation {index}; retry", reason=NOT_PRIMARY)
+                self._answered.wait(min(left, 0.5))
+
+    # -- the forwarding thread ----------------------------------------------------------------------
+
+    def _enqueue(self, frame: _Forward) -> _Forward:
         with self._lock:
-            self._backup_index = max(self._backup_index, index)
-        self._sent = time.monotonic()
+            stopped = self._stop.is_set()
+            if not stopped:
+                self._queue.append(frame)
+        if stopped:  # no thread will send it
+            frame.resolve(RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index} is stopping",
+                                       reason=NOT_PRIMARY))
+        self._wake()
+        return frame
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # full (the thread will look anyway) or closed (stopped)
+
+    @staticmethod
+    def _wait(frame: _Forward) -> BaseException | None:
+        frame.done.wait()
+        return frame.outcome
+
+    def _pipe(self) -> None:
+        """(The forwarding thread.) Send the queued frames in order and read the backup's answers as
+        they come (`select`, woken by `_wake` when a frame is queued), several frames in flight on
+        the one link. When the link breaks (or the backup answers UNAVAILABLE), every frame not
+        answered is sent again, in order, on a new one (the backup answers a resend of what it
+        applied OK), for at most the timeout; then this primary is deposed and every frame fails."""
+        give_up = None  # when resending stops: the timeout after the first failure since an answer
+        waiting = time.monotonic()
+        while not self._stop.is_set():
+            with self._lock:
+                nxt = self._queue[0] if self._queue else None
+                flying = len(self._flight)
+                primary = self.role == PRIMARY
+            if nxt is None and not flying:
+                select.select([self._wake_r], [], [], 1.0)
+                self._drain_wake()
+                continue
+            if not primary:  # deposed meanwhile: nothing more goes out
+                self._drop_link()
+                self._fail_all(RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index}: this "
+                                            f"replica is no longer primary; retry on the next replica",
+                                            reason=NOT_PRIMARY))
+                continue
+            try:
+                link = self._connect()
+                if nxt is not None:
+                    if not flying:
+                        waiting = time.monotonic()  # for the backup's answer, since
+                    link.send(nxt.kind, nxt.meta, nxt.items)
+                    with self._lock:
+                        self._flight.append(self._queue.popleft())
+                    flying += 1
+                while flying:
+                    with self._lock:
+                        more = bool(self._queue)
+                    if more and not link.readable(0, self._wake_r):
+                        break  # send the next frame; the answers wait in the socket
+                    if not more and not link.readable(1.0, self._wake_r):
+                        self._drain_wake()
+                        if time.monotonic() - waiting > self._answer_seconds:
+                            raise TimeoutError(f"no answer for {self._answer_seconds:g} s")
+                        break
+                    try:
+                        link.answer()
+                        outcome = None
+                    except RequestError as exc:
+                        if exc.code == StatusCode.UNAVAILABLE and exc.reason != STALE_EPOCH:
+                            raise ConnectionError(f"the backup answered UNAVAILABLE: {exc.message}") from None
+                        outcome = exc
+                    self._answer(outcome)
+                    flying -= 1
+                    waiting, give_up = time.monotonic(), None
+            except (OSError, ProtocolError) as exc:
+                self._drop_link()
+                with self._lock:  # sent again, in order, on the next link
+                    self._queue.extendleft(reversed(self._flight))
+                    self._flight.clear()
+                    primary = self.role == PRIMARY
+                problem = str(exc) or type(exc).__name__
+                now = time.monotonic()
+                give_up = give_up or now + self.cfg.timeout
+                if not primary:
+                    give_up = None
+                    continue  # the frames fail at the top of the loop
+                if now >= give_up:
+                    give_up = None
+                    self._give_up(f"the backup {self.cfg.peer} did not answer for {self.cfg.timeout:g} s: "
+                                  f"{problem}")
+                    continue
+                self._sleep(min(0.1, self.cfg.timeout / 20))
+            except Exception as exc:  # noqa: BLE001 - a bug: every frame fails rather than hangs
+                log.exception("replica %s: forwarding failed", self.cfg.me)
+                self._drop_link()
+                self._give_up(f"forwarding failed: {type(exc).__name__}: {exc}")
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _answer(self, outcome: RequestError | None) -> None:
+        """The oldest frame in flight was answered."""
+        with self._lock:
+            frame = self._flight.popleft()
+            if outcome is None:
+                self._sent = time.monotonic()
+                if frame.kind == FORWARD:
+                    self._backup_index = max(self._backup_index, frame.index)
+            self._answered.notify_all()
+        frame.resolve(outcome)
+
+    def _give_up(self, why: str) -> None:
+        """The frames not answered fail: this primary is deposed when any of them was to be
+        acknowledged (a forward of an in-sync backup, a heartbeat); a joiner's catch-up only fails."""
+        with self._lock:
+            frames = list(self._flight) + list(self._queue)
+        error = self._depose(why) if any(f.depose for f in frames) else \
+            RequestError(StatusCode.UNAVAILABLE, why, reason=NOT_PRIMARY)
+        self._fail_all(error)
+
+    def _fail_all(self, error: RequestError) -> None:
+        with self._lock:
+            frames = list(self._flight) + list(self._queue)
+            self._flight.clear()
+            self._queue.clear()
+            self._answered.notify_all()
+        for frame in frames:
+            frame.resolve(error)
+
+    def _drain(self) -> None:
+        """(Under _seq.) Wait until every queued frame is answered or failed: nothing else can be
+        queued meanwhile, and the link is the caller's to drop."""
+        with self._lock:
+            while self._queue or self._flight:
+                self._answered.wait(1.0)
 
     def _forward(self, kind: int, meta: bytes, items: Sequence[Outgoing], index: int,
                  depose: bool = True) -> RequestError | None:
-        """(Under _seq.) Send one frame to the backup until it answers, for at most the timeout; then
-        (or when it refuses) depose this primary, or with depose=False (a joiner that is not in sync
-        yet: the primary goes on as it was) only say why."""
-        give_up = None
-        while True:
-            try:
-                self._connect().call(kind, meta, items)
-                self._acked(index)
-                return None
-            except RequestError as exc:
-                if exc.code != StatusCode.UNAVAILABLE or exc.reason == STALE_EPOCH:
-                    return self._give_up(f"the backup refused a forward: {exc.message}", depose)
-                problem = exc.message
-            except (OSError, ProtocolError) as exc:
-                self._drop_link()
-                problem = str(exc) or type(exc).__name__
-            now = time.monotonic()
-            give_up = give_up or now + self.cfg.timeout
-            if now >= give_up:
-                return self._give_up(f"the backup {self.cfg.peer} did not answer for "
-                                     f"{self.cfg.timeout:g} s: {problem}", depose)
-            self._sleep(min(0.1, self.cfg.timeout / 20))
-
-    def _give_up(self, why: str, depose: bool) -> RequestError:
+        """One frame to the backup through the forwarding thread, waiting for its answer: None when
+        applied, else the error to answer (a refusal deposes this primary, or with depose=False, for
+        a joiner's catch-up, only says why)."""
+        outcome = self._wait(self._enqueue(_Forward(kind, meta, items, index, depose)))
+        if outcome is None:
+            return None
+        if isinstance(outcome, RequestError) and outcome.reason == NOT_PRIMARY:
+            return outcome
+        why = f"the backup refused a forward: {getattr(outcome, 'message', outcome)}"
         if depose:
             return self._depose(why)
-        self._drop_link()
         return RequestError(StatusCode.UNAVAILABLE, why, reason=NOT_PRIMARY)
 
     def _depose(self, why: str) -> RequestError:
         with self._lock:
+            was = self.role
             self.role = DEPOSED
             self._backup_in_sync = False
             self._backup_error = why
             self.solo = False
             self.primary = ""
-        self._drop_link()
+            self._answered.notify_all()
         self._save_epoch()
-        log.warning("replica %s: deposed at epoch %d: %s; it acknowledges nothing more and hands its "
-                    "state on", self.cfg.me, self.epoch, why)
+        if was != DEPOSED:
+            log.warning("replica %s: deposed at epoch %d: %s; it acknowledges nothing more and hands its "
+                        "state on", self.cfg.me, self.epoch, why)
+        self._wake()  # the forwarding thread fails what is left
         self.core.store.wake()
         return RequestError(StatusCode.UNAVAILABLE, f"shard {self.shard_index}: this primary lost its "
                             f"backup ({why}); retry on the next replica", reason=NOT_PRIMARY)
 
+    @property
+    def _answer_seconds(self) -> float:
+        """How long the backup may take to answer the oldest frame in flight (its socket's timeout
+        for a large forward, as for every read and write on the link), before the link is dropped."""
+        return max(self.cfg.timeout, 30.0)
+
     def _connect(self) -> _Link:
+        """(The forwarding thread.) The link, dialled when there is none."""
         if self.partitioned.is_set():
             raise ConnectionRefusedError("partitioned (test)")
         if self._link is not None:
             return self._link
-        if self._backup_data is None:
+        with self._lock:
+            backup = self._backup_data
+        if backup is None:
             raise ConnectionError("the backup's data channel is not known")
-        host, port = self._backup_data
         # a large forward takes its time to send
-        self._link = _Link(self._dial(host, port, max(self.cfg.timeout, 30.0), "backup"))
+        self._link = _Link(self._dial(*backup, self._answer_seconds, "backup"))
         return self._link
 
     def _drop_link(self) -> None:
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+
 
     # -- frames from the peer (server/data.py) ---------------------------------------------------
 
@@ -422,18 +613,18 @@ class Replicator:
                 raise RequestError(StatusCode.FAILED_PRECONDITION,
                                    f"forward {index} after {self.index}: operations are missing here",
                                    reason=STALE_EPOCH)
-            self._apply_forward(str(header.get("op")), message, receive_with)
+            self._apply_forward(header, message, receive_with)
             with self._lock:
                 self.index = index
                 self._heard = time.monotonic()
         send_header(conn, StatusCode.OK, b"", 0)
 
-    def _apply_forward(self, op: str, message: bytes, receive_with: Callable) -> None:
+    def _apply_forward(self, header: dict, message: bytes, receive_with: Callable) -> None:
         from optserve.server.requests import parse
-        core = self.core
+        core, op = self.core, str(header.get("op"))
         if op == "push":
             first = parse(message, pb.PushRequest)
-            core.push(first, receive_with(first.segments), forwarded=True)
+            core.push(first, receive_with(first.segments), forwarded=True, bounds=header.get("bounds"))
         elif op == "register":
             first = parse(message, pb.RegisterRequest)
             core.register(first, receive_with(first.segments), forwarded=True)
@@ -448,6 +639,7 @@ class Replicator:
         changes applied after that point (a solo primary goes on acknowledging) are kept and forwarded,
         in order, once the joiner has installed the state; then it is the backup."""
         with self._seq:
+            self._drain()  # the forwards in flight are answered (or this primary deposed) first
             with self._lock:
                 if self.role != PRIMARY:
                     raise RequestError(StatusCode.UNAVAILABLE, f"replica {self.cfg.me} is {self.role}",
@@ -518,11 +710,19 @@ class Replicator:
 
     def _watch(self) -> None:
         period = min(0.2, self.cfg.timeout / 10)
+        failing = ""  # the failure the last tick ended with, said once (a peer may stay away long)
         while not self._stop.wait(period):
             try:
                 self._tick()
-            except Exception:  # noqa: BLE001 - keep watching; the next tick tries again
-                log.exception("replica %s: replication watcher", self.cfg.me)
+                failing = ""
+            except Exception as exc:  # noqa: BLE001 - keep watching; the next tick tries again
+                now = f"{type(exc).__name__}: {exc}"
+                if now != failing:
+                    log.exception("replica %s: replication watcher (said again only when it changes)",
+                                  self.cfg.me)
+                else:
+                    log.debug("replica %s: replication watcher: %s", self.cfg.me, now)
+                failing = now
 
     def _tick(self) -> None:
         with self._lock:
@@ -762,7 +962,8 @@ class Replicator:
         with self._lock:
             peers = []
             if self.role == PRIMARY:
-                lag = self.index - self._backup_index if self._backup_in_sync else 0
+                # (the backup may answer an operation before this replica finished applying it)
+                lag = max(0, self.index - self._backup_index) if self._backup_in_sync else 0
                 peers.append(pb.ReplicaPeer(address=self.cfg.peer, in_sync=self._backup_in_sync, lag=lag,
                                             error=self._backup_error))
             return pb.Replication(role=self.role, epoch=self.epoch, index=self.index,

@@ -10,6 +10,7 @@ RequestError (optserve/errors.py) and leaves the shard exactly as it was. Exactl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -64,6 +65,10 @@ class PullReply:
     items: list[Outgoing]
     dtype: torch.dtype  # of PARAM on the wire (state travels as float32)
     release: Callable[[], None]
+    # A replicated push's reply made before the backup answered (push_pull(provisional=True)): the
+    # door sends it, then calls this (always, once), which waits for the backup and raises the error
+    # to answer instead of the acknowledgement. None: the reply is the acknowledgement.
+    commit: Callable[[], None] | None = None
 
 
 class RequestSlots:
@@ -191,15 +196,19 @@ class RequestCore:
         if self.replication is not None and not forwarded:
             self.replication.check_serving(read)
 
-    def _replicated(self, op: str, request: Callable[[], tuple], local: Callable, forwarded: bool):
-        """`local()` (a state change), in the replicas' order and forwarded to the backup before it
-        returns: (its result, None), or (its result, the error to answer instead: the backup was not
-        reached, this replica is deposed). `request()` gives what is forwarded: (message, tensors)."""
+    def _replicated(self, op: str, request: Callable[[], tuple], local: Callable, forwarded: bool,
+                    commit: bool = True):
+        """`local()` (a state change), in the replicas' order and forwarded to the backup: (its result,
+        None), or (its result, the error to answer instead: the backup was not reached, this replica
+        is deposed). `request()` gives what is forwarded: (message, tensors[, what the forward's header
+        adds]), the tensors kept by the caller until the backup answered. With commit=False it does not
+        wait for that: (its result, what to pass to `replication.commit` before acknowledging)."""
         if self.replication is None or forwarded:
             return local(), None
-        message, items = request()
+        message, items, *header = request()
         message.segments.extend(whole_segments(items))
-        return self.replication.apply(op, message.SerializeToString(), items, local)
+        result, sent = self.replication.apply(op, message.SerializeToString(), items, local, *header)
+        return result, (self.replication.commit(sent) if commit else sent)
 
     def stop_serving(self, why: str) -> None:
         """Refuse new calls with UNAVAILABLE, and end the waits of calls in flight the same way."""
@@ -329,9 +338,14 @@ class RequestCore:
                                       for key, c in result])
 
     def _decode_push(self, first: pb.PushRequest, receive: Receive, staging: list[torch.Tensor],
-                     forwarded: bool = False) -> tuple[pb.PushHead, list[GradEntry]]:
-        """Validate a push and receive its gradients into pool buffers appended to `staging`."""
+                     bounds: Sequence[float] | None = None) -> tuple[pb.PushHead, list[GradEntry]]:
+        """Validate a push and receive its gradients into pool buffers appended to `staging`. With
+        `bounds` (a forwarded push: the primary checked its gradients) the NaN/Inf check is not run
+        again; the bounds it found go to the overflow guard as they are, so both replicas decide alike."""
         head = first.head
+        if bounds is not None and (len(bounds) != len(head.entries) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0 for b in bounds)):
+            raise invalid(f"a forwarded push's gradient bounds must be {len(head.entries)} numbers >= 0")
         if len(head.client_id) > MAX_CLIENT_ID_LENGTH:
             raise invalid(f"client_id has {len(head.client_id)} characters; at most {MAX_CLIENT_ID_LENGTH}")
         _check_names(head.pull_keys)
@@ -351,48 +365,63 @@ class RequestCore:
         entries = []
         for i, (e, key) in enumerate(zip(head.entries, keys)):
             grad = dests[(i, pb.GRAD)]
-            # Forwarded pushes are checked again on the backup: the check gives the overflow guard
-            # the gradient's bound (server/store.py), which it would otherwise compute from its squares.
-            bound = check_finite(key.name, "gradient", grad, squares=True)
+            # The check gives the overflow guard the gradient's bound (server/store.py), which it would
+            # otherwise compute from its squares.
+            bound = float(bounds[i]) if bounds is not None else \
+                check_finite(key.name, "gradient", grad, squares=True)
             entries.append(GradEntry(key=key, version_read=e.version_read, cfg=configs[e.hyper],
                                      pieces=[(0, self._on_device(grad))], grad_bound=bound))
         return head, entries
 
     def _submit(self, head: pb.PushHead, entries: Sequence[GradEntry],
-                forwarded: bool = False) -> pb.PushReply:
-        """Hand a push to the policy once per (client_id, seq); a retry gets the original's result."""
+                forwarded: bool = False) -> tuple[pb.PushReply, Callable[[], None]]:
+        """Hand a push to the policy once per (client_id, seq); a retry gets the original's result.
+        Returns the reply and what to call before it is acknowledged (with the gradients still held:
+        they are forwarded from): on a replicated shard it waits for the backup, and raises the error
+        to answer instead when the backup did not apply the push (or, for a retry, its original)."""
         # What makes a retry the same push: its keys, the versions they were read at, the options.
         fingerprint = zlib.crc32(pb.PushHead(entries=head.entries, hyper=head.hyper).SerializeToString())
-        failed: list[RequestError] = []
+        sent: list = []  # what replication.commit waits for
 
         def apply(origin: Origin) -> PushResult:
             start = time.perf_counter()
             # The store (or the sync policy) records the result under the lock that applies it.
-            def forward() -> tuple[pb.PushRequest, list[Outgoing]]:  # float32, from the staging buffers
+            def forward() -> tuple[pb.PushRequest, list[Outgoing], dict]:  # float32, from the staging buffers
                 return (pb.PushRequest(head=pb.PushHead(client_id=head.client_id, seq=head.seq,
                                                         wire_dtype=pb.FLOAT32, entries=head.entries,
                                                         hyper=head.hyper)),
-                        [Outgoing(i, pb.GRAD, e.pieces[0][1]) for i, e in enumerate(entries)])
+                        [Outgoing(i, pb.GRAD, e.pieces[0][1]) for i, e in enumerate(entries)],
+                        {"bounds": [e.grad_bound for e in entries]})
 
-            result, error = self._replicated(
-                "push", forward, lambda: self.policy.submit(self.store, entries, origin), forwarded)
-            if error is not None:  # applied and recorded here, but not on the backup: not acknowledged
-                failed.append(error)
+            result, pending = self._replicated(
+                "push", forward, lambda: self.policy.submit(self.store, entries, origin), forwarded,
+                commit=False)
+            sent.append(pending)
             if self.metrics is not None:
                 self.metrics.update_seconds.observe(time.perf_counter() - start)
             return result
 
         result, duplicate = self.store.dedupe.run_once(head.client_id, head.seq, fingerprint, apply,
                                                        self.slots.lent, keys=len(entries))
-        if failed:
-            raise failed[0]
-        # A duplicate's original may have failed to reach the backup: then this replica is deposed.
-        self._gate(forwarded)
+
+        def commit() -> None:
+            if self.replication is None or forwarded:
+                return
+            if duplicate:  # its original may still be in flight to the backup
+                self.replication.settled()
+            else:
+                error = self.replication.commit(sent[0])
+                if error is not None:  # applied and recorded here, but not on the backup
+                    raise error
+            # A duplicate's original may have failed to reach the backup: then this replica is deposed.
+            self._gate()
+
         if duplicate:
             self.counters.add(duplicates=1)
             return pb.PushReply(versions=result.versions, staleness=result.staleness,
-                                dropped=result.dropped, duplicate=True)
-        return pb.PushReply(versions=result.versions, staleness=result.staleness, dropped=result.dropped)
+                                dropped=result.dropped, duplicate=True), commit
+        return pb.PushReply(versions=result.versions, staleness=result.staleness,
+                            dropped=result.dropped), commit
 
     @contextlib.contextmanager
     def _waiting(self, caller: str = ""):
@@ -442,25 +471,33 @@ class RequestCore:
                                reason=TIMEOUT)
 
     @_device_memory
-    def push(self, first: pb.PushRequest, receive: Receive, forwarded: bool = False) -> pb.PushReply:
-        """A push: validate, receive, apply once (`forwarded`: the primary's, on its backup)."""
+    def push(self, first: pb.PushRequest, receive: Receive, forwarded: bool = False,
+             bounds: Sequence[float] | None = None) -> pb.PushReply:
+        """A push: validate, receive, apply once (`forwarded`: the primary's, on its backup, with the
+        `bounds` on its gradients the primary's check found)."""
         self._gate(forwarded)
         staging: list[torch.Tensor] = []
         try:
-            head, entries = self._decode_push(first, receive, staging, forwarded)
+            head, entries = self._decode_push(first, receive, staging, bounds)
             if not entries:
                 raise invalid("a Push must carry at least one key")
-            return self._submit(head, entries, forwarded)
+            reply, commit = self._submit(head, entries, forwarded)
+            commit()
+            return reply
         finally:
             self.store.buffers.give(staging)
 
     @_device_memory
-    def push_pull(self, first: pb.PushRequest, receive: Receive,
-                  alive: Callable[[], bool] = lambda: True, caller: str = "") -> PullReply:
+    def push_pull(self, first: pb.PushRequest, receive: Receive, alive: Callable[[], bool] = lambda: True,
+                  caller: str = "", provisional: bool = False) -> PullReply:
         """A push (possibly of no keys), then the pull of its keys and `pull_keys`, after the policy's
-        wait (sync: until the step the push joined has been taken)."""
+        wait (sync: until the step the push joined has been taken). `provisional` (a door that can
+        send a reply before its acknowledgement: the data channel): on a replicated shard under a
+        policy that does not wait, the reply is made without waiting for the backup, and carries the
+        wait (`PullReply.commit`)."""
         self._gate()
         staging: list[torch.Tensor] = []
+        commit = None  # (provisional) the backup's answer to wait for; the staging is kept till then
         try:
             head, entries = self._decode_push(first, receive, staging)
             pull_names = list(dict.fromkeys([e.key for e in head.entries] + list(head.pull_keys)))
@@ -468,9 +505,36 @@ class RequestCore:
             dtype = dtype_from_proto(head.pull_dtype, default=torch.float32)
             reply = None
             if entries:
-                reply = self._submit(head, entries)
+                reply, pending = self._submit(head, entries)
+                # (under a policy that waits, the round takes longer than the backup: no reply to
+                # overlap, and the gradients are not kept through the wait)
+                if provisional and self.replication is not None and not self.policy.waits:
+                    commit = pending
+                else:
+                    pending()
         finally:
-            self.store.buffers.give(staging)
+            if commit is None:
+                self.store.buffers.give(staging)
+        if commit is None:
+            return self._pulled(reply, entries, pull_keys, dtype, alive, caller)
+
+        def settle() -> None:
+            try:
+                commit()
+            finally:
+                self.store.buffers.give(staging)
+
+        try:
+            return dataclasses.replace(self._pulled(reply, entries, pull_keys, dtype, alive, caller),
+                                       commit=settle)
+        except BaseException:
+            with contextlib.suppress(RequestError):
+                settle()
+            raise
+
+    def _pulled(self, reply: pb.PushReply | None, entries: Sequence[GradEntry], pull_keys: Sequence[Key],
+                dtype: torch.dtype, alive: Callable[[], bool], caller: str) -> PullReply:
+        """A PushPull's pull: after the policy's wait for the step its push joined, the snapshot."""
         if reply is not None and self.policy.waits:
             stepped = [e for e in entries if e.key.name not in set(reply.dropped)]
             self._wait([e.key for e in stepped], [e.version_read + 1 for e in stepped], alive, caller)

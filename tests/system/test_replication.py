@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,11 +29,12 @@ import torch
 
 from optserve import RemoteAdam
 from optserve.client.transport import RetryPolicy, Security, ShardClient, ShardError
+from optserve.frames import FORWARD, PROVISIONAL
 from optserve.proto.optserve.v1 import optserve_pb2 as pb
 from optserve.server import replication
 from optserve.server.main import ServerConfig, Shard
-from test_durability import (ENV, HANG_GUARD, OPTSERVE, ShardProcess, Shards, kill, replay, shard_state,
-                             synthetic_step, tiny_model, wait_for)
+from test_durability import (ENV, HANG_GUARD, OPTSERVE, ShardProcess, Shards, _digest, kill, replay,
+                             shard_state, synthetic_step, tiny_model, wait_for)
 
 pytestmark = pytest.mark.system
 TIMEOUT = "2.0"  # --replica-timeout: quick failovers, yet no failover of its own on a loaded machine
@@ -52,10 +54,12 @@ class ReplicaSet:
     """Replica processes of `num_shards` shard indices x 2, each with its own apply log."""
 
     def __init__(self, shards: Shards, tmp_path: Path, num_shards: int, extra=(), security=None,
-                 die_after: dict[tuple[int, int], int] | None = None):
-        """die_after[(s, r)] = K: that replica runs replica_killer.py and dies in its K-th forward."""
+                 die_after: dict[tuple[int, int], int] | None = None, die_at: str = "FORWARDS"):
+        """die_after[(s, r)] = K: that replica runs replica_killer.py and dies in its K-th forward
+        (die_at "FORWARDS") or right after its K-th provisional reply ("PROVISIONAL")."""
         self.shards, self.security = shards, security
         self.die_after = die_after or {}
+        self.die_at = die_at
         ports = free_ports(2 * num_shards)
         self.addresses = [[f"127.0.0.1:{ports[2 * s + r]}" for r in range(2)] for s in range(num_shards)]
         self.logs = [[tmp_path / f"apply{s}-{r}.jsonl" for r in range(2)] for s in range(num_shards)]
@@ -102,7 +106,7 @@ class ReplicaSet:
         command, env = OPTSERVE, ENV
         if die_after is not None:
             command = [sys.executable, str(Path(__file__).with_name("replica_killer.py"))]
-            env = {**ENV, "OPTSERVE_TEST_DIE_AFTER_FORWARDS": str(die_after)}
+            env = {**ENV, f"OPTSERVE_TEST_DIE_AFTER_{self.die_at}": str(die_after)}
         port = self.addresses[s][r].rsplit(":", 1)[1]
         with open(log, "ab") as err:
             proc = subprocess.Popen([*command, "serve", "--port", port, *args], stdout=subprocess.PIPE,
@@ -363,19 +367,25 @@ def test_a_partition_leaves_at_most_one_replica_acknowledging_per_epoch(tmp_path
     shards_ = [Shard(c) for c in cfgs]
     acks: list[tuple[int, int]] = []  # (replica, epoch) of each push a replica acknowledged
     lock = threading.Lock()
+    ordered = threading.local()  # the epoch of the push this request thread ordered last
     for i, shard in enumerate(shards_):
         rep = shard.replication
-        original = rep.apply
+        original, original_commit = rep.apply, rep.commit
 
-        def apply(op, message, items, local, rep=rep, original=original, i=i):
+        def apply(op, message, items, local, header=None, rep=rep, original=original):
             with rep._seq:  # reentrant: the epoch read is the one the push was ordered under
-                result, error = original(op, message, items, local)
-                if error is None and op == "push":
-                    with lock:
-                        acks.append((i, rep.epoch))
-            return result, error
+                result, sent = original(op, message, items, local, header)
+                ordered.epoch = rep.epoch if op == "push" else None
+            return result, sent
 
-        rep.apply = apply
+        def commit(sent, original_commit=original_commit, i=i):
+            error = original_commit(sent)  # the backup's answer: acknowledged when None
+            if error is None and getattr(ordered, "epoch", None) is not None:
+                with lock:
+                    acks.append((i, ordered.epoch))
+            return error
+
+        rep.apply, rep.commit = apply, commit
     for shard in shards_:
         shard.start()
     try:
@@ -503,3 +513,218 @@ def test_a_double_failure_that_loses_a_later_epoch_stops_with_an_error_instead_o
     finally:
         for shard in shards_:
             shard.stop()
+
+
+def _in_process_pair(tmp_path: Path, **options) -> list[Shard]:
+    """Two in-process replicas of one shard index, each with its own apply log, started."""
+    ports = free_ports(2)
+    replicas = ",".join(f"127.0.0.1:{p}" for p in ports)
+    shards_ = [Shard(ServerConfig(port=p, replicas=replicas, replica_index=i, replica_timeout=float(TIMEOUT),
+                                  apply_log=str(tmp_path / f"apply{i}.jsonl"), **options))
+               for i, p in enumerate(ports)]
+    for shard in shards_:
+        shard.start()
+    return shards_
+
+
+def _in_sync(shards_: list[Shard]) -> int:
+    def primary() -> int:
+        for i, s in enumerate(shards_):
+            rep = s.replication.describe()
+            if rep.role == "primary" and rep.peers and rep.peers[0].in_sync:
+                return i
+        return -1
+    wait_for(lambda: primary() >= 0, "the replicas in sync")
+    return primary()
+
+
+def _servers(shards_: list[Shard]) -> list[str]:
+    return ["|".join(s.replication.cfg.replicas[i] for i, s in enumerate(shards_))]
+
+
+def test_pipelined_forwards_keep_the_order_of_4_workers_and_the_replicas_end_bitwise_equal(tmp_path):
+    """4 workers push at once; the backup applies slowly, so the primary has several forwards in flight
+    on its link (it does not wait for one answer before it orders and applies the next push). The
+    backup applies them in exactly the primary's order (the apply logs list the same pushes in the same
+    order), every push once, and both replicas end bitwise equal."""
+    shards_ = _in_process_pair(tmp_path)
+    try:
+        primary = _in_sync(shards_)
+        backup = shards_[1 - primary].replication
+        real_apply = backup._apply_forward
+
+        def slow_apply(*args):  # the backup lags behind the primary
+            time.sleep(0.005)
+            return real_apply(*args)
+
+        backup._apply_forward = slow_apply
+        rep = shards_[primary].replication
+        in_flight = [0]
+        real_answer = rep._answer
+
+        def answer(outcome):
+            in_flight[0] = max(in_flight[0], len(rep._flight))
+            return real_answer(outcome)
+
+        rep._answer = answer
+        steps = 40
+        assert run_workers(WORKERS, steps, _servers(shards_)) == [steps] * WORKERS
+        assert in_flight[0] >= 2, in_flight  # pipelined: more than one forward unanswered at once
+        order = [[(x["client_id"], x["seq"]) for x in log_lines(tmp_path / f"apply{i}.jsonl")] for i in (0, 1)]
+        assert order[0] == order[1] and len(order[0]) == len(set(order[0])) == WORKERS * steps
+        stores = [s.core.store for s in shards_]
+        for name in stores[0].names():
+            a, b = stores[0].get(name), stores[1].get(name)
+            assert a.step == b.step == WORKERS * steps
+            assert all(torch.equal(a.part(p), b.part(p)) for p in (pb.PARAM, pb.EXP_AVG, pb.EXP_AVG_SQ))
+        assert shards_[primary].replication.describe().peers[0].lag == 0
+    finally:
+        for shard in shards_:
+            shard.stop()
+
+
+def test_a_primary_cut_off_between_the_parameters_and_the_commit_acknowledges_nothing(tmp_path, caplog):
+    """The primary sends a push's parameters (PROVISIONAL) while its backup drops the forward, then
+    the link is cut: the commit that follows is a refusal, never an acknowledgement. The worker treats
+    the push as not acknowledged: it retries the same (client_id, seq) on the backup, which took over
+    and applies it once; the retry's reply overwrites the parameters, so the worker ends with exactly
+    the new primary's parameters, and every key's step is the number of acknowledged steps."""
+    caplog.set_level(logging.INFO, logger="optserve.client")
+    shards_ = _in_process_pair(tmp_path)
+    try:
+        primary = _in_sync(shards_)
+        old, new = shards_[primary], shards_[1 - primary]
+        cut_at, provisional = 10, threading.Event()
+        real_send = old.data._send_pull
+        sent = [0]
+
+        def send_pull(conn, segment, reply, status):
+            real_send(conn, segment, reply, status)
+            if status == PROVISIONAL:
+                sent[0] += 1
+                if sent[0] == cut_at:
+                    provisional.set()
+
+        old.data._send_pull = send_pull
+        real_serve = new.replication.serve
+        forwards = [0]
+
+        def serve(conn, kind, meta, receive_with, slots):
+            if kind == FORWARD and replication.unpack_meta(meta)[0]["op"] == "push":
+                forwards[0] += 1
+                if forwards[0] == cut_at:  # dropped, once the primary has sent the push's parameters
+                    assert provisional.wait(HANG_GUARD)
+                    for s in shards_:
+                        s.replication.partitioned.set()
+                    raise ConnectionResetError("cut (test)")
+            return real_serve(conn, kind, meta, receive_with, slots)
+
+        new.replication.serve = serve
+        model = tiny_model()
+        with RemoteAdam(model.named_parameters(), _servers(shards_), lr=0.01, client_id="worker-0",
+                        retry_budget=HANG_GUARD, timeout=60.0) as opt:
+            for step in range(2 * cut_at):
+                synthetic_step(model, opt, 0, step)
+        assert provisional.is_set() and sent[0] == cut_at  # no commit after the cut: no more replies
+        assert old.replication.describe().role == "deposed" and new.replication.describe().role == "primary"
+        assert any("PushPull" in r.getMessage() and "UNAVAILABLE" in r.getMessage() for r in caplog.records)
+        pushes = [(x["client_id"], x["seq"]) for x in log_lines(tmp_path / f"apply{1 - primary}.jsonl")]
+        assert len(pushes) == len(set(pushes)) == 2 * cut_at  # the cut push applied once, by the retry
+        store = new.core.store
+        for name, p in model.named_parameters():
+            key = store.get(name)
+            assert key.step == 2 * cut_at
+            assert torch.equal(key.part(pb.PARAM).reshape(p.shape), p.detach())
+    finally:
+        for shard in shards_:
+            shard.stop()
+
+
+def test_a_sigkill_between_the_parameters_and_the_commit_loses_nothing_and_applies_nothing_twice(
+        shards, tmp_path):
+    """The primary SIGKILLs itself right after it sent a push's parameters (PROVISIONAL), before the
+    commit; whether its backup applied the push depends on the race with the forward. The worker
+    retries on the backup (a duplicate when it had applied it, else applied there), ends with the new
+    primary's parameters, and the restarted replica rejoins: no push lost or applied twice, every
+    key's step is the number of acknowledged steps, both replicas bitwise equal."""
+    steps = 60
+    rs = ReplicaSet(shards, tmp_path, 1, die_after={(0, 0): 20}, die_at="PROVISIONAL")
+    assert rs.wait_in_sync(0) == 0
+    model = tiny_model()
+    with RemoteAdam(model.named_parameters(), rs.servers, lr=0.01, client_id="worker-0",
+                    retry_budget=HANG_GUARD, timeout=60.0) as opt:
+        for step in range(steps):
+            synthetic_step(model, opt, 0, step)
+    assert rs.procs[0][0].proc.wait(HANG_GUARD) == -signal.SIGKILL
+    rs.restart(0, 0)
+    assert rs.wait_in_sync(0) == 1
+    states = [rs.state(0, r) for r in range(2)]
+    assert states[0] == states[1]
+    history = log_lines(rs.logs[0][1])  # the backup from the start, then the primary: every push
+    pushes = Counter((x["client_id"], x["seq"]) for x in history)
+    assert max(pushes.values()) == 1 and len(pushes) == steps
+    assert replay(rs.logs[0][1], sorted(states[0])) == states[0]
+    for name, p in model.named_parameters():
+        assert states[0][name]["step"] == steps
+        assert states[0][name]["param"] == _digest(p.detach())
+
+
+
+def test_forwards_and_heartbeats_are_not_counted_as_data_calls(tmp_path):
+    """Stats' data_calls counts the workers' Push, Pull and PushPull over the data channel; the
+    replication frames between the replicas are none of those."""
+    shards_ = _in_process_pair(tmp_path)
+    try:
+        primary = _in_sync(shards_)
+        backup = shards_[1 - primary]
+        model = tiny_model()
+        with RemoteAdam(model.named_parameters(), _servers(shards_), lr=0.01, client_id="worker-0",
+                        retry_budget=HANG_GUARD, timeout=60.0) as opt:
+            for step in range(5):
+                synthetic_step(model, opt, 0, step)
+        heard = backup.replication._heard
+        wait_for(lambda: backup.replication._heard > heard, "a heartbeat")  # the primary is idle now
+        assert backup.core.store.get("0.weight").step == 5  # the forwards came
+        assert backup.core.counters.data_calls == 0
+        assert shards_[primary].core.counters.data_calls >= 5
+    finally:
+        for shard in shards_:
+            shard.stop()
+
+
+def test_a_forwarded_push_takes_the_primarys_gradient_bounds_and_refuses_malformed_ones(monkeypatch):
+    """A backup does not scan a forwarded push's gradients again: the forward's header carries the
+    bounds the primary's NaN/Inf check found (the overflow guard's input, so both replicas decide
+    alike). Bounds that do not fit the push are refused before anything changes."""
+    from optserve.server import requests
+    from optserve.serde import hyper_to_proto
+    from optserve.hyper import AdamConfig
+
+    shard = Shard(ServerConfig())
+    core = shard.core
+    core.store.create([("w", (4,), torch.zeros(4), {"param": "w", "param_shape": [4], "offset": 0})])
+    grad = torch.tensor([1.0, -2.0, 0.5, 0.0])
+
+    def request(seq: int) -> pb.PushRequest:
+        head = pb.PushHead(client_id="c", seq=seq, entries=[pb.PushEntry(key="w", version_read=0)],
+                           hyper=[hyper_to_proto(AdamConfig())])
+        return pb.PushRequest(head=head, segments=[pb.Segment(entry=0, part=pb.GRAD, offset=0, count=4)])
+
+    def receive(expected, dests):
+        dests[(0, pb.GRAD)].copy_(grad)
+
+    try:
+        for bad in ([], [1.0, 2.0], [-1.0], ["2"], [True]):
+            with pytest.raises(replication.RequestError) as refused:
+                core.push(request(1), receive, forwarded=True, bounds=bad)
+            assert refused.value.code == replication.StatusCode.INVALID_ARGUMENT
+        assert core.store.get("w").step == 0
+
+        def no_scan(*args, **kwargs):
+            raise AssertionError("a forwarded push with bounds was scanned again")
+
+        monkeypatch.setattr(requests, "check_finite", no_scan)
+        core.push(request(1), receive, forwarded=True, bounds=[2.0])
+        assert core.store.get("w").step == 1
+    finally:
+        shard.stop()

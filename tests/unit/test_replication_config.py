@@ -118,3 +118,48 @@ def test_a_takeover_whose_state_file_cannot_be_written_does_not_happen(tmp_path,
     with pytest.raises(OSError, match="disk full"):
         rep._take_over("test")
     assert (rep.role, rep.epoch, rep.solo) == (BACKUP, 1, False)  # it acknowledges nothing alone
+
+
+def test_the_watcher_logs_a_failure_once_until_it_changes_or_passes(caplog):
+    """A peer that stays unreachable fails every tick (every 0.2 s at most): the watcher says so once,
+    then again only when the failure is another one, or comes back after a tick that passed."""
+    import logging
+    import threading
+
+    rep = Replicator(_Core(), ReplicaConfig(("127.0.0.1:1", "127.0.0.1:2"), 1, timeout=0.1), 0, 1)
+    outcomes = [OSError("refused")] * 8 + [OSError("reset")] * 8 + [None] + [OSError("refused")] * 8
+    ticks = iter(outcomes)
+    done = threading.Event()
+    calls = [0]
+
+    def counted():
+        calls[0] += 1
+        if calls[0] >= len(outcomes):
+            done.set()
+        outcome = next(ticks, None)
+        if outcome is not None:
+            raise outcome
+
+    rep._tick = counted
+    caplog.set_level(logging.DEBUG, logger="optserve.server")
+    thread = threading.Thread(target=rep._watch)
+    thread.start()
+    try:
+        assert done.wait(30)
+    finally:
+        rep._stop.set()
+        thread.join()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 3, errors  # refused, reset, refused again after a tick that passed
+
+
+def test_a_backup_ahead_of_its_primary_shows_no_lag():
+    """With forwards pipelined the backup may answer an operation before the primary has finished
+    applying it (the primary's count is one behind for a moment): Hello must not fail then."""
+    from optserve.server.replication import PRIMARY
+
+    rep = Replicator(_Core(), ReplicaConfig(("127.0.0.1:1", "127.0.0.1:2"), 0), 0, 1)
+    rep.role, rep.epoch, rep.index, rep._backup_in_sync, rep._backup_index = PRIMARY, 1, 4, True, 5
+    assert rep.describe().peers[0].lag == 0
+    rep._backup_index = 2
+    assert rep.describe().peers[0].lag == 2
