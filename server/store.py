@@ -562,18 +562,9 @@ def _checked_steps(todo: Sequence[tuple[GradEntry, AdamConfig]], copy: Callable[
     done, extremes = [], []
     for e, cfg in todo:
         k = e.key
-        parts = [pb.EXP_AVG, pb.EXP_AVG_SQ] + ([pb.MAX_EXP_AVG_SQ] if cfg.amsgrad else []) + [pb.PARAM]
-        copies = {p: copy(k.read(p)) for p in parts}  # read: max_exp_avg_sq before amsgrad as zeros
-        params, grads, ms, vs, vmaxes = [], [], [], [], []
-        for offset, g in e.pieces:
-            stop = offset + g.numel()
-            params.append(copies[pb.PARAM][offset:stop])
-            grads.append(g)
-            ms.append(copies[pb.EXP_AVG][offset:stop])
-            vs.append(copies[pb.EXP_AVG_SQ][offset:stop])
-            if cfg.amsgrad:
-                vmaxes.append(copies[pb.MAX_EXP_AVG_SQ][offset:stop])
-        adam_fast(params, grads, ms, vs, vmaxes if cfg.amsgrad else None, [k.step + 1] * len(params), cfg)
+        # read: max_exp_avg_sq before amsgrad as zeros
+        copies = {p: copy(k.read(p)) for p in _kernel_parts(cfg)}
+        _adam_on([(e, copies)], cfg, advance=1)  # before the step's increment: its number is step + 1
         # The extremes of every part the key holds after the step (a max_exp_avg_sq this step leaves
         # alone included, for the bounds of a later amsgrad step); NaN and Inf propagate through them.
         measured = dict(copies)
@@ -607,19 +598,30 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def _adam_step(group: Sequence[GradEntry], cfg: AdamConfig) -> None:
-    """Build the kernel's parallel lists from the pieces of every key of one option set."""
+    """Adam on the keys' own tensors, for every key of one option set (after their step's increment)."""
+    parts = _kernel_parts(cfg)
+    _adam_on([(e, {p: e.key.part(p) for p in parts}) for e in group], cfg)  # part(): vmax allocated
+
+
+def _kernel_parts(cfg: AdamConfig) -> list[int]:
+    """The parts a step with these options reads and writes (param last: a checked step reports the
+    first non-finite part in this order)."""
+    return [pb.EXP_AVG, pb.EXP_AVG_SQ] + ([pb.MAX_EXP_AVG_SQ] if cfg.amsgrad else []) + [pb.PARAM]
+
+
+def _adam_on(items: Sequence[tuple[GradEntry, dict[int, torch.Tensor]]], cfg: AdamConfig,
+             advance: int = 0) -> None:
+    """One kernel call over the pieces of every (entry, its key's flat tensors by part): the kernel's
+    parallel lists slice each part at each piece; the step number is the key's step + `advance`."""
     params, grads, ms, vs, vmaxes, steps = [], [], [], [], [], []
-    for e in group:
-        k = e.key
-        if cfg.amsgrad and k.max_exp_avg_sq is None:
-            k.max_exp_avg_sq = torch.zeros_like(k.param)
+    for e, tensors in items:
         for offset, g in e.pieces:
             stop = offset + g.numel()
-            params.append(k.param[offset:stop])
+            params.append(tensors[pb.PARAM][offset:stop])
             grads.append(g)
-            ms.append(k.exp_avg[offset:stop])
-            vs.append(k.exp_avg_sq[offset:stop])
+            ms.append(tensors[pb.EXP_AVG][offset:stop])
+            vs.append(tensors[pb.EXP_AVG_SQ][offset:stop])
             if cfg.amsgrad:
-                vmaxes.append(k.max_exp_avg_sq[offset:stop])
-            steps.append(k.step)
+                vmaxes.append(tensors[pb.MAX_EXP_AVG_SQ][offset:stop])
+            steps.append(e.key.step + advance)
     adam_fast(params, grads, ms, vs, vmaxes if cfg.amsgrad else None, steps, cfg)
