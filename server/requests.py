@@ -33,6 +33,7 @@ from optserve.serde import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, STAT
 from optserve.server.dedupe import Origin, PushResult
 from optserve.server.policy import Policy
 from optserve.server.store import GradEntry, Key, Store, grad_bound_from_squares
+from optserve.server.threads import INTRA_OP
 
 log = logging.getLogger("optserve.server")
 
@@ -594,7 +595,8 @@ def check_finite(name: str, what: str, t: torch.Tensor, squares: bool = False) -
     # overflows). Only then (or when finite values overflow the sum) is the exact elementwise check run.
     if not t.numel():
         return 0.0
-    total = (torch.dot(t, t) if squares else t.sum()).item()
+    with INTRA_OP.sized(t.numel()):
+        total = (torch.dot(t, t) if squares else t.sum()).item()
     if math.isfinite(total):
         return grad_bound_from_squares(total) if squares else math.inf
     bad = (~torch.isfinite(t)).nonzero()

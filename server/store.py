@@ -31,6 +31,7 @@ from optserve.server.applylog import ApplyLog
 from optserve.server.buffers import BufferPool, Leases
 from optserve.server.checkpoint import KeyRecord
 from optserve.server.dedupe import DEFAULT_MAX_BYTES, NO_ORIGIN, Dedupe, Origin, PushResult
+from optserve.server.threads import INTRA_OP, PARALLEL_ELEMENTS
 
 STALENESS_BUCKETS = 32  # histogram[i] counts staleness i; the last bucket collects >= 31
 
@@ -562,15 +563,16 @@ def _checked_steps(todo: Sequence[tuple[GradEntry, AdamConfig]], copy: Callable[
     done, extremes = [], []
     for e, cfg in todo:
         k = e.key
-        # read: max_exp_avg_sq before amsgrad as zeros
-        copies = {p: copy(k.read(p)) for p in _kernel_parts(cfg)}
-        _adam_on([(e, copies)], cfg, advance=1)  # before the step's increment: its number is step + 1
-        # The extremes of every part the key holds after the step (a max_exp_avg_sq this step leaves
-        # alone included, for the bounds of a later amsgrad step); NaN and Inf propagate through them.
-        measured = dict(copies)
-        if not cfg.amsgrad and k.max_exp_avg_sq is not None:
-            measured[pb.MAX_EXP_AVG_SQ] = k.max_exp_avg_sq
-        extremes += [torch.stack(torch.aminmax(t)) for t in measured.values()]
+        with INTRA_OP.sized(k.numel):
+            # read: max_exp_avg_sq before amsgrad as zeros
+            copies = {p: copy(k.read(p)) for p in _kernel_parts(cfg)}
+            _adam_on([(e, copies)], cfg, advance=1)  # before the step's increment: its number is step + 1
+            # The extremes of every part the key holds after the step (a max_exp_avg_sq this step leaves
+            # alone included, for the bounds of a later amsgrad step); NaN and Inf propagate through them.
+            measured = dict(copies)
+            if not cfg.amsgrad and k.max_exp_avg_sq is not None:
+                measured[pb.MAX_EXP_AVG_SQ] = k.max_exp_avg_sq
+            extremes += [torch.stack(torch.aminmax(t)) for t in measured.values()]
         done.append((e, cfg, copies, measured))
     values = iter(torch.stack(extremes).tolist())
     out = []
@@ -624,4 +626,17 @@ def _adam_on(items: Sequence[tuple[GradEntry, dict[int, torch.Tensor]]], cfg: Ad
             if cfg.amsgrad:
                 vmaxes.append(tensors[pb.MAX_EXP_AVG_SQ][offset:stop])
             steps.append(e.key.step + advance)
-    adam_fast(params, grads, ms, vs, vmaxes if cfg.amsgrad else None, steps, cfg)
+    if not (INTRA_OP.managed and params and params[0].device.type == "cpu"):
+        adam_fast(params, grads, ms, vs, vmaxes if cfg.amsgrad else None, steps, cfg)
+        return
+    # A shard process: small tensors on one thread, large ones on all (server/threads.py); each
+    # tensor's update is computed alone, so two calls give what one gives.
+    small = [i for i, t in enumerate(params) if t.numel() < PARALLEL_ELEMENTS]
+    large = [i for i, t in enumerate(params) if t.numel() >= PARALLEL_ELEMENTS]
+    for indices in (small, large):
+        if not indices:
+            continue
+        with INTRA_OP.sized(max(params[i].numel() for i in indices)):
+            adam_fast([params[i] for i in indices], [grads[i] for i in indices], [ms[i] for i in indices],
+                      [vs[i] for i in indices], [vmaxes[i] for i in indices] if cfg.amsgrad else None,
+                      [steps[i] for i in indices], cfg)
