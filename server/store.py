@@ -613,8 +613,9 @@ def _kernel_parts(cfg: AdamConfig) -> list[int]:
 
 def _adam_on(items: Sequence[tuple[GradEntry, dict[int, torch.Tensor]]], cfg: AdamConfig,
              advance: int = 0) -> None:
-    """One kernel call over the pieces of every (entry, its key's flat tensors by part): the kernel's
-    parallel lists slice each part at each piece; the step number is the key's step + `advance`."""
+    """The kernel over the pieces of every (entry, its key's flat tensors by part): its parallel lists
+    slice each part at each piece; the step number is the key's step + `advance`. One call, or, in a
+    shard process (server/threads.py), one for the small tensors and one for the large."""
     params, grads, ms, vs, vmaxes, steps = [], [], [], [], [], []
     for e, tensors in items:
         for offset, g in e.pieces:
