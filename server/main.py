@@ -36,6 +36,7 @@ from optserve.server.policy import Policy, parse_policy
 from optserve.server.requests import RequestCore, ShardInfo, checkpoint_failed
 from optserve.server.service import DEFAULT_IDLE_TIMEOUT, SERVICE_NAME, Servicer, generic_handler
 from optserve.server.store import Store, StoreLimits
+from optserve.server.threads import INTRA_OP
 from optserve.server.shm import DEFAULT_MAX_BYTES as SHM_MAX_BYTES
 from optserve.shm import SHM_DIR
 
@@ -447,6 +448,8 @@ def serve_main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
+    # A shard process: small tensors on one thread, large ones on torch's count (server/threads.py).
+    INTRA_OP.manage(torch.get_num_threads())
     shard = Shard(cfg)
     shard.start()
     # The bound port is printed on stdout for whoever started us with --port 0 (once every port is

@@ -31,6 +31,7 @@ from optserve.server.applylog import ApplyLog
 from optserve.server.buffers import BufferPool, Leases
 from optserve.server.checkpoint import KeyRecord
 from optserve.server.dedupe import DEFAULT_MAX_BYTES, NO_ORIGIN, Dedupe, Origin, PushResult
+from optserve.server.threads import INTRA_OP, PARALLEL_ELEMENTS
 
 STALENESS_BUCKETS = 32  # histogram[i] counts staleness i; the last bucket collects >= 31
 
@@ -562,24 +563,16 @@ def _checked_steps(todo: Sequence[tuple[GradEntry, AdamConfig]], copy: Callable[
     done, extremes = [], []
     for e, cfg in todo:
         k = e.key
-        parts = [pb.EXP_AVG, pb.EXP_AVG_SQ] + ([pb.MAX_EXP_AVG_SQ] if cfg.amsgrad else []) + [pb.PARAM]
-        copies = {p: copy(k.read(p)) for p in parts}  # read: max_exp_avg_sq before amsgrad as zeros
-        params, grads, ms, vs, vmaxes = [], [], [], [], []
-        for offset, g in e.pieces:
-            stop = offset + g.numel()
-            params.append(copies[pb.PARAM][offset:stop])
-            grads.append(g)
-            ms.append(copies[pb.EXP_AVG][offset:stop])
-            vs.append(copies[pb.EXP_AVG_SQ][offset:stop])
-            if cfg.amsgrad:
-                vmaxes.append(copies[pb.MAX_EXP_AVG_SQ][offset:stop])
-        adam_fast(params, grads, ms, vs, vmaxes if cfg.amsgrad else None, [k.step + 1] * len(params), cfg)
-        # The extremes of every part the key holds after the step (a max_exp_avg_sq this step leaves
-        # alone included, for the bounds of a later amsgrad step); NaN and Inf propagate through them.
-        measured = dict(copies)
-        if not cfg.amsgrad and k.max_exp_avg_sq is not None:
-            measured[pb.MAX_EXP_AVG_SQ] = k.max_exp_avg_sq
-        extremes += [torch.stack(torch.aminmax(t)) for t in measured.values()]
+        with INTRA_OP.sized(k.numel):
+            # read: max_exp_avg_sq before amsgrad as zeros
+            copies = {p: copy(k.read(p)) for p in _kernel_parts(cfg)}
+            _adam_on([(e, copies)], cfg, advance=1)  # before the step's increment: its number is step + 1
+            # The extremes of every part the key holds after the step (a max_exp_avg_sq this step leaves
+            # alone included, for the bounds of a later amsgrad step); NaN and Inf propagate through them.
+            measured = dict(copies)
+            if not cfg.amsgrad and k.max_exp_avg_sq is not None:
+                measured[pb.MAX_EXP_AVG_SQ] = k.max_exp_avg_sq
+            extremes += [torch.stack(torch.aminmax(t)) for t in measured.values()]
         done.append((e, cfg, copies, measured))
     values = iter(torch.stack(extremes).tolist())
     out = []
@@ -607,19 +600,44 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def _adam_step(group: Sequence[GradEntry], cfg: AdamConfig) -> None:
-    """Build the kernel's parallel lists from the pieces of every key of one option set."""
+    """Adam on the keys' own tensors, for every key of one option set (after their step's increment)."""
+    parts = _kernel_parts(cfg)
+    _adam_on([(e, {p: e.key.part(p) for p in parts}) for e in group], cfg)  # part(): vmax allocated
+
+
+def _kernel_parts(cfg: AdamConfig) -> list[int]:
+    """The parts a step with these options reads and writes (param last: a checked step reports the
+    first non-finite part in this order)."""
+    return [pb.EXP_AVG, pb.EXP_AVG_SQ] + ([pb.MAX_EXP_AVG_SQ] if cfg.amsgrad else []) + [pb.PARAM]
+
+
+def _adam_on(items: Sequence[tuple[GradEntry, dict[int, torch.Tensor]]], cfg: AdamConfig,
+             advance: int = 0) -> None:
+    """The kernel over the pieces of every (entry, its key's flat tensors by part): its parallel lists
+    slice each part at each piece; the step number is the key's step + `advance`. One call, or, in a
+    shard process (server/threads.py), one for the small tensors and one for the large."""
     params, grads, ms, vs, vmaxes, steps = [], [], [], [], [], []
-    for e in group:
-        k = e.key
-        if cfg.amsgrad and k.max_exp_avg_sq is None:
-            k.max_exp_avg_sq = torch.zeros_like(k.param)
+    for e, tensors in items:
         for offset, g in e.pieces:
             stop = offset + g.numel()
-            params.append(k.param[offset:stop])
+            params.append(tensors[pb.PARAM][offset:stop])
             grads.append(g)
-            ms.append(k.exp_avg[offset:stop])
-            vs.append(k.exp_avg_sq[offset:stop])
+            ms.append(tensors[pb.EXP_AVG][offset:stop])
+            vs.append(tensors[pb.EXP_AVG_SQ][offset:stop])
             if cfg.amsgrad:
-                vmaxes.append(k.max_exp_avg_sq[offset:stop])
-            steps.append(k.step)
-    adam_fast(params, grads, ms, vs, vmaxes if cfg.amsgrad else None, steps, cfg)
+                vmaxes.append(tensors[pb.MAX_EXP_AVG_SQ][offset:stop])
+            steps.append(e.key.step + advance)
+    if not (INTRA_OP.managed and params and params[0].device.type == "cpu"):
+        adam_fast(params, grads, ms, vs, vmaxes if cfg.amsgrad else None, steps, cfg)
+        return
+    # A shard process: small tensors on one thread, large ones on all (server/threads.py); each
+    # tensor's update is computed alone, so two calls give what one gives.
+    small = [i for i, t in enumerate(params) if t.numel() < PARALLEL_ELEMENTS]
+    large = [i for i, t in enumerate(params) if t.numel() >= PARALLEL_ELEMENTS]
+    for indices in (small, large):
+        if not indices:
+            continue
+        with INTRA_OP.sized(max(params[i].numel() for i in indices)):
+            adam_fast([params[i] for i in indices], [grads[i] for i in indices], [ms[i] for i in indices],
+                      [vs[i] for i in indices], [vmaxes[i] for i in indices] if cfg.amsgrad else None,
+                      [steps[i] for i in indices], cfg)
